@@ -1,0 +1,287 @@
+//! The one home of everything keyward's XDP program and its user space must
+//! agree on: map names, the `#[repr(C)]` layouts of keys and values, reason
+//! codes, and the token-bucket and prefix arithmetic. The kernel program and
+//! the daemon both call the functions here, so the arithmetic that decides a
+//! drop is the arithmetic the host unit tests check.
+#![no_std]
+
+pub mod bucket;
+pub mod prefix;
+
+/// Names of the maps in the eBPF object. `#[map]` statics in `proxy-ebpf` carry
+/// these identifiers (the ELF name equals the ident); a test asserts that every
+/// name resolves in the embedded object. All fit the kernel's 15-byte
+/// `BPF_OBJ_NAME_LEN`.
+pub mod maps {
+    /// `Array<XdpConfig>`, one entry: rates, prefixes, flags.
+    pub const CONFIG: &str = "CONFIG";
+    /// `Array<u8>` indexed by TCP destination port: non-zero = guarded.
+    pub const PORTS: &str = "PORTS";
+    /// `LpmTrie<[u8; 4], AllowValue>`.
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    /// `LpmTrie<[u8; 16], AllowValue>`.
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// `LpmTrie<[u8; 4], DenyValue>`.
+    pub const DENY_V4: &str = "DENY_V4";
+    /// `LpmTrie<[u8; 16], DenyValue>`.
+    pub const DENY_V6: &str = "DENY_V6";
+    /// `LruHashMap<SourceKey, Bucket>`: one bucket per source (IPv4 /32, IPv6 per prefix).
+    pub const SOURCES: &str = "SOURCES";
+    /// `LruHashMap<SourceKey, Bucket>`: one bucket per wider prefix.
+    pub const AGGREGATES: &str = "AGGREGATES";
+    /// `PerCpuArray<Counter>` indexed by [`crate::stat_index`].
+    pub const STATS: &str = "STATS";
+    /// `PerCpuArray<u64>`, one entry: per-source buckets created.
+    pub const NEW_SOURCES: &str = "NEW_SOURCES";
+
+    /// Every map name, for pinning and for the test that checks them.
+    pub const ALL: [&str; 10] = [
+        CONFIG,
+        PORTS,
+        ALLOW_V4,
+        ALLOW_V6,
+        DENY_V4,
+        DENY_V6,
+        SOURCES,
+        AGGREGATES,
+        STATS,
+        NEW_SOURCES,
+    ];
+}
+
+/// Name of the XDP program in the object.
+pub const PROGRAM_NAME: &str = "keyward_xdp";
+
+/// Capacity of the aggregate-bucket table (one entry per wider prefix).
+pub const AGGREGATES_MAX: u32 = 65_536;
+/// Default capacity of the per-source table; `xdp.table_size` overrides it at load.
+pub const SOURCES_MAX_DEFAULT: u32 = 1_048_576;
+/// Capacity of each allow and deny trie.
+pub const LIST_MAX: u32 = 262_144;
+/// IPv6 extension headers walked before a packet counts as malformed.
+pub const MAX_V6_EXT_HEADERS: u32 = 6;
+
+/// Why the XDP program reached its verdict. The discriminants index the
+/// `STATS` map (with [`Action`]) and name the `reason` label of
+/// `keyward_xdp_packets_total`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not TCP to a guarded port (ARP, ND, SSH, DNS, other ports, non-first fragments).
+    Unguarded = 0,
+    /// Source in the allow list.
+    Allowed = 1,
+    /// Source in the deny list (and the entry has not expired).
+    Denied = 2,
+    /// Over the per-source or the aggregate token bucket.
+    Rate = 3,
+    /// Guarded, under both buckets.
+    UnderRate = 4,
+    /// A header was truncated or garbled; passed untouched, never dropped.
+    Malformed = 5,
+}
+
+/// Number of [`Reason`] values.
+pub const REASON_COUNT: u32 = 6;
+
+impl Reason {
+    /// Every reason, in discriminant order.
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::Unguarded,
+        Reason::Allowed,
+        Reason::Denied,
+        Reason::Rate,
+        Reason::UnderRate,
+        Reason::Malformed,
+    ];
+
+    /// The metric label and CLI name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Unguarded => "unguarded",
+            Reason::Allowed => "allowed",
+            Reason::Denied => "denied",
+            Reason::Rate => "rate",
+            Reason::UnderRate => "under_rate",
+            Reason::Malformed => "malformed",
+        }
+    }
+
+    /// The one place that decides what each reason does to the packet
+    /// (before `dry_run`, which turns every drop into a counted pass).
+    pub const fn verdict(self) -> Action {
+        match self {
+            Reason::Denied | Reason::Rate => Action::Drop,
+            Reason::Unguarded | Reason::Allowed | Reason::UnderRate | Reason::Malformed => {
+                Action::Pass
+            }
+        }
+    }
+}
+
+/// What happened to the packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `XDP_PASS`.
+    Pass = 0,
+    /// `XDP_DROP`.
+    Drop = 1,
+}
+
+impl Action {
+    /// Both actions, in discriminant order.
+    pub const ALL: [Action; 2] = [Action::Pass, Action::Drop];
+
+    /// The metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Action::Pass => "pass",
+            Action::Drop => "drop",
+        }
+    }
+}
+
+/// Entries in `STATS`.
+pub const STATS_LEN: u32 = REASON_COUNT * 2;
+
+/// Index of the (action, reason) counter in `STATS`.
+#[inline(always)]
+pub const fn stat_index(action: Action, reason: Reason) -> u32 {
+    // Both factors are tiny enums; cannot overflow.
+    (reason as u32) * 2 + action as u32
+}
+
+/// One per-CPU counter slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// `XdpConfig::flags` bit: count would-be drops as passes.
+pub const FLAG_DRY_RUN: u32 = 1;
+
+/// Runtime knobs the daemon writes into `CONFIG` (index 0) and may rewrite at
+/// any time without reloading the program. Rates are pre-converted into the
+/// token bucket's nanosecond form so the packet path does no division.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpConfig {
+    /// Per-source bucket.
+    pub source: bucket::Params,
+    /// Aggregate bucket per wider prefix.
+    pub aggregate: bucket::Params,
+    /// IPv6 sources share a per-source bucket per this prefix length.
+    pub v6_prefix: u32,
+    /// Aggregate prefix length for IPv4.
+    pub agg_v4_prefix: u32,
+    /// Aggregate prefix length for IPv6.
+    pub agg_v6_prefix: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 48);
+
+/// Key of `SOURCES` and `AGGREGATES`: an IPv6 address, or an IPv4 address
+/// mapped into `::ffff:0:0/96`, already masked to the bucket's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SourceKey>() == 16);
+
+/// Value of `SOURCES` and `AGGREGATES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// Theoretical arrival time of the next conforming packet (ns, `bpf_ktime_get_ns`).
+    pub tat_ns: u64,
+    /// Packets seen while the entry existed.
+    pub packets: u64,
+    /// Of those, dropped (or, in dry run, counted as would-drop).
+    pub drops: u64,
+}
+const _: () = assert!(core::mem::size_of::<Bucket>() == 24);
+
+/// Value of the deny tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyValue {
+    /// `CLOCK_MONOTONIC` ns after which the entry counts as absent; 0 = never.
+    pub expires_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<DenyValue>() == 8);
+
+impl DenyValue {
+    /// Whether the entry is in force at `now_ns`.
+    #[inline(always)]
+    pub const fn active(&self, now_ns: u64) -> bool {
+        self.expires_ns == 0 || now_ns < self.expires_ns
+    }
+}
+
+/// Value of the allow tries (reserved flags, currently zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowValue {
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<AllowValue>() == 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with no
+    // implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::XdpConfig {}
+    unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::Bucket {}
+    unsafe impl aya::Pod for super::DenyValue {}
+    unsafe impl aya::Pod for super::AllowValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_indices_are_distinct_and_in_range() {
+        let mut seen = [false; STATS_LEN as usize];
+        for r in Reason::ALL {
+            for a in Action::ALL {
+                let i = stat_index(a, r) as usize;
+                assert!(i < seen.len());
+                assert!(!seen.get(i).copied().unwrap_or(true), "duplicate index {i}");
+                if let Some(s) = seen.get_mut(i) {
+                    *s = true;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reasons_are_in_discriminant_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn only_denied_and_rate_drop() {
+        for r in Reason::ALL {
+            let drops = matches!(r, Reason::Denied | Reason::Rate);
+            assert_eq!(r.verdict() == Action::Drop, drops, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn deny_expiry() {
+        assert!(DenyValue { expires_ns: 0 }.active(u64::MAX));
+        assert!(DenyValue { expires_ns: 10 }.active(9));
+        assert!(!DenyValue { expires_ns: 10 }.active(10));
+    }
+}

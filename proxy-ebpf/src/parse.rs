@@ -1,0 +1,230 @@
+//! Header parsing. Every packet byte is read through [`ptr_at`], the one
+//! bounds-checked accessor; headers are byte arrays so no read is unaligned.
+//! The walk: Ethernet, up to two VLAN tags (802.1Q / 802.1ad), then IPv4
+//! (honouring IHL) or IPv6 (walking up to `MAX_V6_EXT_HEADERS` extension
+//! headers), then the TCP header. Anything that is not TCP is `Unguarded`;
+//! anything cut short or garbled is `Malformed`.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use proxy_common::{MAX_V6_EXT_HEADERS, Reason};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// No header we walk starts beyond this offset; a bound the verifier can see.
+const MAX_OFFSET: usize = 4096;
+
+/// The source of a guarded-candidate packet.
+#[derive(Clone, Copy)]
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// What the policy needs of a TCP packet.
+#[derive(Clone, Copy)]
+pub struct Tcp {
+    pub source: Source,
+    pub dport: u16,
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    total_len: [u8; 2],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    vtcfl: [u8; 4],
+    payload_len: [u8; 2],
+    next: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The first two bytes of every extension header we walk.
+#[repr(C)]
+struct ExtHdr {
+    next: u8,
+    len: u8,
+}
+
+#[repr(C)]
+struct FragHdr {
+    next: u8,
+    reserved: u8,
+    offset_flags: [u8; 2],
+    id: [u8; 4],
+}
+
+#[repr(C)]
+struct TcpHdr {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    rest: [u8; 16],
+}
+
+/// The bounds-checked accessor: a pointer to a `T` at `off`, or `Malformed`
+/// when the packet is shorter.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, Reason> {
+    if off > MAX_OFFSET {
+        return Err(Reason::Malformed);
+    }
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // off <= MAX_OFFSET, so neither sum can overflow.
+    let at = start.wrapping_add(off);
+    if at.wrapping_add(size_of::<T>()) > end {
+        return Err(Reason::Malformed);
+    }
+    Ok(at as *const T)
+}
+
+/// Read a copy of the `T` at `off`.
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, Reason> {
+    let p = ptr_at::<T>(ctx, off)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes lie inside the packet;
+    // T is a byte array or u8, so alignment is 1.
+    Ok(unsafe { *p })
+}
+
+/// Parse down to TCP. `Err` carries `Unguarded` (not TCP over IP) or `Malformed`.
+#[inline(always)]
+pub fn tcp(ctx: &XdpContext) -> Result<Tcp, Reason> {
+    let mut proto = u16::from_be_bytes(read::<[u8; 2]>(ctx, 12)?);
+    let mut off = ETH_HLEN;
+    for _ in 0..2 {
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            proto = u16::from_be_bytes(read::<[u8; 2]>(ctx, off.wrapping_add(2))?);
+            off = off.wrapping_add(4);
+        }
+    }
+    match proto {
+        ETH_P_IP => ipv4(ctx, off),
+        ETH_P_IPV6 => ipv6(ctx, off),
+        _ => Err(Reason::Unguarded),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<Tcp, Reason> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, off)?;
+    // SAFETY: ptr_at checked the whole header is inside the packet.
+    let (version_ihl, frag, proto, src) = unsafe { ((*ip).version_ihl, (*ip).frag, (*ip).proto, (*ip).src) };
+    if version_ihl >> 4 != 4 {
+        return Err(Reason::Malformed);
+    }
+    let ihl = usize::from(version_ihl & 0x0f).wrapping_mul(4);
+    if ihl < size_of::<Ipv4Hdr>() {
+        return Err(Reason::Malformed);
+    }
+    if proto != IPPROTO_TCP {
+        return Err(Reason::Unguarded);
+    }
+    // A non-first fragment carries no TCP header: the port is unknowable
+    // here, and the stack reassembles or drops it.
+    if u16::from_be_bytes(frag) & 0x1fff != 0 {
+        return Err(Reason::Unguarded);
+    }
+    let dport = tcp_dport(ctx, off.wrapping_add(ihl))?;
+    Ok(Tcp {
+        source: Source::V4(src),
+        dport,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Reason> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, off)?;
+    // SAFETY: ptr_at checked the whole header is inside the packet.
+    let (vtcfl, mut next, src) = unsafe { ((*ip).vtcfl, (*ip).next, (*ip).src) };
+    let [v, ..] = vtcfl;
+    if v >> 4 != 6 {
+        return Err(Reason::Malformed);
+    }
+    let mut off = off.wrapping_add(size_of::<Ipv6Hdr>());
+    for _ in 0..MAX_V6_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP => {
+                let dport = tcp_dport(ctx, off)?;
+                return Ok(Tcp {
+                    source: Source::V6(src),
+                    dport,
+                });
+            }
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let h = read::<ExtHdr>(ctx, off)?;
+                next = h.next;
+                off = off.wrapping_add((usize::from(h.len).wrapping_add(1)).wrapping_mul(8));
+            }
+            IPV6_AH => {
+                let h = read::<ExtHdr>(ctx, off)?;
+                next = h.next;
+                off = off.wrapping_add((usize::from(h.len).wrapping_add(2)).wrapping_mul(4));
+            }
+            IPV6_FRAGMENT => {
+                let h = read::<FragHdr>(ctx, off)?;
+                if u16::from_be_bytes(h.offset_flags) & 0xfff8 != 0 {
+                    return Err(Reason::Unguarded);
+                }
+                next = h.next;
+                off = off.wrapping_add(size_of::<FragHdr>());
+            }
+            _ => return Err(Reason::Unguarded),
+        }
+    }
+    if next == IPPROTO_TCP {
+        let dport = tcp_dport(ctx, off)?;
+        return Ok(Tcp {
+            source: Source::V6(src),
+            dport,
+        });
+    }
+    // Still inside extension headers after the walk's bound.
+    Err(Reason::Malformed)
+}
+
+/// The TCP destination port, requiring the whole fixed TCP header.
+#[inline(always)]
+fn tcp_dport(ctx: &XdpContext, off: usize) -> Result<u16, Reason> {
+    let t = ptr_at::<TcpHdr>(ctx, off)?;
+    // SAFETY: ptr_at checked the whole fixed header is inside the packet.
+    let dport = unsafe { (*t).dport };
+    Ok(u16::from_be_bytes(dport))
+}
+
+// Derive Copy for the headers read by value.
+impl Clone for ExtHdr {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl Copy for ExtHdr {}
+impl Clone for FragHdr {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl Copy for FragHdr {}

@@ -1,0 +1,130 @@
+//! The decision for a parsed packet, in order: unguarded port → pass; allow
+//! list → pass; deny list (unexpired) → drop; then the two token buckets.
+//!
+//! Rate: a known source is charged to its own bucket, then to the aggregate
+//! bucket of its wider prefix. An unknown source is first charged to the
+//! aggregate bucket and gets a per-source entry only when that admits it, so a
+//! flood that rotates sources inside one prefix is held by the aggregate and
+//! cannot churn the per-source table at line rate.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext};
+use proxy_common::{
+    Bucket, Reason, SourceKey, XdpConfig,
+    bucket::Params,
+    prefix::{key_v4, key_v6},
+};
+
+use crate::{
+    AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES,
+    parse::{self, Source},
+};
+
+/// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new source).
+const BPF_NOEXIST: u64 = 1;
+
+/// Decide the reason for this packet.
+#[inline(always)]
+pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
+    let tcp = match parse::tcp(ctx) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match PORTS.get(u32::from(tcp.dport)) {
+        Some(g) if *g != 0 => {}
+        _ => return Reason::Unguarded,
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (own, wide) = match tcp.source {
+        Source::V4(a) => {
+            let k = Key::new(32, a);
+            if ALLOW_V4.get(&k).is_some() {
+                return Reason::Allowed;
+            }
+            if let Some(d) = DENY_V4.get(&k) {
+                if d.active(now) {
+                    return Reason::Denied;
+                }
+            }
+            (key_v4(a, 32), key_v4(a, cfg.agg_v4_prefix))
+        }
+        Source::V6(a) => {
+            let k = Key::new(128, a);
+            if ALLOW_V6.get(&k).is_some() {
+                return Reason::Allowed;
+            }
+            if let Some(d) = DENY_V6.get(&k) {
+                if d.active(now) {
+                    return Reason::Denied;
+                }
+            }
+            (key_v6(a, cfg.v6_prefix), key_v6(a, cfg.agg_v6_prefix))
+        }
+    };
+    rate(cfg, &own, &wide, now)
+}
+
+#[inline(always)]
+fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason {
+    if let Some(b) = SOURCES.get_ptr_mut(own) {
+        // SAFETY: a live LRU element; concurrent updates from other CPUs can
+        // only make the count approximate, never unsafe (cilium does the same).
+        let b = unsafe { &mut *b };
+        b.packets = b.packets.wrapping_add(1);
+        match cfg.source.admit(b.tat_ns, now) {
+            Some(t) => b.tat_ns = t,
+            None => {
+                b.drops = b.drops.wrapping_add(1);
+                return Reason::Rate;
+            }
+        }
+        if !charge(&cfg.aggregate, wide, now) {
+            b.drops = b.drops.wrapping_add(1);
+            return Reason::Rate;
+        }
+        return Reason::UnderRate;
+    }
+    if !charge(&cfg.aggregate, wide, now) {
+        return Reason::Rate;
+    }
+    let fresh = Bucket {
+        tat_ns: cfg.source.first(now),
+        packets: 1,
+        drops: 0,
+    };
+    if SOURCES.insert(own, &fresh, BPF_NOEXIST).is_ok() {
+        if let Some(n) = NEW_SOURCES.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot.
+            unsafe { *n = (*n).wrapping_add(1) };
+        }
+    }
+    Reason::UnderRate
+}
+
+/// Charge one packet to the aggregate bucket of `wide`; false when over.
+#[inline(always)]
+fn charge(p: &Params, wide: &SourceKey, now: u64) -> bool {
+    if let Some(b) = AGGREGATES.get_ptr_mut(wide) {
+        // SAFETY: as above.
+        let b = unsafe { &mut *b };
+        b.packets = b.packets.wrapping_add(1);
+        return match p.admit(b.tat_ns, now) {
+            Some(t) => {
+                b.tat_ns = t;
+                true
+            }
+            None => {
+                b.drops = b.drops.wrapping_add(1);
+                false
+            }
+        };
+    }
+    let fresh = Bucket {
+        tat_ns: p.first(now),
+        packets: 1,
+        drops: 0,
+    };
+    // Losing a race to another CPU only means that CPU's entry wins.
+    let _ = AGGREGATES.insert(wide, &fresh, BPF_NOEXIST);
+    true
+}

@@ -1,0 +1,343 @@
+//! The command line: one binary, the daemon (`run`), config validation
+//! (`check`) and the operator verbs that talk to a running daemon over its
+//! admin socket. Help text is written for an operator, with an example per
+//! verb. Exit codes: 0 success, 1 refused or invalid, 2 daemon unreachable.
+
+use std::{
+    io::IsTerminal as _,
+    path::{Path, PathBuf},
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    admin::{self, AdminError, ListShow, Request, Status, Top},
+    config::Config,
+    paths,
+    store::List,
+    units::{Cidr, Span},
+};
+
+/// keyward: shields a paid API. Floods are dropped in the kernel (XDP) before
+/// a socket exists; the operator verbs below talk to the running daemon.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, propagate_version = true)]
+pub struct Cli {
+    /// Config file: `run`/`check` read it; other verbs take `admin.socket` from it.
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Admin socket of the daemon to talk to (default: from -c, else /run/keyward/admin.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: load and attach XDP, pin maps, serve the admin socket.
+    ///
+    /// SIGHUP reloads the config; SIGTERM/SIGINT detach, unpin and exit 0.
+    /// Example: keyward run -c /etc/keyward/keyward.toml
+    Run,
+    /// Validate a config and print the effective config (exit 1 with file:line:col on error).
+    ///
+    /// Example: keyward check -c /etc/keyward/keyward.toml
+    Check,
+    /// Show the daemon: interface and XDP mode, guarded ports, limits, drops by reason.
+    ///
+    /// Example: keyward status --json
+    Status(JsonFlag),
+    /// Heaviest sources in the kernel's per-source table now.
+    ///
+    /// Example: keyward top -n 20
+    Top {
+        /// How many sources to show.
+        #[arg(short = 'n', default_value_t = 10)]
+        n: usize,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Sources that bypass rate limits (health checkers, the office). Persisted.
+    ///
+    /// Example: keyward allow add 192.0.2.0/24
+    Allow {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Sources dropped in XDP. Persisted; entries may expire.
+    ///
+    /// Example: keyward deny add 198.51.100.7 --for 1h
+    Deny {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Re-read the config (same as SIGHUP); a bad config is refused and the old one stays.
+    ///
+    /// Example: keyward reload -c /etc/keyward/keyward.toml
+    Reload,
+}
+
+/// `--json`.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct JsonFlag {
+    /// Machine-readable output (stable shape; fields are only ever added).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `allow`/`deny` sub-verbs.
+#[derive(Debug, Subcommand)]
+pub enum ListAction {
+    /// Add a CIDR (a bare address means /32 or /128).
+    Add {
+        cidr: String,
+        /// Deny only: expire after this long (e.g. 30s, 10m, 2h, 1d).
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: Option<String>,
+    },
+    /// Remove a CIDR.
+    Rm { cidr: String },
+    /// List the entries.
+    Ls(JsonFlag),
+}
+
+/// A failed verb and its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+impl CliError {
+    /// 2 when the daemon could not be reached, else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Admin(AdminError::Unreachable { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl Cli {
+    /// The admin socket the verbs talk to.
+    fn socket(&self) -> Result<PathBuf, CliError> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        if let Some(c) = &self.config {
+            return Ok(Config::load(c)?.admin.socket);
+        }
+        Ok(PathBuf::from(paths::ADMIN_SOCKET))
+    }
+
+    /// The config path for `run`/`check`.
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| PathBuf::from(paths::CONFIG))
+    }
+}
+
+/// `check`.
+pub fn check(path: &Path) -> Result<(), CliError> {
+    let c = Config::load(path)?;
+    println!("# {}: valid. Effective configuration:\n", path.display());
+    print!("{}", c.to_toml());
+    Ok(())
+}
+
+/// Run a verb that talks to the daemon.
+pub fn verb(cli: &Cli) -> Result<(), CliError> {
+    let socket = cli.socket()?;
+    let call = |r: &Request| admin::call(&socket, r).map_err(CliError::from);
+    match &cli.command {
+        Command::Run | Command::Check => Err(CliError::Usage("not a client verb".into())),
+        Command::Status(j) => {
+            let v = call(&Request::Status)?;
+            if j.json {
+                return print_json(&v);
+            }
+            print_status(&from(v)?);
+            Ok(())
+        }
+        Command::Top { n, json } => {
+            let v = call(&Request::Top { n: *n })?;
+            if json.json {
+                return print_json(&v);
+            }
+            let t: Top = from(v)?;
+            println!("{} sources tracked", t.tracked_sources);
+            let rows: Vec<Vec<String>> = t
+                .sources
+                .iter()
+                .map(|s| vec![s.source.clone(), s.packets.to_string(), s.drops.to_string()])
+                .collect();
+            print_table(&["SOURCE", "PACKETS", "DROPS"], &rows);
+            Ok(())
+        }
+        Command::Allow { action } => list_verb(List::Allow, action, &call),
+        Command::Deny { action } => list_verb(List::Deny, action, &call),
+        Command::Reload => {
+            call(&Request::Reload)?;
+            println!("reloaded");
+            Ok(())
+        }
+    }
+}
+
+fn list_verb(
+    list: List,
+    action: &ListAction,
+    call: &dyn Fn(&Request) -> Result<serde_json::Value, CliError>,
+) -> Result<(), CliError> {
+    let name = match list {
+        List::Allow => "allow",
+        List::Deny => "deny",
+    };
+    match action {
+        ListAction::Add { cidr, for_ } => {
+            // Validate here too, so a typo is refused even with no daemon.
+            let c: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
+            let for_secs = match for_ {
+                None => None,
+                Some(_) if list == List::Allow => {
+                    return Err(CliError::Usage("--for applies to deny entries only".into()));
+                }
+                Some(d) => {
+                    let s: Span = d.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
+                    Some(s.0.as_secs().max(1))
+                }
+            };
+            call(&Request::ListAdd {
+                list,
+                cidr: c.to_string(),
+                for_secs,
+            })?;
+            match for_secs {
+                Some(s) => println!("{name} {c} (expires in {s}s)"),
+                None => println!("{name} {c}"),
+            }
+            Ok(())
+        }
+        ListAction::Rm { cidr } => {
+            let c: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
+            call(&Request::ListRemove {
+                list,
+                cidr: c.to_string(),
+            })?;
+            println!("removed {c} from {name}");
+            Ok(())
+        }
+        ListAction::Ls(j) => {
+            let v = call(&Request::ListShow { list })?;
+            if j.json {
+                return print_json(&v);
+            }
+            let l: ListShow = from(v)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let rows: Vec<Vec<String>> = l
+                .entries
+                .iter()
+                .map(|e| {
+                    let exp = e.expires_unix.map_or("never".to_owned(), |t| {
+                        format!("in {}", Span(std::time::Duration::from_secs(t.saturating_sub(now))))
+                    });
+                    vec![e.cidr.to_string(), exp]
+                })
+                .collect();
+            print_table(&["CIDR", "EXPIRES"], &rows);
+            Ok(())
+        }
+    }
+}
+
+/// Decode a daemon answer.
+fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, CliError> {
+    serde_json::from_value(v).map_err(|e| CliError::Usage(format!("bad answer from the daemon: {e}")))
+}
+
+fn print_json(v: &serde_json::Value) -> Result<(), CliError> {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    Ok(())
+}
+
+fn print_status(s: &Status) {
+    let bold = |t: &str| {
+        if std::io::stdout().is_terminal() {
+            format!("\x1b[1m{t}\x1b[0m")
+        } else {
+            t.to_owned()
+        }
+    };
+    println!("{} {} — up (pid {})", bold("keyward"), s.version, s.pid);
+    let ports: Vec<String> = s.ports.iter().map(|p| format!("tcp/{p}")).collect();
+    let kv = [
+        ("interface", format!("{} (XDP {})", s.interface, s.attach_mode)),
+        ("guarded", ports.join(", ")),
+        (
+            "per source",
+            format!("{} pps, burst {}; IPv6 per /{}", s.rate_pps, s.burst, s.ipv6_prefix),
+        ),
+        (
+            "aggregate",
+            format!(
+                "{} pps, burst {} per IPv4 /{} and IPv6 /{}",
+                s.aggregate.rate_pps, s.aggregate.burst, s.aggregate.v4_prefix, s.aggregate.v6_prefix
+            ),
+        ),
+        ("dry run", if s.dry_run { "yes: nothing is dropped".into() } else { "no".into() }),
+        (
+            "sources",
+            format!("{} tracked of {}, {} created", s.tracked_sources, s.table_size, s.new_sources),
+        ),
+        ("lists", format!("{} allow, {} deny", s.allow_entries, s.deny_entries)),
+    ];
+    for (k, v) in kv {
+        println!("  {k:<11} {v}");
+    }
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .counters
+        .iter()
+        .filter(|c| c.packets > 0)
+        .map(|c| vec![c.reason.clone(), c.action.clone(), c.packets.to_string(), c.bytes.to_string()])
+        .collect();
+    if rows.is_empty() {
+        println!("no packets seen yet");
+    } else {
+        print_table(&["REASON", "ACTION", "PACKETS", "BYTES"], &rows);
+    }
+}
+
+/// Left-aligned first column, right-aligned numbers.
+fn print_table(head: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(x) = w.get_mut(i) {
+                *x = (*x).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let out: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let width = w.get(i).copied().unwrap_or(0);
+                if i == 0 { format!("{c:<width$}") } else { format!("{c:>width$}") }
+            })
+            .collect();
+        println!("{}", out.join("  ").trim_end());
+    };
+    line(head.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,82 @@
+//! Time, injectable. The kernel compares deny expiries against
+//! `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) while the store keeps wall-clock
+//! Unix seconds; everything time-based asks a [`Clock`] so tests can fake it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A source of both clocks.
+pub trait Clock: Send + Sync {
+    /// Seconds since the Unix epoch.
+    fn unix_secs(&self) -> u64;
+    /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+    fn monotonic_ns(&self) -> u64;
+
+    /// The monotonic instant at which wall-clock second `unix` arrives
+    /// (now when it is already past).
+    fn monotonic_at(&self, unix: u64) -> u64 {
+        let ahead = unix.saturating_sub(self.unix_secs());
+        self.monotonic_ns()
+            .saturating_add(ahead.saturating_mul(proxy_common::bucket::NS_PER_SEC))
+    }
+}
+
+/// The real clocks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn unix_secs(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    fn monotonic_ns(&self) -> u64 {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+            u64::try_from(t.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A clock the test moves by hand.
+    #[derive(Debug, Default)]
+    pub struct FakeClock {
+        pub unix: AtomicU64,
+        pub mono: AtomicU64,
+    }
+
+    impl FakeClock {
+        pub fn advance_secs(&self, s: u64) {
+            self.unix.fetch_add(s, Ordering::SeqCst);
+            self.mono.fetch_add(s * 1_000_000_000, Ordering::SeqCst);
+        }
+    }
+
+    impl super::Clock for FakeClock {
+        fn unix_secs(&self) -> u64 {
+            self.unix.load(Ordering::SeqCst)
+        }
+        fn monotonic_ns(&self) -> u64 {
+            self.mono.load(Ordering::SeqCst)
+        }
+    }
+
+    #[test]
+    fn monotonic_at_maps_wall_time() {
+        let c = FakeClock::default();
+        c.unix.store(1_000, Ordering::SeqCst);
+        c.mono.store(5, Ordering::SeqCst);
+        use super::Clock as _;
+        assert_eq!(c.monotonic_at(1_002), 2_000_000_005);
+        assert_eq!(c.monotonic_at(10), 5);
+        c.advance_secs(1);
+        assert_eq!(c.monotonic_at(1_002), 1_000_000_005);
+    }
+}

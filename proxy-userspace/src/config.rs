@@ -1,0 +1,575 @@
+//! The TOML configuration: its schema (strict: unknown keys are errors), its
+//! validation, and its errors, which always carry `file:line:col`. Values are
+//! checked while they are parsed (newtypes with `try_from`), so the TOML
+//! parser attaches the offending value's position to every error; the few
+//! checks that span several keys report the position of their table.
+//!
+//! The key of the paid API is never part of the config: only where to find it
+//! (`key_env` / `key_file`).
+
+use std::{
+    fmt,
+    num::{NonZeroU16, NonZeroU32},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::{
+    paths,
+    units::{Cidr, Size, Span},
+};
+
+/// A config that could not be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub xdp: Spanned<Xdp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Listen>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Upstream>,
+    #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub access: Access,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub store: Store,
+    #[serde(default)]
+    pub admin: Admin,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic with a log line.
+    #[default]
+    Auto,
+    /// Native only.
+    Native,
+    /// Generic (skb) only.
+    Generic,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        })
+    }
+}
+
+/// `[xdp]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Xdp {
+    pub interface: String,
+    #[serde(default)]
+    pub mode: AttachMode,
+    pub ports: Vec<NonZeroU16>,
+    pub rate_pps: NonZeroU32,
+    pub burst: NonZeroU32,
+    #[serde(default = "default_v6_prefix")]
+    pub ipv6_prefix: PrefixV6,
+    #[serde(default)]
+    pub aggregate: Aggregate,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Capacity of the per-source table (an extension of the contract).
+    #[serde(default = "default_table_size")]
+    pub table_size: NonZeroU32,
+}
+
+/// `[xdp] aggregate`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Aggregate {
+    pub v4_prefix: PrefixV4,
+    pub v6_prefix: PrefixV6,
+    pub rate_pps: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl Default for Aggregate {
+    fn default() -> Self {
+        Aggregate {
+            v4_prefix: PrefixV4(24),
+            v6_prefix: PrefixV6(48),
+            rate_pps: NonZeroU32::new(2000).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(4000).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+fn default_v6_prefix() -> PrefixV6 {
+    PrefixV6(64)
+}
+
+fn default_table_size() -> NonZeroU32 {
+    NonZeroU32::new(proxy_common::SOURCES_MAX_DEFAULT).unwrap_or(NonZeroU32::MIN)
+}
+
+/// An IPv4 prefix length, 1 to 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub struct PrefixV4(pub u8);
+
+impl TryFrom<u8> for PrefixV4 {
+    type Error = String;
+    fn try_from(n: u8) -> Result<Self, String> {
+        if (1..=32).contains(&n) {
+            Ok(PrefixV4(n))
+        } else {
+            Err(format!("IPv4 prefix length must be 1 to 32, not {n}"))
+        }
+    }
+}
+
+impl From<PrefixV4> for u8 {
+    fn from(p: PrefixV4) -> u8 {
+        p.0
+    }
+}
+
+/// An IPv6 prefix length, 1 to 128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub struct PrefixV6(pub u8);
+
+impl TryFrom<u8> for PrefixV6 {
+    type Error = String;
+    fn try_from(n: u8) -> Result<Self, String> {
+        if (1..=128).contains(&n) {
+            Ok(PrefixV6(n))
+        } else {
+            Err(format!("IPv6 prefix length must be 1 to 128, not {n}"))
+        }
+    }
+}
+
+impl From<PrefixV6> for u8 {
+    fn from(p: PrefixV6) -> u8 {
+        p.0
+    }
+}
+
+/// `[listen]` (served by the forwarder).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub addr: std::net::SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    #[serde(default = "default_max_body")]
+    pub max_body: Size,
+}
+
+fn default_max_body() -> Size {
+    Size(16 * 1024)
+}
+
+/// `[upstream]`. Holds where the key is, never the key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub base_url: String,
+    #[serde(default = "default_timeout")]
+    pub timeout: Span,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    pub inject: Inject,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip_header: Option<String>,
+}
+
+fn default_timeout() -> Span {
+    Span(std::time::Duration::from_secs(5))
+}
+
+/// Where the key goes in the upstream request.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, untagged)]
+pub enum Inject {
+    Query {
+        query: String,
+    },
+    Header {
+        header: String,
+        #[serde(default = "default_header_value")]
+        value: String,
+    },
+}
+
+fn default_header_value() -> String {
+    "{key}".to_owned()
+}
+
+/// Which upstream answers are billable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum ChargeOn {
+    #[default]
+    #[serde(rename = "2xx")]
+    Success,
+    #[serde(rename = "any")]
+    Any,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub method: String,
+    pub path: String,
+    pub upstream_path: String,
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub query: Vec<String>,
+    #[serde(default)]
+    pub cost: f64,
+    #[serde(default)]
+    pub charge_on: ChargeOn,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_ttl: Option<Span>,
+}
+
+/// `[access]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    #[serde(default)]
+    pub require_origin: bool,
+    #[serde(default)]
+    pub require_token: bool,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub per_ip_rate: NonZeroU32,
+    pub per_ip_burst: NonZeroU32,
+    pub per_ip_daily: NonZeroU32,
+    pub daily: f64,
+    pub currency: String,
+    pub reset_at: String,
+    pub timezone: String,
+    pub dry_run: bool,
+    pub alert_at: Vec<f64>,
+    pub alert_webhook: String,
+    pub deny_on_daily_cap: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let n = |v| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+        Limits {
+            per_ip_rate: n(5),
+            per_ip_burst: n(10),
+            per_ip_daily: n(200),
+            daily: 50.0,
+            currency: "GBP".into(),
+            reset_at: "00:00".into(),
+            timezone: "UTC".into(),
+            dry_run: false,
+            alert_at: vec![0.9, 1.0],
+            alert_webhook: String::new(),
+            deny_on_daily_cap: true,
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            path: default_store_path(),
+            redis_url: None,
+        }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from(paths::STORE_DIR)
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_metrics")]
+    pub metrics: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            socket: default_socket(),
+            metrics: default_metrics(),
+        }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(paths::ADMIN_SOCKET)
+}
+
+fn default_metrics() -> String {
+    "127.0.0.1:9901".into()
+}
+
+impl Config {
+    /// Read and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parse and validate `text`, naming `path` in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, message: String| {
+            let (line, col) = line_col(text, span.map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                col,
+                message,
+            }
+        };
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_owned()))?;
+        let xdp = cfg.xdp.get_ref();
+        let here = || Some(cfg.xdp.span());
+        if xdp.interface.is_empty() || xdp.interface.len() > 15 || xdp.interface.contains('/') {
+            return Err(invalid(
+                here(),
+                format!("[xdp] interface `{}` is not a valid interface name", xdp.interface),
+            ));
+        }
+        if xdp.ports.is_empty() {
+            return Err(invalid(here(), "[xdp] ports must list at least one port".into()));
+        }
+        if xdp.aggregate.v6_prefix.0 > xdp.ipv6_prefix.0 {
+            return Err(invalid(
+                here(),
+                format!(
+                    "[xdp] aggregate.v6_prefix (/{}) must be as wide as or wider than ipv6_prefix (/{})",
+                    xdp.aggregate.v6_prefix.0, xdp.ipv6_prefix.0
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// The `[xdp]` section.
+    pub fn xdp(&self) -> &Xdp {
+        self.xdp.get_ref()
+    }
+
+    /// The effective config as TOML (defaults filled in). Holds no secret:
+    /// the key is never part of the config.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+impl Xdp {
+    /// The kernel's view of this section.
+    pub fn kernel_config(&self) -> proxy_common::XdpConfig {
+        use proxy_common::bucket::Params;
+        proxy_common::XdpConfig {
+            source: Params::new(self.rate_pps.get(), self.burst.get()),
+            aggregate: Params::new(self.aggregate.rate_pps.get(), self.aggregate.burst.get()),
+            v6_prefix: u32::from(self.ipv6_prefix.0),
+            agg_v4_prefix: u32::from(self.aggregate.v4_prefix.0),
+            agg_v6_prefix: u32::from(self.aggregate.v6_prefix.0),
+            flags: if self.dry_run {
+                proxy_common::FLAG_DRY_RUN
+            } else {
+                0
+            },
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[xdp]
+interface = "eth0"
+ports = [443]
+rate_pps = 200
+burst = 400
+"#;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("k.toml"), t)
+    }
+
+    fn err(t: &str) -> String {
+        parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        let x = c.xdp();
+        assert_eq!(x.mode, AttachMode::Auto);
+        assert_eq!(x.ipv6_prefix.0, 64);
+        assert_eq!(x.aggregate, Aggregate::default());
+        assert!(!x.dry_run);
+        assert_eq!(c.admin.socket, PathBuf::from(paths::ADMIN_SOCKET));
+        let k = x.kernel_config();
+        assert_eq!(k.source.interval_ns, 5_000_000);
+        assert_eq!(k.source.tolerance_ns, 2_000_000_000);
+        assert_eq!(k.agg_v4_prefix, 24);
+        assert_eq!(k.flags, 0);
+    }
+
+    #[test]
+    fn contract_example_parses() {
+        let t = include_str!("../../docs/keyward.example.toml");
+        let c = parse(t).unwrap();
+        assert_eq!(c.xdp().ports.len(), 1);
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.listen.unwrap().max_body, Size(16 * 1024));
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = parse(MINIMAL).unwrap();
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.xdp(), c.xdp());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let e = err(&MINIMAL.replace("burst = 400", "burst = 400\nburts = 1"));
+        assert!(e.starts_with("k.toml:7:1: unknown field `burts`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_section_is_an_error() {
+        let e = err(&format!("{MINIMAL}\n[xpd]\n"));
+        assert!(e.contains("unknown field `xpd`"), "{e}");
+    }
+
+    #[test]
+    fn zero_rate_points_at_the_value() {
+        let e = err(&MINIMAL.replace("rate_pps = 200", "rate_pps = 0"));
+        assert!(e.starts_with("k.toml:5:12: "), "{e}");
+        assert!(e.contains("nonzero"), "{e}");
+    }
+
+    #[test]
+    fn port_zero_and_out_of_range() {
+        assert!(err(&MINIMAL.replace("[443]", "[0]")).starts_with("k.toml:4:"));
+        assert!(err(&MINIMAL.replace("[443]", "[70000]")).starts_with("k.toml:4:"));
+        assert!(err(&MINIMAL.replace("[443]", "[]")).contains("at least one port"));
+    }
+
+    #[test]
+    fn bad_prefixes() {
+        let e = err(&format!("{MINIMAL}ipv6_prefix = 129\n"));
+        assert!(e.contains("1 to 128"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}aggregate = {{ v4_prefix = 33, v6_prefix = 48, rate_pps = 1, burst = 1 }}\n"
+        ));
+        assert!(e.contains("1 to 32"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}ipv6_prefix = 40\n"
+        ));
+        assert!(e.contains("as wide as or wider"), "{e}");
+        assert!(e.starts_with("k.toml:2:1:"), "{e}");
+    }
+
+    #[test]
+    fn bad_mode_and_interface() {
+        let e = err(&format!("{MINIMAL}mode = \"turbo\"\n"));
+        assert!(e.contains("unknown variant `turbo`"), "{e}");
+        let e = err(&MINIMAL.replace("eth0", "a-very-long-interface-name"));
+        assert!(e.contains("not a valid interface name"), "{e}");
+    }
+
+    #[test]
+    fn missing_section_and_syntax_error() {
+        assert!(err("").contains("missing field `xdp`"));
+        let e = err(&MINIMAL.replace("burst = 400", "burst = = 400"));
+        assert!(e.starts_with("k.toml:6:"), "{e}");
+    }
+
+    #[test]
+    fn bad_units() {
+        let base = format!(
+            "{MINIMAL}[listen]\naddr = \"127.0.0.1:8080\"\nmax_body = \"16KB\"\n"
+        );
+        let e = err(&base);
+        assert!(e.contains("unknown unit `KB`"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}[listen]\naddr = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.1/8\"]\n"
+        ));
+        assert!(e.contains("host bits set"), "{e}");
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,424 @@
+//! `keyward run`: the daemon's lifecycle. Refuse early and clearly (config,
+//! privileges, interface, ownership), then mount bpffs, load, pin, attach,
+//! fill the maps from the config and the store, serve the admin socket, and
+//! on SIGTERM/SIGINT detach, unpin and exit 0. SIGHUP re-reads the config;
+//! a bad one is refused and the running one stays.
+
+use std::{
+    fs::File,
+    io::{Read as _, Seek as _, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, AggregateStatus, ListShow, Request, Response, Status, Top},
+    clock::{Clock, SystemClock},
+    config::Config,
+    dataplane::Dataplane,
+    paths,
+    store::{Embedded, Entry, List, ListStore},
+    units::Cidr,
+};
+
+/// Everything the admin verbs act on.
+pub struct State {
+    config_path: PathBuf,
+    config: Config,
+    dp: Dataplane,
+    store: Box<dyn ListStore>,
+    clock: Arc<dyn Clock>,
+}
+
+impl State {
+    /// Answer one admin request.
+    pub fn handle(&mut self, req: Request) -> Result<serde_json::Value, String> {
+        let json = |v: &dyn erased::Ser| v.to_json();
+        match req {
+            Request::Status => self.status().map(|s| json(&s)),
+            Request::Top { n } => {
+                let (tracked_sources, sources) = self.dp.sources(n).map_err(|e| e.to_string())?;
+                Ok(json(&Top {
+                    tracked_sources,
+                    sources,
+                }))
+            }
+            Request::ListShow { list } => {
+                let now = self.clock.unix_secs();
+                let entries = self
+                    .store
+                    .entries(list)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .filter(|e| e.expires_unix.is_none_or(|t| t > now))
+                    .collect();
+                Ok(json(&ListShow { list, entries }))
+            }
+            Request::ListAdd {
+                list,
+                cidr,
+                for_secs,
+            } => {
+                let cidr: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| e.0)?;
+                if list == List::Allow && for_secs.is_some() {
+                    return Err("allow entries do not expire; --for applies to deny".into());
+                }
+                let expires_unix = for_secs.map(|s| self.clock.unix_secs().saturating_add(s));
+                let expires_ns = for_secs.map_or(0, |s| {
+                    self.clock.monotonic_ns().saturating_add(s.saturating_mul(1_000_000_000))
+                });
+                self.dp
+                    .list_insert(list, &cidr, expires_ns)
+                    .map_err(|e| e.to_string())?;
+                let entry = Entry { cidr, expires_unix };
+                if let Err(e) = self.store.put(list, &entry) {
+                    // Keep kernel and store in step: undo the map insert.
+                    let _ = self.dp.list_remove(list, &cidr);
+                    return Err(e.to_string());
+                }
+                info!(list = ?list, %cidr, expires_unix, "list entry added");
+                Ok(json(&entry))
+            }
+            Request::ListRemove { list, cidr } => {
+                let cidr: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| e.0)?;
+                let was = self.store.remove(list, &cidr).map_err(|e| e.to_string())?;
+                self.dp.list_remove(list, &cidr).map_err(|e| e.to_string())?;
+                if !was {
+                    return Err(format!("{cidr} is not in the {list:?} list").to_lowercase());
+                }
+                info!(list = ?list, %cidr, "list entry removed");
+                Ok(serde_json::json!({ "removed": cidr.to_string() }))
+            }
+            Request::Reload => self.reload().map(|()| serde_json::json!({ "reloaded": true })),
+        }
+    }
+
+    fn status(&self) -> Result<Status, String> {
+        let x = self.config.xdp();
+        let (iface, mode) = self
+            .dp
+            .attached()
+            .map_or(("-".to_owned(), "-"), |(i, a)| (i.to_owned(), a.as_str()));
+        let counters = self.dp.counters().map_err(|e| e.to_string())?;
+        let (tracked_sources, _) = self.dp.sources(0).map_err(|e| e.to_string())?;
+        let now = self.clock.unix_secs();
+        let count = |l| -> Result<usize, String> {
+            Ok(self
+                .store
+                .entries(l)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .filter(|e| e.expires_unix.is_none_or(|t| t > now))
+                .count())
+        };
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            interface: iface,
+            attach_mode: mode.into(),
+            ports: x.ports.iter().map(|p| p.get()).collect(),
+            rate_pps: x.rate_pps.get(),
+            burst: x.burst.get(),
+            ipv6_prefix: x.ipv6_prefix.0,
+            aggregate: AggregateStatus {
+                v4_prefix: x.aggregate.v4_prefix.0,
+                v6_prefix: x.aggregate.v6_prefix.0,
+                rate_pps: x.aggregate.rate_pps.get(),
+                burst: x.aggregate.burst.get(),
+            },
+            dry_run: x.dry_run,
+            table_size: x.table_size.get(),
+            tracked_sources,
+            new_sources: self.dp.new_sources().map_err(|e| e.to_string())?,
+            allow_entries: count(List::Allow)?,
+            deny_entries: count(List::Deny)?,
+            counters,
+        })
+    }
+
+    /// Re-read the config file. Refused (and nothing changes) when it is
+    /// invalid or changes what cannot change live.
+    pub fn reload(&mut self) -> Result<(), String> {
+        let new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        let (old, next) = (self.config.xdp(), new.xdp());
+        for (what, changed) in [
+            ("xdp.interface", old.interface != next.interface),
+            ("xdp.mode", old.mode != next.mode),
+            ("xdp.table_size", old.table_size != next.table_size),
+            ("store.path", self.config.store.path != new.store.path),
+            ("admin.socket", self.config.admin.socket != new.admin.socket),
+        ] {
+            if changed {
+                return Err(format!(
+                    "{}: {what} cannot change while running; restart keyward to apply it",
+                    self.config_path.display()
+                ));
+            }
+        }
+        self.dp.apply(next).map_err(|e| e.to_string())?;
+        info!(path = %self.config_path.display(), "config reloaded");
+        self.config = new;
+        Ok(())
+    }
+
+    /// Drop deny entries whose expiry has passed from the store and the map
+    /// (the kernel already ignores them; this keeps the tries small).
+    pub fn gc(&mut self) {
+        let now = self.clock.unix_secs();
+        let Ok(entries) = self.store.entries(List::Deny) else {
+            return;
+        };
+        for e in entries.iter().filter(|e| e.expires_unix.is_some_and(|t| t <= now)) {
+            if let Err(err) = self.store.remove(List::Deny, &e.cidr) {
+                warn!(cidr = %e.cidr, error = %err, "expiring deny entry");
+                continue;
+            }
+            let _ = self.dp.list_remove(List::Deny, &e.cidr);
+            info!(cidr = %e.cidr, "deny entry expired");
+        }
+    }
+
+    /// Load every stored list entry into the maps.
+    fn restore_lists(&mut self) -> anyhow::Result<()> {
+        self.gc();
+        for list in [List::Allow, List::Deny] {
+            let entries = self.store.entries(list)?;
+            for e in &entries {
+                let ns = e.expires_unix.map_or(0, |t| self.clock.monotonic_at(t));
+                self.dp.list_insert(list, &e.cidr, ns)?;
+            }
+            info!(list = ?list, entries = entries.len(), "restored list");
+        }
+        Ok(())
+    }
+}
+
+/// A tiny object-safe wrapper so `handle` can serialize different types.
+mod erased {
+    pub trait Ser {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let x = config.xdp().clone();
+    check_privileges()?;
+    if nix::net::if_::if_nametoindex(x.interface.as_str()).is_err() {
+        bail!("interface `{}` does not exist", x.interface);
+    }
+    let slot = slot_name(&x.interface);
+    let _lock = OwnerLock::acquire(&slot, &x.interface)?;
+    mount_bpffs()?;
+    let store = Embedded::open(&config.store.path)?;
+    let pin_dir = Path::new(paths::PIN_ROOT).join(&slot);
+
+    let mut dp = Dataplane::load(&x)?;
+    dp.pin(&pin_dir)?;
+    let mut state = State {
+        config_path: config_path.to_owned(),
+        config: config.clone(),
+        dp,
+        store: Box::new(store),
+        clock: Arc::new(SystemClock),
+    };
+    let result = (|| {
+        state.restore_lists()?;
+        state.dp.attach(&x.interface, x.mode)?;
+        Ok::<_, anyhow::Error>(())
+    })();
+    if let Err(e) = result {
+        state.dp.shutdown();
+        return Err(e);
+    }
+    if config.listen.is_some() || config.upstream.is_some() || !config.routes.is_empty() {
+        warn!("[listen], [upstream] and [[route]] are validated but the forwarder is not built yet");
+    }
+
+    let state = Arc::new(Mutex::new(state));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let served = rt.block_on(serve(state.clone(), &config.admin.socket));
+    let _ = std::fs::remove_file(&config.admin.socket);
+    match Arc::try_unwrap(state) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()).dp.shutdown(),
+        Err(_) => warn!("state still shared at exit; the program detaches when the process ends"),
+    }
+    drop(rt);
+    info!("stopped");
+    served
+}
+
+async fn serve(state: Arc<Mutex<State>>, socket: &Path) -> anyhow::Result<()> {
+    let listener = bind_admin(socket)?;
+    info!(socket = %socket.display(), "admin socket ready");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); return Ok(()) }
+            _ = int.recv() => { info!("SIGINT: shutting down"); return Ok(()) }
+            _ = hup.recv() => {
+                if let Err(e) = lock(&state).reload() {
+                    warn!(error = %e, "reload refused; the running config stays");
+                }
+            }
+            _ = tick.tick() => lock(&state).gc(),
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => { tokio::spawn(answer(state.clone(), stream)); }
+                Err(e) => warn!(error = %e, "admin accept"),
+            },
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn answer(state: Arc<Mutex<State>>, stream: tokio::net::UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(r.take(admin::MAX_LINE)).read_line(&mut line),
+    )
+    .await;
+    let resp = match read {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => match lock(&state).handle(req) {
+                Ok(data) => Response::Ok { data },
+                Err(message) => Response::Error { message },
+            },
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        },
+        Ok(Err(e)) => Response::Error {
+            message: format!("reading request: {e}"),
+        },
+        Err(_) => return,
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    let _ = w.write_all(&out).await;
+}
+
+fn bind_admin(socket: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!("admin socket {} is in use by another keyward", socket.display());
+    }
+    let _ = std::fs::remove_file(socket);
+    let l = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// The name of this interface's pin directory and lock: the interface name,
+/// qualified by the network namespace when not in the host's own, so that
+/// daemons in different namespaces never collide.
+fn slot_name(iface: &str) -> String {
+    let ino = |p| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    match (ino("/proc/self/ns/net"), ino("/proc/1/ns/net")) {
+        // When the host's namespace cannot be read (a sandbox), qualify too.
+        (Some(me), init) if init != Some(me) => format!("{iface}@{me}"),
+        _ => iface.to_owned(),
+    }
+}
+
+/// An exclusive `flock` on `/run/keyward/lock/<slot>.lock` holding our pid:
+/// one keyward per interface.
+struct OwnerLock {
+    _file: nix::fcntl::Flock<File>,
+}
+
+impl OwnerLock {
+    fn acquire(slot: &str, iface: &str) -> anyhow::Result<OwnerLock> {
+        std::fs::create_dir_all(paths::LOCK_DIR)
+            .with_context(|| format!("creating {}", paths::LOCK_DIR))?;
+        let path = Path::new(paths::LOCK_DIR).join(format!("{slot}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(f) => f,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                bail!(
+                    "another keyward (pid {}) already owns interface `{iface}`",
+                    pid.trim()
+                );
+            }
+        };
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(OwnerLock { _file: file })
+    }
+}
+
+/// Refuse without the capabilities loading and attaching need.
+fn check_privileges() -> anyhow::Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    if !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) || !has(CAP_NET_ADMIN) {
+        bail!("keyward run needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to load and attach XDP");
+    }
+    Ok(())
+}
+
+/// Mount the BPF filesystem at /sys/fs/bpf unless it is already there.
+fn mount_bpffs() -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let is_bpffs = nix::sys::statfs::statfs(paths::BPFFS)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if !is_bpffs {
+        nix::mount::mount(
+            Some("bpf"),
+            paths::BPFFS,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting the BPF filesystem at {}", paths::BPFFS))?;
+        info!(path = paths::BPFFS, "mounted the BPF filesystem");
+    }
+    Ok(())
+}

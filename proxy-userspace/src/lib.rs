@@ -1,0 +1,13 @@
+//! keyward's user space: the `keyward` daemon and CLI. Library modules so the
+//! integration tests in `tests/` can drive the data plane directly.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod paths;
+pub mod store;
+pub mod units;

@@ -1,0 +1,159 @@
+//! Real packets on the veth: an AF_PACKET sender on the client end and a
+//! counter on the server end (pnet's datalink channels). XDP runs before
+//! packet taps, so the counter sees exactly what keyward let through. A
+//! marker frame (UDP to port 9, never guarded) sent last ends a count: the
+//! veth delivers in order, so when the marker arrives every earlier frame has
+//! been decided.
+
+use std::{
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use pnet_datalink::{Channel, Config, DataLinkReceiver, DataLinkSender};
+
+use crate::{
+    frame::{self, Summary},
+    netns::{self, CLIENT_V4, SERVER_V4, Topology},
+};
+
+/// UDP port of the end marker.
+pub const MARKER_PORT: u16 = 9;
+/// The longest a count waits for its marker.
+const COUNT_LIMIT: Duration = Duration::from_secs(20);
+
+fn channel(iface: &str) -> (Box<dyn DataLinkSender>, Box<dyn DataLinkReceiver>) {
+    let ifs = pnet_datalink::interfaces();
+    let i = ifs
+        .into_iter()
+        .find(|i| i.name == iface)
+        .unwrap_or_else(|| panic!("no interface {iface} in this namespace"));
+    let cfg = Config {
+        read_timeout: Some(Duration::from_millis(50)),
+        ..Config::default()
+    };
+    match pnet_datalink::channel(&i, cfg).expect("AF_PACKET channel") {
+        Channel::Ethernet(tx, rx) => (tx, rx),
+        _ => panic!("unexpected channel type"),
+    }
+}
+
+/// Frames from the client that reached the server (marker excluded).
+pub struct Counter {
+    handle: JoinHandle<Vec<Summary>>,
+}
+
+impl Counter {
+    /// Start counting client frames on the server end; returns once the
+    /// socket is open, so nothing sent afterwards is missed.
+    pub fn start(t: &Topology) -> Counter {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let iface = t.server_if.clone();
+        let client = t.client_mac();
+        let handle = netns::spawn_in_ns(&t.server_ns, move || {
+            let (_tx, mut rx) = channel(&iface);
+            ready_tx.send(()).ok();
+            let end = Instant::now() + COUNT_LIMIT;
+            let mut seen = Vec::new();
+            while Instant::now() < end {
+                let Ok(f) = rx.next() else { continue };
+                let Some(s) = frame::summary(f) else { continue };
+                if s.src_mac != client {
+                    continue;
+                }
+                if s.proto == frame::UDP && s.dport == MARKER_PORT {
+                    return seen;
+                }
+                seen.push(s);
+            }
+            panic!("end marker never arrived within {COUNT_LIMIT:?}");
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("counter did not start");
+        Counter { handle }
+    }
+
+    /// Send the marker from the client and return what arrived before it.
+    pub fn finish(self, t: &Topology) -> Vec<Summary> {
+        send(t, vec![marker(t)]);
+        self.handle.join().expect("counter thread panicked")
+    }
+}
+
+/// The end marker: UDP from the client to port 9 of the server.
+pub fn marker(t: &Topology) -> Vec<u8> {
+    frame::udp4(t.macs(), CLIENT_V4, SERVER_V4, 40_000, MARKER_PORT, b"end")
+}
+
+/// Send `frames` from the client end as fast as possible; returns the time
+/// from the first to the last send.
+pub fn send(t: &Topology, frames: Vec<Vec<u8>>) -> Duration {
+    let iface = t.client_if.clone();
+    netns::in_ns(&t.client_ns, move || {
+        let (mut tx, _rx) = channel(&iface);
+        let start = Instant::now();
+        for f in &frames {
+            match tx.send_to(f, None) {
+                Some(Ok(())) => {}
+                other => panic!("sending a frame: {other:?}"),
+            }
+        }
+        start.elapsed()
+    })
+}
+
+/// Count frames from the client that arrive while `frames` are sent.
+pub fn deliver(t: &Topology, frames: Vec<Vec<u8>>) -> (Vec<Summary>, Duration) {
+    let c = Counter::start(t);
+    let took = send(t, frames);
+    (c.finish(t), took)
+}
+
+/// Try a real TCP connection from the client namespace to the server.
+pub fn connects(t: &Topology, port: u16, timeout: Duration) -> bool {
+    let addr = std::net::SocketAddr::from((SERVER_V4, port));
+    netns::in_ns(&t.client_ns, move || {
+        std::net::TcpStream::connect_timeout(&addr, timeout).is_ok()
+    })
+}
+
+/// A TCP listener in the server namespace that accepts until dropped.
+pub struct Listener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Listen on `port` of the server.
+    pub fn start(t: &Topology, port: u16) -> Listener {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = netns::spawn_in_ns(&t.server_ns, move || {
+            let l = std::net::TcpListener::bind((SERVER_V4, port)).expect("bind listener");
+            l.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).ok();
+            while !s.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((c, _)) => drop(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("listener did not start");
+        Listener {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

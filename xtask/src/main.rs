@@ -1,0 +1,97 @@
+//! `cargo xtask`: what a plain `cargo` command cannot do by itself. `setup`
+//! installs the BPF toolchain idempotently (the recipe of
+//! ../shared/notes/bpf-toolchain.md, as code); `test` and `demo` run setup
+//! first, so the README's two commands work on a fresh machine.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build needs (Debian packages, bpf-linker for LLVM 22,
+    /// the `debian-bpf` toolchain link) and mount bpffs. Quick when done.
+    Setup,
+    /// Setup, build, then run every test: host unit tests, BPF_PROG_TEST_RUN
+    /// tests and network-namespace end-to-end tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test-name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then play the demo: namespaces, the real daemon with XDP
+    /// attached, legitimate traffic and floods, and a report.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => {
+            setup::run()?;
+            sweep_stale_namespaces();
+            cargo(&["build", "--package", "keyward", "--bins"])?;
+            let mut a = vec!["test", "--workspace"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)
+        }
+        Cmd::Demo { args } => {
+            setup::run()?;
+            cargo(&["build", "--package", "keyward", "--bins"])?;
+            let mut a = vec!["run", "--quiet", "--package", "keyward-tests", "--bin", "keyward-demo", "--"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)
+        }
+    }
+}
+
+/// Run cargo (the one that runs us) with `args` in the workspace root.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("==> cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Remove test namespaces (`kwt<pid>-…`) left by test processes that were
+/// killed before their cleanup ran. Only namespaces whose creating process
+/// is gone are touched.
+fn sweep_stale_namespaces() {
+    let Ok(rd) = std::fs::read_dir("/run/netns") else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("kwt") else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("==> removing stale test namespace {name}");
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
