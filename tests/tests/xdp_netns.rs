@@ -1,0 +1,298 @@
+//! End to end: the real `keyward` binary with XDP attached to the server end
+//! of a veth pair in a namespace this test creates, and real packets (raw
+//! AF_PACKET frames, spoofed sources allowed) or real TCP connections from a
+//! client namespace. What arrives is counted at the server by an AF_PACKET
+//! tap, which runs after XDP: it sees exactly what keyward let through.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use keyward_tests::{
+    daemon::{Daemon, PORT},
+    frame::{self, TCP, UDP},
+    netns::{SERVER_V4, SERVER_V6, Topology},
+    privileged, wait_for,
+    wire::{self, Listener},
+};
+
+/// Per-source limits of the test config (see `Daemon::prepare`).
+const RATE: f64 = 10.0;
+const BURST: u64 = 20;
+
+fn syns(t: &Topology, src: Ipv4Addr, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| frame::tcp4(t.macs(), src, SERVER_V4, 20_000 + i as u16, PORT))
+        .collect()
+}
+
+fn syns6(t: &Topology, src: Ipv6Addr, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| frame::tcp6(t.macs(), src, SERVER_V6, 20_000 + i as u16, PORT))
+        .collect()
+}
+
+fn from(seen: &[frame::Summary], src: IpAddr, proto: u8) -> u64 {
+    seen.iter().filter(|s| s.src == src && s.proto == proto).count() as u64
+}
+
+/// Most that a bucket of BURST refilling at RATE can admit over `took`.
+fn ceiling(took: Duration) -> u64 {
+    BURST + (RATE * took.as_secs_f64()).ceil() as u64 + 1
+}
+
+#[test]
+fn syn_flood_from_one_source_is_dropped_but_its_udp_passes() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t, "");
+    let src = Ipv4Addr::new(10, 200, 0, 1);
+    let mut frames = syns(&t, src, 300);
+    // Interleave UDP from the same source to another port: never guarded.
+    let udp: Vec<Vec<u8>> = (0..100)
+        .map(|i| frame::udp4(t.macs(), src, SERVER_V4, 30_000 + i, 9_999, b"x"))
+        .collect();
+    for (i, u) in udp.into_iter().enumerate() {
+        frames.insert(i * 3, u);
+    }
+    let (seen, took) = wire::deliver(&t, frames);
+    let passed = from(&seen, src.into(), TCP);
+    assert!(
+        passed >= BURST && passed <= ceiling(took),
+        "{passed} SYNs passed in {took:?}; bucket allows {BURST}..={}",
+        ceiling(took)
+    );
+    assert_eq!(from(&seen, src.into(), UDP), 100, "all UDP to an unguarded port arrives");
+    let s = d.status();
+    assert_eq!(s.packets("drop", "rate"), 300 - passed);
+    assert_eq!(s.packets("pass", "under_rate"), passed);
+    assert!(s.packets("pass", "unguarded") >= 100);
+    let top = d.ok(&["top", "-n", "1", "--json"]);
+    let top: serde_json::Value = serde_json::from_str(&top).unwrap();
+    assert_eq!(top["sources"][0]["source"], "10.200.0.1");
+    assert_eq!(top["sources"][0]["drops"], 300 - passed);
+}
+
+#[test]
+fn rotating_sources_in_one_24_meet_the_aggregate_bucket() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(
+        &t,
+        "aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 10, burst = 30 }",
+    );
+    // One SYN from each of 250 addresses in 10.201.0.0/24.
+    let frames: Vec<Vec<u8>> = (1..=250u8)
+        .map(|i| frame::tcp4(t.macs(), Ipv4Addr::new(10, 201, 0, i), SERVER_V4, 20_000, PORT))
+        .collect();
+    let (seen, took) = wire::deliver(&t, frames);
+    let passed = seen.iter().filter(|s| s.proto == TCP).count() as u64;
+    let most = 30 + (10.0 * took.as_secs_f64()).ceil() as u64 + 1;
+    assert!(passed >= 30 && passed <= most, "{passed} of 250 rotating sources passed in {took:?}");
+    let s = d.status();
+    // Sources refused by the aggregate never got a per-source entry.
+    assert_eq!(s.new_sources, passed);
+    assert_eq!(s.tracked_sources, passed);
+    // Another /24 is unaffected.
+    let other = Ipv4Addr::new(10, 202, 0, 1);
+    let (seen, _) = wire::deliver(&t, syns(&t, other, 5));
+    assert_eq!(from(&seen, other.into(), TCP), 5);
+}
+
+#[test]
+fn ipv6_sources_share_a_bucket_per_64() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let _d = Daemon::start(&t, "ipv6_prefix = 64");
+    let a = Ipv6Addr::new(0xfd00, 0xbad, 0, 1, 0, 0, 0, 1);
+    let b = Ipv6Addr::new(0xfd00, 0xbad, 0, 1, 0, 0, 0, 2); // same /64 as a
+    let c = Ipv6Addr::new(0xfd00, 0xbad, 0, 2, 0, 0, 0, 1); // another /64
+    let mut frames = syns6(&t, a, 60);
+    frames.extend(syns6(&t, b, 60));
+    frames.extend(syns6(&t, c, 60));
+    let (seen, took) = wire::deliver(&t, frames);
+    let (pa, pb, pc) = (from(&seen, a.into(), TCP), from(&seen, b.into(), TCP), from(&seen, c.into(), TCP));
+    assert!(
+        pa + pb >= BURST && pa + pb <= ceiling(took),
+        "a and b share one bucket: {pa} + {pb} passed in {took:?}"
+    );
+    assert!(pc >= BURST && pc <= ceiling(took), "c has its own bucket: {pc} passed");
+}
+
+#[test]
+fn deny_blocks_connections_and_rm_and_expiry_restore_them() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t, "");
+    let _l = Listener::start(&t, PORT);
+    let quick = Duration::from_millis(700);
+    assert!(wire::connects(&t, PORT, Duration::from_secs(5)), "baseline connection");
+
+    d.ok(&["deny", "add", "10.77.0.0/24"]);
+    assert!(!wire::connects(&t, PORT, quick), "denied source connected");
+    assert!(d.ok(&["deny", "ls"]).contains("10.77.0.0/24"));
+    d.ok(&["deny", "rm", "10.77.0.0/24"]);
+    assert!(wire::connects(&t, PORT, Duration::from_secs(5)), "connection after deny rm");
+
+    d.ok(&["deny", "add", "10.77.0.2", "--for", "2s"]);
+    let added = Instant::now();
+    assert!(!wire::connects(&t, PORT, quick), "connected while denied for 2s");
+    let back = wait_for(Duration::from_secs(10), || {
+        wire::connects(&t, PORT, Duration::from_millis(300)).then(Instant::now)
+    })
+    .expect("deny --for 2s never expired");
+    let after = back - added;
+    assert!(after >= Duration::from_millis(1500), "expired after only {after:?}");
+    // The daemon's garbage collection removes it from the list too.
+    assert!(wait_for(Duration::from_secs(5), || (!d.ok(&["deny", "ls"]).contains("10.77.0.2")).then_some(())).is_some());
+    assert!(d.status().packets("drop", "denied") >= 2);
+}
+
+#[test]
+fn allow_listed_source_is_never_rate_dropped() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t, "");
+    let src = Ipv4Addr::new(10, 203, 0, 7);
+    d.ok(&["allow", "add", "10.203.0.0/24"]);
+    let (seen, _) = wire::deliver(&t, syns(&t, src, 200));
+    assert_eq!(from(&seen, src.into(), TCP), 200);
+    let s = d.status();
+    assert_eq!(s.packets("pass", "allowed"), 200);
+    assert_eq!(s.packets("drop", "rate"), 0);
+    assert_eq!(s.allow_entries, 1);
+}
+
+#[test]
+fn dry_run_drops_nothing_but_counts() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t, "dry_run = true");
+    let src = Ipv4Addr::new(10, 204, 0, 1);
+    let (seen, took) = wire::deliver(&t, syns(&t, src, 200));
+    assert_eq!(from(&seen, src.into(), TCP), 200, "dry run dropped packets");
+    let s = d.status();
+    assert!(s.dry_run);
+    assert_eq!(s.packets("drop", "rate"), 0);
+    let would = s.packets("pass", "rate");
+    assert!(would >= 200 - ceiling(took), "only {would} counted as would-drop");
+    assert_eq!(would + s.packets("pass", "under_rate"), 200);
+}
+
+#[test]
+fn sigterm_detaches_and_unpins_and_a_restart_keeps_the_lists() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let mut d = Daemon::start(&t, "");
+    let _l = Listener::start(&t, PORT);
+    assert!(t.server_link().contains("prog/xdp"), "XDP not attached:\n{}", t.server_link());
+    let pins = d.pin_dir().expect("pin directory");
+    assert!(pins.join("STATS").exists());
+    d.ok(&["deny", "add", "10.77.0.2"]);
+    d.ok(&["allow", "add", "2001:db8::/32"]);
+
+    let st = d.stop();
+    assert!(st.success(), "exit status {st}");
+    assert!(!t.server_link().contains("xdp"), "still attached:\n{}", t.server_link());
+    assert!(!pins.exists(), "pins left at {}", pins.display());
+    assert!(wire::connects(&t, PORT, Duration::from_secs(5)), "no XDP, no deny");
+
+    d.spawn();
+    let deny: serde_json::Value = serde_json::from_str(&d.ok(&["deny", "ls", "--json"])).unwrap();
+    assert_eq!(deny["entries"][0]["cidr"], "10.77.0.2/32");
+    assert!(d.ok(&["allow", "ls"]).contains("2001:db8::/32"));
+    assert!(!wire::connects(&t, PORT, Duration::from_millis(700)), "restored deny not enforced");
+}
+
+#[test]
+fn refusals_are_one_clear_line() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let mut d = Daemon::start(&t, "");
+
+    // A second daemon on the same interface.
+    let second = Daemon::prepare(&t, "");
+    let o = second.command().output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("already owns interface"), "{err}");
+
+    // A missing interface.
+    let text = std::fs::read_to_string(&second.config).unwrap().replace(&t.server_if, "kwnosuchif0");
+    std::fs::write(&second.config, text).unwrap();
+    let o = second.command().output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("interface `kwnosuchif0` does not exist"), "{err}");
+
+    // Without privileges.
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(keyward_tests::daemon::bin())
+        .args(["run", "-c"])
+        .arg(&second.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs root"), "{err}");
+
+    // A malformed CIDR changes nothing.
+    let o = d.cli(&["deny", "add", "10.1.2.3/33"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("prefix length must be 0 to 32"));
+    let o = d.cli(&["deny", "add", "10.1.2.3/16"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("did you mean 10.1.0.0/16"));
+    assert_eq!(d.status().deny_entries, 0);
+
+    // A verb that cannot reach the daemon exits 2.
+    d.stop();
+    let o = d.cli(&["status"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot reach the keyward daemon"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn reload_changes_rates_live_and_refuses_a_bad_config() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t, "");
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, good.replace("rate_pps = 10\n", "rate_pps = 0\n")).unwrap();
+    let o = d.cli(&["reload"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("keyward.toml:4:12:"), "{err}");
+    assert_eq!(d.status().rate_pps, 10, "the running config stays");
+
+    std::fs::write(&d.config, good.replace("burst = 20\n", "burst = 50\n")).unwrap();
+    d.ok(&["reload"]);
+    assert_eq!(d.status().burst, 50);
+    let src = Ipv4Addr::new(10, 205, 0, 1);
+    let (seen, took) = wire::deliver(&t, syns(&t, src, 200));
+    let passed = from(&seen, src.into(), TCP);
+    let most = 50 + (RATE * took.as_secs_f64()).ceil() as u64 + 1;
+    assert!(passed >= 50 && passed <= most, "{passed} passed with burst 50");
+    assert!(t.server_link().contains("prog/xdp"), "reload must not detach");
+}
