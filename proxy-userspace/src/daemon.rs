@@ -218,6 +218,7 @@ mod erased {
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    unblock_signals();
     let x = config.xdp().clone();
     check_privileges()?;
     if nix::net::if_::if_nametoindex(x.interface.as_str()).is_err() {
@@ -382,6 +383,19 @@ impl OwnerLock {
         file.rewind()?;
         write!(file, "{}", std::process::id())?;
         Ok(OwnerLock { _file: file })
+    }
+}
+
+/// A parent may have started us with signals blocked (the mask is
+/// inherited across exec); the signals we act on must get through.
+fn unblock_signals() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if let Err(e) = set.thread_unblock() {
+        warn!(error = %e, "cannot unblock SIGTERM/SIGINT/SIGHUP");
     }
 }
 

@@ -48,7 +48,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Write a config for `t` (`xdp_extra` lines go into `[xdp]`) and start.
-    /// Rates default to 10 pps / burst 20 per source and a generous aggregate.
+    /// Rates default to 10 pps / burst 20 per source (unless `xdp_extra`
+    /// starts with `rate_pps`) and a generous aggregate.
     pub fn start(t: &Topology, xdp_extra: &str) -> Daemon {
         let d = Daemon::prepare(t, xdp_extra);
         d.spawned()
@@ -67,8 +68,10 @@ impl Daemon {
         } else {
             "aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 100000, burst = 100000 }\n"
         };
+        // Test rates unless the caller gives its own first.
+        let rates = if xdp_extra.starts_with("rate_pps") { "" } else { "rate_pps = 10\nburst = 20\n" };
         let text = format!(
-            "[xdp]\ninterface = \"{iface}\"\nports = [{PORT}]\nrate_pps = 10\nburst = 20\ntable_size = 4096\n{aggregate}{xdp_extra}\n\n[store]\npath = \"{store}\"\n\n[admin]\nsocket = \"{sock}\"\n",
+            "[xdp]\ninterface = \"{iface}\"\nports = [{PORT}]\n{rates}table_size = 4096\n{aggregate}{xdp_extra}\n\n[store]\npath = \"{store}\"\n\n[admin]\nsocket = \"{sock}\"\n",
             iface = t.server_if,
             store = dir.join("store").display(),
             sock = socket.display(),
@@ -151,6 +154,11 @@ impl Daemon {
     /// `status --json`, decoded.
     pub fn status(&self) -> Status {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status json")
+    }
+
+    /// The daemon's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The daemon's log so far.
