@@ -59,6 +59,43 @@ pub struct Status {
     pub allow_entries: usize,
     pub deny_entries: usize,
     pub counters: Vec<ReasonCount>,
+    /// The forwarder, when `[listen]` is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarder: Option<ForwarderStatus>,
+}
+
+/// Today's money and requests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwarderStatus {
+    pub listen: String,
+    pub currency: String,
+    /// Amounts as exact decimal strings.
+    pub spent: String,
+    pub budget: String,
+    pub spent_micros: u64,
+    pub budget_micros: u64,
+    pub reset_unix: i64,
+    pub day: u64,
+    pub clients_today: usize,
+    pub alerts_raised: usize,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub requests: Vec<RequestCount>,
+}
+
+/// Requests per route and outcome since start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestCount {
+    pub route: String,
+    pub outcome: String,
+    pub count: u64,
+}
+
+impl ForwarderStatus {
+    /// Requests with `outcome` over all routes.
+    pub fn outcome(&self, outcome: &str) -> u64 {
+        self.requests.iter().filter(|r| r.outcome == outcome).map(|r| r.count).sum()
+    }
 }
 
 /// The aggregate bucket as configured.

@@ -49,11 +49,11 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<Upstream>,
     #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
-    pub routes: Vec<Route>,
-    #[serde(default)]
-    pub access: Access,
-    #[serde(default)]
-    pub limits: Limits,
+    pub routes: Vec<Spanned<Route>>,
+    #[serde(default = "spanned_default")]
+    pub access: Spanned<Access>,
+    #[serde(default = "spanned_default")]
+    pub limits: Spanned<Limits>,
     #[serde(default)]
     pub store: Store,
     #[serde(default)]
@@ -123,6 +123,10 @@ impl Default for Aggregate {
             burst: NonZeroU32::new(4000).unwrap_or(NonZeroU32::MIN),
         }
     }
+}
+
+fn spanned_default<T: Default>() -> Spanned<T> {
+    Spanned::new(0..0, T::default())
 }
 
 fn default_v6_prefix() -> PrefixV6 {
@@ -210,6 +214,10 @@ pub struct Upstream {
     pub inject: Inject,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip_header: Option<String>,
+    /// Extra CA certificates (PEM) trusted for the upstream, besides the
+    /// system roots (an extension: private upstreams, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_timeout() -> Span {
@@ -403,6 +411,32 @@ impl Config {
                     xdp.aggregate.v6_prefix.0, xdp.ipv6_prefix.0
                 ),
             ));
+        }
+        for r in &cfg.routes {
+            crate::proxy::route::Route::compile(r.get_ref()).map_err(|e| invalid(Some(r.span()), format!("[[route]] {e}")))?;
+        }
+        if cfg.access.get_ref().require_token {
+            return Err(invalid(
+                Some(cfg.access.span()),
+                "[access] require_token: signed page tokens are not available in this version; set it to false".into(),
+            ));
+        }
+        let l = cfg.limits.get_ref();
+        let lim = |m: String| invalid(Some(cfg.limits.span()), format!("[limits] {m}"));
+        crate::proxy::day::Schedule::new(&l.reset_at, &l.timezone).map_err(|e| lim(e.to_string()))?;
+        if crate::proxy::limit::micros(l.daily).is_none() {
+            return Err(lim("daily must be a non-negative amount".into()));
+        }
+        if l.alert_at.iter().any(|f| !(0.0..=1.0).contains(f)) {
+            return Err(lim("alert_at fractions must be between 0 and 1".into()));
+        }
+        if let Some(u) = &cfg.upstream {
+            if u.key_env.is_some() == u.key_file.is_some() {
+                return Err(invalid(None, "[upstream] set exactly one of key_env and key_file".into()));
+            }
+        }
+        if cfg.listen.is_some() && (cfg.upstream.is_none() || cfg.routes.is_empty()) {
+            return Err(invalid(None, "[listen] needs [upstream] and at least one [[route]]".into()));
         }
         Ok(cfg)
     }

@@ -22,11 +22,12 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin::{self, AggregateStatus, ListShow, Request, Response, Status, Top},
+    admin::{self, AggregateStatus, ForwarderStatus, ListShow, Request, RequestCount, Response, Status, Top},
     clock::{Clock, SystemClock},
     config::Config,
     dataplane::Dataplane,
     paths,
+    proxy::{self, Escalation, Forwarder, Policy},
     store::{Embedded, Entry, List, ListStore},
     units::Cidr,
 };
@@ -36,8 +37,9 @@ pub struct State {
     config_path: PathBuf,
     config: Config,
     dp: Dataplane,
-    store: Box<dyn ListStore>,
+    store: Arc<dyn ListStore>,
     clock: Arc<dyn Clock>,
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl State {
@@ -143,7 +145,40 @@ impl State {
             allow_entries: count(List::Allow)?,
             deny_entries: count(List::Deny)?,
             counters,
+            forwarder: self.forwarder.as_ref().map(|f| self.forwarder_status(f)),
         })
+    }
+
+    fn forwarder_status(&self, f: &Forwarder) -> ForwarderStatus {
+        let now = self.clock.unix_secs() as i64;
+        let (counts, window) = f.limiter().today(now);
+        let limits = f.limiter().limits();
+        let (hits, misses, _, _) = f.cache().stats();
+        let (requests, _) = f.counts();
+        let mut requests: Vec<RequestCount> = requests
+            .into_iter()
+            .map(|((route, o), count)| RequestCount {
+                route,
+                outcome: o.name().into(),
+                count,
+            })
+            .collect();
+        requests.sort_by(|a, b| (&a.route, &a.outcome).cmp(&(&b.route, &b.outcome)));
+        ForwarderStatus {
+            listen: self.config.listen.as_ref().map(|l| l.addr.to_string()).unwrap_or_default(),
+            currency: f.currency(),
+            spent: proxy::limit::format_amount(counts.spent),
+            budget: proxy::limit::format_amount(limits.budget),
+            spent_micros: counts.spent,
+            budget_micros: limits.budget,
+            reset_unix: window.end,
+            day: counts.day,
+            clients_today: counts.per_ip.len(),
+            alerts_raised: counts.alerted.len(),
+            cache_hits: hits,
+            cache_misses: misses,
+            requests,
+        }
     }
 
     /// Re-read the config file. Refused (and nothing changes) when it is
@@ -157,6 +192,11 @@ impl State {
             ("xdp.table_size", old.table_size != next.table_size),
             ("store.path", self.config.store.path != new.store.path),
             ("admin.socket", self.config.admin.socket != new.admin.socket),
+            (
+                "listen",
+                self.config.listen.as_ref().map(|l| (l.addr, l.tls_cert.clone(), l.tls_key.clone()))
+                    != new.listen.as_ref().map(|l| (l.addr, l.tls_cert.clone(), l.tls_key.clone())),
+            ),
         ] {
             if changed {
                 return Err(format!(
@@ -165,10 +205,44 @@ impl State {
                 ));
             }
         }
+        // Build everything before changing anything: a refused reload leaves
+        // both halves as they were.
+        let policy = match &self.forwarder {
+            Some(_) => Some(Policy::build(&new).map_err(|e| format!("{}: {e}", self.config_path.display()))?),
+            None => None,
+        };
         self.dp.apply(next).map_err(|e| e.to_string())?;
+        if let (Some(f), Some(p)) = (&self.forwarder, policy) {
+            f.reconfigure(p);
+        }
         info!(path = %self.config_path.display(), "config reloaded");
         self.config = new;
         Ok(())
+    }
+
+    /// Push a client that exhausted its daily cap into the deny list until
+    /// the reset, persisted like any other deny entry.
+    pub fn escalate(&mut self, e: &Escalation) {
+        let for_secs = e.until_unix.saturating_sub(self.clock.unix_secs()).max(1);
+        let req = Request::ListAdd {
+            list: List::Deny,
+            cidr: e.cidr.to_string(),
+            for_secs: Some(for_secs),
+        };
+        if let Err(err) = self.handle(req) {
+            warn!(cidr = %e.cidr, error = %err, "escalating into the XDP deny list");
+        }
+    }
+
+    /// Persist the forwarder's counters when they changed.
+    pub fn flush(&self) {
+        if let Some(f) = &self.forwarder {
+            if let Some(c) = f.limiter().take_dirty() {
+                if let Err(e) = self.store.save_day(&c) {
+                    warn!(error = %e, "saving today's counters");
+                }
+            }
+        }
     }
 
     /// Drop deny entries whose expiry has passed from the store and the map
@@ -227,17 +301,40 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let slot = slot_name(&x.interface);
     let _lock = OwnerLock::acquire(&slot, &x.interface)?;
     mount_bpffs()?;
-    let store = Embedded::open(&config.store.path)?;
+    let store: Arc<dyn ListStore> = Arc::new(Embedded::open(&config.store.path)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // The forwarder's policy is built (and the key loaded) before anything
+    // is attached, so a bad one refuses to start cleanly.
+    let policy = match &config.listen {
+        Some(_) => Some(Policy::build(&config)?),
+        None => None,
+    };
     let pin_dir = Path::new(paths::PIN_ROOT).join(&slot);
 
     let mut dp = Dataplane::load(&x)?;
     dp.pin(&pin_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let mut escalations = None;
+    let forwarder = match policy {
+        Some(p) => {
+            let restored = store.load_day()?;
+            let h = Forwarder::new(p, clock.clone(), restored);
+            escalations = Some(h.escalations);
+            Some(h.forwarder)
+        }
+        None => None,
+    };
     let mut state = State {
         config_path: config_path.to_owned(),
         config: config.clone(),
         dp,
-        store: Box::new(store),
-        clock: Arc::new(SystemClock),
+        store,
+        clock,
+        forwarder: forwarder.clone(),
     };
     let result = (|| {
         state.restore_lists()?;
@@ -248,16 +345,37 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         state.dp.shutdown();
         return Err(e);
     }
-    if config.listen.is_some() || config.upstream.is_some() || !config.routes.is_empty() {
-        warn!("[listen], [upstream] and [[route]] are validated but the forwarder is not built yet");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut http = None;
+    if let (Some(f), Some(l)) = (&forwarder, &config.listen) {
+        let tls = match (&l.tls_cert, &l.tls_key) {
+            (Some(c), Some(k)) => Some(proxy::tls_acceptor(c, k)),
+            _ => None,
+        };
+        let bound = rt.block_on(tokio::net::TcpListener::bind(l.addr));
+        match (bound, tls.transpose()) {
+            (Ok(listener), Ok(tls)) => {
+                info!(addr = %l.addr, tls = tls.is_some(), "forwarder listening");
+                http = Some(rt.spawn(proxy::serve(f.clone(), listener, tls, stop_rx, Duration::from_secs(10))));
+            }
+            (Err(e), _) => {
+                state.dp.shutdown();
+                bail!("binding [listen] addr {}: {e}", l.addr);
+            }
+            (_, Err(e)) => {
+                state.dp.shutdown();
+                return Err(e);
+            }
+        }
     }
 
     let state = Arc::new(Mutex::new(state));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let served = rt.block_on(serve(state.clone(), &config.admin.socket));
+    let served = rt.block_on(serve(state.clone(), &config.admin.socket, escalations));
+    let _ = stop_tx.send(true);
+    if let Some(h) = http {
+        let _ = rt.block_on(h);
+    }
+    lock(&state).flush();
     let _ = std::fs::remove_file(&config.admin.socket);
     match Arc::try_unwrap(state) {
         Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()).dp.shutdown(),
@@ -268,7 +386,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     served
 }
 
-async fn serve(state: Arc<Mutex<State>>, socket: &Path) -> anyhow::Result<()> {
+async fn serve(
+    state: Arc<Mutex<State>>,
+    socket: &Path,
+    mut escalations: Option<tokio::sync::mpsc::UnboundedReceiver<Escalation>>,
+) -> anyhow::Result<()> {
     let listener = bind_admin(socket)?;
     info!(socket = %socket.display(), "admin socket ready");
     let mut term = signal(SignalKind::terminate())?;
@@ -284,7 +406,14 @@ async fn serve(state: Arc<Mutex<State>>, socket: &Path) -> anyhow::Result<()> {
                     warn!(error = %e, "reload refused; the running config stays");
                 }
             }
-            _ = tick.tick() => lock(&state).gc(),
+            _ = tick.tick() => {
+                let mut s = lock(&state);
+                s.gc();
+                s.flush();
+            }
+            Some(e) = async { match escalations.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                lock(&state).escalate(&e);
+            }
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => { tokio::spawn(answer(state.clone(), stream)); }
                 Err(e) => warn!(error = %e, "admin accept"),

@@ -9,5 +9,6 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod paths;
+pub mod proxy;
 pub mod store;
 pub mod units;

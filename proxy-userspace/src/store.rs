@@ -1,13 +1,17 @@
 //! Persistent state behind one trait, so the embedded default (redb, a single
 //! file under `store.path`) can be joined by a shared Redis backend without
-//! the daemon changing: today the allow and deny lists, with deny expiries
-//! as wall-clock Unix seconds (monotonic clocks do not survive a reboot).
+//! the daemon changing: the allow and deny lists, with deny expiries as
+//! wall-clock Unix seconds (monotonic clocks do not survive a reboot), and
+//! today's counters (spend, per-IP counts, alerts raised, escalations),
+//! flushed every second so a crash loses at most about a second of counts.
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::units::Cidr;
+use crate::{proxy::limit::DayCounts, units::Cidr};
+
+const DAY: TableDefinition<'static, &'static str, u64> = TableDefinition::new("day");
 
 /// A list the operator manages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -55,6 +59,10 @@ pub trait ListStore: Send + Sync {
     fn remove(&self, list: List, cidr: &Cidr) -> Result<bool, StoreError>;
     /// All entries of a list, in CIDR text order.
     fn entries(&self, list: List) -> Result<Vec<Entry>, StoreError>;
+    /// Replace the persisted counters of the day with `c`.
+    fn save_day(&self, c: &DayCounts) -> Result<(), StoreError>;
+    /// The persisted counters, whatever day they are for.
+    fn load_day(&self) -> Result<Option<DayCounts>, StoreError>;
 }
 
 /// The embedded store: one redb file.
@@ -75,6 +83,7 @@ impl Embedded {
         for l in [List::Allow, List::Deny] {
             tx.open_table(l.table())?;
         }
+        tx.open_table(DAY)?;
         tx.commit()?;
         Ok(Embedded { db })
     }
@@ -122,6 +131,66 @@ impl ListStore for Embedded {
         }
         Ok(out)
     }
+
+    fn save_day(&self, c: &DayCounts) -> Result<(), StoreError> {
+        self.write_day(c)
+    }
+
+    fn load_day(&self) -> Result<Option<DayCounts>, StoreError> {
+        self.read_day()
+    }
+}
+
+impl Embedded {
+    fn write_day(&self, c: &DayCounts) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.delete_table(DAY)?;
+        {
+            let mut t = tx.open_table(DAY)?;
+            t.insert("day", c.day)?;
+            t.insert("spent", c.spent)?;
+            for (ip, n) in &c.per_ip {
+                t.insert(format!("ip/{ip}").as_str(), u64::from(*n))?;
+            }
+            for i in &c.alerted {
+                t.insert(format!("alert/{i}").as_str(), 1)?;
+            }
+            for ip in &c.escalated {
+                t.insert(format!("esc/{ip}").as_str(), 1)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// The counters part of [`ListStore`] for the embedded store.
+impl Embedded {
+    fn read_day(&self) -> Result<Option<DayCounts>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DAY)?;
+        let mut c = DayCounts::default();
+        let mut seen = false;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (k, v) = (k.value(), v.value());
+            seen = true;
+            match k {
+                "day" => c.day = v,
+                "spent" => c.spent = v,
+                _ => {
+                    if let Some(ip) = k.strip_prefix("ip/").and_then(|i| i.parse().ok()) {
+                        c.per_ip.insert(ip, u32::try_from(v).unwrap_or(u32::MAX));
+                    } else if let Some(i) = k.strip_prefix("alert/").and_then(|i| i.parse().ok()) {
+                        c.alerted.insert(i);
+                    } else if let Some(ip) = k.strip_prefix("esc/").and_then(|i| i.parse().ok()) {
+                        c.escalated.insert(ip);
+                    }
+                }
+            }
+        }
+        Ok(seen.then_some(c))
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +223,26 @@ mod tests {
         assert!(s.remove(List::Deny, &e).unwrap());
         assert!(!s.remove(List::Deny, &e).unwrap());
         assert!(s.entries(List::Deny).unwrap().is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn day_counters_round_trip() {
+        let d = tmp().with_extension("day");
+        let _ = std::fs::remove_dir_all(&d);
+        let mut c = DayCounts { day: 20261123, spent: 1_234_567, ..DayCounts::default() };
+        c.per_ip.insert("192.0.2.1".parse().unwrap(), 7);
+        c.per_ip.insert("2001:db8::".parse().unwrap(), 2);
+        c.alerted.insert(1);
+        c.escalated.insert("192.0.2.1".parse().unwrap());
+        {
+            let s = Embedded::open(&d).unwrap();
+            assert_eq!(s.load_day().unwrap(), None);
+            s.save_day(&c).unwrap();
+            c.per_ip.remove(&"2001:db8::".parse().unwrap());
+            s.save_day(&c).unwrap();
+        }
+        assert_eq!(Embedded::open(&d).unwrap().load_day().unwrap(), Some(c));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

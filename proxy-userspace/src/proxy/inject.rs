@@ -1,0 +1,241 @@
+//! The secret: where it comes from (`key_env` or `key_file`, read at start
+//! and on reload, never from the TOML itself), how it is put on the upstream
+//! request (a query parameter or a header, after any client-sent copy is
+//! removed), and how it is scrubbed from anything the upstream sends back.
+//! [`Secret`] prints as `[redacted]` everywhere, including `Debug`.
+
+use std::{fmt, path::Path};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::{Inject, Upstream};
+
+/// What replaces the key wherever it would appear.
+pub const REDACTED: &str = "[redacted]";
+
+/// The upstream key. No `Display`; `Debug` is redacted.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+/// Why the key could not be loaded. Never contains the key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("upstream.key_env: environment variable {0} is not set or empty")]
+    Env(String),
+    #[error("upstream.key_file: cannot read {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream: set exactly one of key_env and key_file")]
+    Source,
+    #[error("upstream key is empty or contains characters a header cannot carry")]
+    Unusable,
+}
+
+impl Secret {
+    /// Load from the configured source.
+    pub fn load(u: &Upstream) -> Result<Secret, KeyError> {
+        let raw = match (&u.key_env, &u.key_file) {
+            (Some(var), None) => std::env::var(var).map_err(|_| KeyError::Env(var.clone()))?,
+            (None, Some(path)) => read_file(path)?,
+            _ => return Err(KeyError::Source),
+        };
+        let key = raw.trim().to_owned();
+        if key.is_empty() || key.chars().any(|c| c.is_control()) {
+            return Err(KeyError::Unusable);
+        }
+        Ok(Secret(key))
+    }
+
+    /// For tests.
+    pub fn from_str_for_test(k: &str) -> Secret {
+        Secret(k.to_owned())
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, KeyError> {
+    std::fs::read_to_string(path).map_err(|source| KeyError::File {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Puts the key on requests and scrubs it from answers.
+#[derive(Clone, Debug)]
+pub struct Injector {
+    secret: Secret,
+    place: Place,
+    /// Forms of the key that may appear in an echoed answer.
+    needles: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Debug)]
+enum Place {
+    Query(String),
+    Header(HeaderName, HeaderValue),
+}
+
+impl Injector {
+    /// Build from `[upstream] inject` and the loaded secret.
+    pub fn new(inject: &Inject, secret: Secret) -> Result<Injector, KeyError> {
+        let place = match inject {
+            Inject::Query { query } => Place::Query(query.clone()),
+            Inject::Header { header, value } => {
+                let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| KeyError::Unusable)?;
+                let mut v = HeaderValue::from_str(&value.replace("{key}", &secret.0))
+                    .map_err(|_| KeyError::Unusable)?;
+                v.set_sensitive(true);
+                Place::Header(name, v)
+            }
+        };
+        let k = secret.0.as_bytes();
+        let mut needles = vec![k.to_vec()];
+        let enc: String = form_urlencoded::byte_serialize(k).collect();
+        let pct: String = percent_encoding::utf8_percent_encode(&secret.0, percent_encoding::NON_ALPHANUMERIC).collect();
+        for n in [enc, pct] {
+            if !needles.contains(&n.as_bytes().to_vec()) {
+                needles.push(n.into_bytes());
+            }
+        }
+        Ok(Injector { secret, place, needles })
+    }
+
+    /// The query key a client must not send, if the key goes in the query.
+    pub fn query_key(&self) -> Option<&str> {
+        match &self.place {
+            Place::Query(q) => Some(q),
+            Place::Header(..) => None,
+        }
+    }
+
+    /// Append the key to an encoded query (query mode).
+    pub fn query(&self, ser: &mut form_urlencoded::Serializer<'_, String>) {
+        if let Place::Query(k) = &self.place {
+            ser.append_pair(k, &self.secret.0);
+        }
+    }
+
+    /// Remove any client copy of the key header, then set ours (header mode).
+    pub fn headers(&self, h: &mut HeaderMap) {
+        if let Place::Header(name, value) = &self.place {
+            if h.remove(name).is_some() {
+                tracing::debug!(header = %name, "stripped a client-sent copy of the key header");
+            }
+            h.insert(name.clone(), value.clone());
+        }
+    }
+
+    /// Replace every occurrence of the key in `b`.
+    pub fn scrub(&self, b: &[u8]) -> Option<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
+        for n in &self.needles {
+            let cur = out.as_deref().unwrap_or(b);
+            if let Some(r) = replace(cur, n, REDACTED.as_bytes()) {
+                out = Some(r);
+            }
+        }
+        out
+    }
+
+    /// Scrub a body.
+    pub fn scrub_body(&self, b: Bytes) -> Bytes {
+        self.scrub(&b).map_or(b, Bytes::from)
+    }
+
+    /// Scrub header values in place.
+    pub fn scrub_headers(&self, h: &mut HeaderMap) {
+        for v in h.values_mut() {
+            if let Some(clean) = self.scrub(v.as_bytes()) {
+                *v = HeaderValue::from_bytes(&clean).unwrap_or_else(|_| HeaderValue::from_static(REDACTED));
+            }
+        }
+    }
+}
+
+/// `hay` with every `needle` replaced, or `None` when there is none.
+fn replace(hay: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut last = 0;
+    let mut found = false;
+    while i + needle.len() <= hay.len() {
+        if hay.get(i..i + needle.len()) == Some(needle) {
+            out.extend_from_slice(hay.get(last..i).unwrap_or_default());
+            out.extend_from_slice(with);
+            i += needle.len();
+            last = i;
+            found = true;
+        } else {
+            i += 1;
+        }
+    }
+    if !found {
+        return None;
+    }
+    out.extend_from_slice(hay.get(last..).unwrap_or_default());
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "sk_live/ab+cd=";
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::from_str_for_test(KEY);
+        assert_eq!(format!("{s:?}"), REDACTED);
+        let i = Injector::new(&Inject::Header { header: "Authorization".into(), value: "Bearer {key}".into() }, s).unwrap();
+        assert!(!format!("{i:?}").contains("sk_live"), "{i:?}");
+    }
+
+    #[test]
+    fn header_mode_strips_then_injects() {
+        let i = Injector::new(&Inject::Header { header: "x-api-key".into(), value: "{key}".into() }, Secret::from_str_for_test(KEY)).unwrap();
+        let mut h = HeaderMap::new();
+        h.append("x-api-key", "client-guess".parse().unwrap());
+        h.append("x-api-key", "another".parse().unwrap());
+        i.headers(&mut h);
+        assert_eq!(h.get_all("x-api-key").iter().count(), 1);
+        assert_eq!(h["x-api-key"], KEY);
+        assert!(h["x-api-key"].is_sensitive());
+        assert_eq!(i.query_key(), None);
+    }
+
+    #[test]
+    fn query_mode_appends_encoded() {
+        let i = Injector::new(&Inject::Query { query: "api_key".into() }, Secret::from_str_for_test(KEY)).unwrap();
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        s.append_pair("filter", "x");
+        i.query(&mut s);
+        assert_eq!(s.finish(), "filter=x&api_key=sk_live%2Fab%2Bcd%3D");
+        assert_eq!(i.query_key(), Some("api_key"));
+    }
+
+    #[test]
+    fn scrubs_every_encoding_of_the_key() {
+        let i = Injector::new(&Inject::Query { query: "k".into() }, Secret::from_str_for_test(KEY)).unwrap();
+        let body = format!("bad request: GET /x?k={} or {} or {}", "sk_live%2Fab%2Bcd%3D", KEY, "sk_live%2Fab%2Bcd%3D");
+        let out = String::from_utf8(i.scrub(body.as_bytes()).unwrap()).unwrap();
+        assert!(!out.contains("sk_live"), "{out}");
+        assert_eq!(out.matches(REDACTED).count(), 3);
+        assert!(i.scrub(b"nothing here").is_none());
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", format!("key={KEY}").parse().unwrap());
+        i.scrub_headers(&mut h);
+        assert_eq!(h["x-echo"], "key=[redacted]");
+    }
+}

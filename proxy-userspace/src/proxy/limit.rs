@@ -1,0 +1,437 @@
+//! The forwarder's limits, all in integers and all against an injected
+//! clock: the per-IP token bucket (the same GCRA as the kernel's, from
+//! `proxy-common`), the per-IP daily count of billable calls, and the global
+//! daily budget in micro-units of the currency. A call that may be billed
+//! reserves its cost and its per-IP count before it is forwarded and gives
+//! them back when the upstream answer is not billable, so concurrent calls
+//! can never overshoot the budget.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Mutex,
+};
+
+use proxy_common::bucket::Params;
+
+use super::day::{Schedule, Window};
+
+/// Micro-units per unit of currency: amounts are kept exactly as integers.
+pub const MICROS: u64 = 1_000_000;
+
+/// Convert a configured amount (e.g. `0.02`) into micro-units.
+pub fn micros(amount: f64) -> Option<u64> {
+    (amount.is_finite() && (0.0..=1e12).contains(&amount)).then(|| (amount * MICROS as f64).round() as u64)
+}
+
+/// Format micro-units as an amount with up to 6 decimals, trailing zeros trimmed to 2.
+pub fn format_amount(m: u64) -> String {
+    let s = format!("{}.{:06}", m / MICROS, m % MICROS);
+    let t = s.trim_end_matches('0');
+    let dot = t.find('.').unwrap_or(t.len());
+    if t.len() - dot < 3 {
+        format!("{}.{:02}", m / MICROS, (m % MICROS) / 10_000)
+    } else {
+        t.to_owned()
+    }
+}
+
+/// Limits as configured.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub rate: Params,
+    pub burst: u32,
+    pub per_ip_daily: u32,
+    pub budget: u64,
+    pub alert_at: Vec<u64>,
+    pub dry_run: bool,
+}
+
+/// Which limit refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the per-IP rate; retry after this many seconds.
+    Rate { retry_after: u64 },
+    /// The per-IP daily cap is used up; the window ends at `reset` (Unix s).
+    Daily { reset: i64 },
+    /// The global budget is used up.
+    Budget { reset: i64 },
+}
+
+/// Today's counters, as persisted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DayCounts {
+    pub day: u64,
+    pub spent: u64,
+    pub per_ip: HashMap<IpAddr, u32>,
+    /// Indices into `alert_at` already raised today.
+    pub alerted: HashSet<usize>,
+    /// Sources already pushed into the XDP deny list today.
+    pub escalated: HashSet<IpAddr>,
+}
+
+/// What a reservation took; give it back unless billed.
+#[derive(Debug)]
+pub struct Reservation {
+    ip: IpAddr,
+    cost: u64,
+    day: u64,
+}
+
+/// Per-IP state of the moment, for the RateLimit header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Remaining {
+    pub rate: u32,
+    pub daily: u32,
+    pub reset: i64,
+}
+
+struct Inner {
+    tat: HashMap<IpAddr, u64>,
+    counts: DayCounts,
+    window: Window,
+    dirty: bool,
+}
+
+/// The limiter. Callers pass both clocks in, so tests drive time.
+pub struct Limiter {
+    limits: Mutex<Limits>,
+    schedule: Mutex<Schedule>,
+    inner: Mutex<Inner>,
+}
+
+/// An alert threshold crossed by a charge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub fraction: u64,
+    pub spent: u64,
+    pub budget: u64,
+    pub day: u64,
+}
+
+impl Limiter {
+    /// A limiter starting from `restored` counts when they are for the
+    /// current day (a restart never resets today's counts).
+    pub fn new(limits: Limits, schedule: Schedule, now_unix: i64, restored: Option<DayCounts>) -> Limiter {
+        let window = schedule.window(now_unix);
+        let counts = match restored {
+            Some(c) if c.day == window.id() => c,
+            _ => DayCounts {
+                day: window.id(),
+                ..DayCounts::default()
+            },
+        };
+        Limiter {
+            limits: Mutex::new(limits),
+            schedule: Mutex::new(schedule),
+            inner: Mutex::new(Inner {
+                tat: HashMap::new(),
+                counts,
+                window,
+                dirty: true,
+            }),
+        }
+    }
+
+    /// Swap in new limits and schedule (reload); today's counts stay.
+    pub fn reconfigure(&self, limits: Limits, schedule: Schedule) {
+        *lock(&self.limits) = limits;
+        *lock(&self.schedule) = schedule;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        lock(&self.limits).clone()
+    }
+
+    fn roll(&self, inner: &mut Inner, now_unix: i64) {
+        if now_unix >= inner.window.end || now_unix < inner.window.start {
+            inner.window = lock(&self.schedule).window(now_unix);
+            if inner.counts.day != inner.window.id() {
+                inner.counts = DayCounts {
+                    day: inner.window.id(),
+                    ..DayCounts::default()
+                };
+                inner.dirty = true;
+            }
+        }
+    }
+
+    /// Charge one request to `ip`'s token bucket.
+    pub fn rate(&self, ip: IpAddr, now_ns: u64) -> Result<(), Refusal> {
+        let p = lock(&self.limits).rate;
+        let mut inner = lock(&self.inner);
+        let tat = inner.tat.get(&ip).copied().unwrap_or(0);
+        match p.admit(tat, now_ns) {
+            Some(t) => {
+                inner.tat.insert(ip, t);
+                Ok(())
+            }
+            None => {
+                // Seconds until one token is back, rounded up.
+                let wait = tat.saturating_add(p.interval_ns).saturating_sub(now_ns).saturating_sub(p.tolerance_ns);
+                Err(Refusal::Rate {
+                    retry_after: wait.div_ceil(proxy_common::bucket::NS_PER_SEC).max(1),
+                })
+            }
+        }
+    }
+
+    /// Whether `ip` may make a billable call of `cost` now (nothing is taken).
+    pub fn check_daily(&self, ip: IpAddr, cost: u64, now_unix: i64) -> Result<(), Refusal> {
+        let l = lock(&self.limits).clone();
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        check(&l, &inner, ip, cost)
+    }
+
+    /// Take `cost` and one call from `ip`'s daily count, or refuse.
+    pub fn reserve(&self, ip: IpAddr, cost: u64, now_unix: i64) -> Result<Reservation, Refusal> {
+        let l = lock(&self.limits).clone();
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        let verdict = check(&l, &inner, ip, cost);
+        if verdict.is_err() && !l.dry_run {
+            return Err(verdict.unwrap_err());
+        }
+        let day = inner.counts.day;
+        inner.counts.spent = inner.counts.spent.saturating_add(cost);
+        *inner.counts.per_ip.entry(ip).or_insert(0) += 1;
+        inner.dirty = true;
+        verdict.map(|()| Reservation { ip, cost, day }).or(Ok(Reservation { ip, cost, day }))
+    }
+
+    /// The upstream answer was not billable (or never came): give it back.
+    pub fn refund(&self, r: Reservation) {
+        let mut inner = lock(&self.inner);
+        if inner.counts.day != r.day {
+            return; // the day rolled over; the new day owes nothing
+        }
+        inner.counts.spent = inner.counts.spent.saturating_sub(r.cost);
+        if let Some(n) = inner.counts.per_ip.get_mut(&r.ip) {
+            *n = n.saturating_sub(1);
+        }
+        inner.dirty = true;
+    }
+
+    /// The call was billed: keep the reservation, and return any alert
+    /// thresholds crossed for the first time today.
+    pub fn commit(&self, _r: Reservation) -> Vec<Alert> {
+        let l = lock(&self.limits).clone();
+        let mut inner = lock(&self.inner);
+        let mut out = Vec::new();
+        for (i, threshold) in l.alert_at.iter().enumerate() {
+            // threshold is a fraction of the budget in millionths.
+            let at = (u128::from(l.budget) * u128::from(*threshold) / u128::from(MICROS)) as u64;
+            if inner.counts.spent >= at && inner.counts.alerted.insert(i) {
+                inner.dirty = true;
+                out.push(Alert {
+                    fraction: *threshold,
+                    spent: inner.counts.spent,
+                    budget: l.budget,
+                    day: inner.counts.day,
+                });
+            }
+        }
+        out
+    }
+
+    /// Record that `ip` was pushed into the deny list today; false when it already was.
+    pub fn mark_escalated(&self, ip: IpAddr) -> bool {
+        let mut inner = lock(&self.inner);
+        let new = inner.counts.escalated.insert(ip);
+        inner.dirty |= new;
+        new
+    }
+
+    /// Per-IP quota left, for the RateLimit header.
+    pub fn remaining(&self, ip: IpAddr, now_ns: u64, now_unix: i64) -> Remaining {
+        let l = lock(&self.limits).clone();
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        let tat = inner.tat.get(&ip).copied().unwrap_or(0);
+        let ahead = tat.saturating_sub(now_ns);
+        let used = ahead.div_ceil(l.rate.interval_ns.max(1));
+        let rate = u64::from(l.burst).saturating_sub(used) as u32;
+        let daily = l.per_ip_daily.saturating_sub(inner.counts.per_ip.get(&ip).copied().unwrap_or(0));
+        Remaining {
+            rate,
+            daily,
+            reset: inner.window.end,
+        }
+    }
+
+    /// Today's counts when they changed since the last call (for persistence).
+    pub fn take_dirty(&self) -> Option<DayCounts> {
+        let mut inner = lock(&self.inner);
+        if !inner.dirty {
+            return None;
+        }
+        inner.dirty = false;
+        Some(inner.counts.clone())
+    }
+
+    /// Today's counts and window.
+    pub fn today(&self, now_unix: i64) -> (DayCounts, Window) {
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        (inner.counts.clone(), inner.window)
+    }
+
+    /// Forget full buckets (their state equals a fresh one), bounding memory.
+    pub fn sweep(&self, now_ns: u64) {
+        lock(&self.inner).tat.retain(|_, t| *t > now_ns);
+    }
+}
+
+fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64) -> Result<(), Refusal> {
+    let used = inner.counts.per_ip.get(&ip).copied().unwrap_or(0);
+    if used >= l.per_ip_daily {
+        return Err(Refusal::Daily {
+            reset: inner.window.end,
+        });
+    }
+    if inner.counts.spent.saturating_add(cost) > l.budget {
+        return Err(Refusal::Budget {
+            reset: inner.window.end,
+        });
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+    const T0: i64 = 1_795_420_800; // 2026-11-23T08:00:00Z
+
+    fn limiter(per_ip_daily: u32, budget: f64, dry_run: bool) -> Limiter {
+        Limiter::new(
+            Limits {
+                rate: Params::new(5, 10),
+                burst: 10,
+                per_ip_daily,
+                budget: micros(budget).unwrap(),
+                alert_at: vec![900_000, 1_000_000],
+                dry_run,
+            },
+            Schedule::new("00:00", "UTC").unwrap(),
+            T0,
+            None,
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn amounts_are_exact() {
+        assert_eq!(micros(0.02), Some(20_000));
+        assert_eq!(micros(50.0), Some(50_000_000));
+        assert_eq!(micros(-1.0), None);
+        assert_eq!(micros(f64::NAN), None);
+        // 0.1 + 0.2 in floats is 0.30000000000000004; in micros it is exact.
+        assert_eq!(micros(0.1).unwrap() + micros(0.2).unwrap(), micros(0.3).unwrap());
+        assert_eq!(format_amount(20_000), "0.02");
+        assert_eq!(format_amount(50_000_000), "50.00");
+        assert_eq!(format_amount(1_234_500), "1.2345");
+    }
+
+    #[test]
+    fn rate_bucket_with_a_fake_clock() {
+        let l = limiter(1000, 1000.0, false);
+        let a = ip("192.0.2.1");
+        let now = 100 * SEC;
+        for _ in 0..10 {
+            l.rate(a, now).unwrap();
+        }
+        let Err(Refusal::Rate { retry_after }) = l.rate(a, now) else { panic!("not limited") };
+        assert_eq!(retry_after, 1);
+        assert_eq!(l.remaining(a, now, T0).rate, 0);
+        // 5 per second: after 0.2 s one more.
+        l.rate(a, now + SEC / 5).unwrap();
+        assert!(l.rate(a, now + SEC / 5).is_err());
+        // Another IP is independent.
+        l.rate(ip("192.0.2.2"), now).unwrap();
+        l.sweep(now + 10 * SEC);
+        assert_eq!(l.remaining(a, now + 10 * SEC, T0).rate, 10);
+    }
+
+    #[test]
+    fn daily_cap_and_refunds() {
+        let l = limiter(3, 1000.0, false);
+        let a = ip("192.0.2.1");
+        let r1 = l.reserve(a, 20_000, T0).unwrap();
+        l.refund(r1); // not billable: does not count
+        for _ in 0..3 {
+            let r = l.reserve(a, 20_000, T0).unwrap();
+            l.commit(r);
+        }
+        assert_eq!(l.check_daily(a, 20_000, T0), Err(Refusal::Daily { reset: T0 + 16 * 3600 }));
+        assert!(matches!(l.reserve(a, 20_000, T0), Err(Refusal::Daily { .. })));
+        assert_eq!(l.today(T0).0.spent, 60_000);
+        assert!(l.check_daily(ip("192.0.2.9"), 20_000, T0).is_ok());
+        // The next day starts afresh.
+        let tomorrow = T0 + 16 * 3600;
+        assert!(l.check_daily(a, 20_000, tomorrow).is_ok());
+        assert_eq!(l.today(tomorrow).0.spent, 0);
+    }
+
+    #[test]
+    fn budget_is_a_hard_stop_with_concurrent_reservations() {
+        let l = limiter(1000, 0.05, false);
+        let held: Vec<_> = (0..2).map(|i| l.reserve(ip(&format!("192.0.2.{i}")), 20_000, T0).unwrap()).collect();
+        // 0.04 reserved; a third 0.02 would make 0.06 > 0.05.
+        assert!(matches!(l.reserve(ip("192.0.2.9"), 20_000, T0), Err(Refusal::Budget { .. })));
+        let mut it = held.into_iter();
+        l.refund(it.next().unwrap());
+        assert!(l.reserve(ip("192.0.2.9"), 20_000, T0).is_ok());
+    }
+
+    #[test]
+    fn alerts_fire_once_per_threshold_per_day() {
+        let l = limiter(1000, 0.10, false);
+        let mut fired = Vec::new();
+        for i in 0..5 {
+            let r = l.reserve(ip(&format!("192.0.2.{i}")), 20_000, T0).unwrap();
+            fired.extend(l.commit(r));
+        }
+        assert_eq!(fired.iter().map(|a| a.fraction).collect::<Vec<_>>(), vec![900_000, 1_000_000]);
+        assert_eq!(fired[0].spent, 100_000);
+        // Nothing more today.
+        assert!(l.reserve(ip("192.0.2.9"), 1, T0).is_err());
+    }
+
+    #[test]
+    fn dry_run_counts_but_refuses_nothing() {
+        let l = limiter(1, 0.02, true);
+        let a = ip("192.0.2.1");
+        for _ in 0..3 {
+            let r = l.reserve(a, 20_000, T0).unwrap();
+            l.commit(r);
+        }
+        assert_eq!(l.today(T0).0.spent, 60_000);
+        assert_eq!(l.today(T0).0.per_ip[&a], 3);
+    }
+
+    #[test]
+    fn restart_keeps_todays_counts_but_not_yesterdays() {
+        let l = limiter(5, 10.0, false);
+        let a = ip("192.0.2.1");
+        let r = l.reserve(a, 20_000, T0).unwrap();
+        l.commit(r);
+        let saved = l.take_dirty().unwrap();
+        assert!(l.take_dirty().is_none());
+        let limits = l.limits();
+        let again = Limiter::new(limits.clone(), Schedule::new("00:00", "UTC").unwrap(), T0 + 60, Some(saved.clone()));
+        assert_eq!(again.today(T0 + 60).0.spent, 20_000);
+        let next_day = Limiter::new(limits, Schedule::new("00:00", "UTC").unwrap(), T0 + 86_400, Some(saved));
+        assert_eq!(next_day.today(T0 + 86_400).0.spent, 0);
+    }
+}

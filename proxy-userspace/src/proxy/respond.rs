@@ -1,0 +1,208 @@
+//! The one place where an outcome becomes an HTTP answer: refusals as
+//! `application/problem+json` (RFC 9457) with a stable type, `Retry-After`
+//! where a client should come back (never before the window ends; the daily
+//! one with jitter so refused clients do not all return at the reset
+//! instant), and the per-IP policies in the draft-11 `RateLimit-Policy` /
+//! `RateLimit` fields on every answer. The global budget is never advertised.
+
+use std::hash::{BuildHasher as _, Hasher as _};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use super::limit::Remaining;
+
+/// The body type of every answer.
+pub type Body = Full<Bytes>;
+
+/// How a request ended: the `outcome` label and the problem type suffix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Forwarded,
+    CacheHit,
+    Preflight,
+    NoRoute,
+    BadParameter,
+    OriginNotAllowed,
+    TokenRequired,
+    BodyTooLarge,
+    RateLimited,
+    DailyCapReached,
+    BudgetExhausted,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+}
+
+impl Outcome {
+    /// Every outcome, for metrics.
+    pub const ALL: [Outcome; 13] = [
+        Outcome::Forwarded,
+        Outcome::CacheHit,
+        Outcome::Preflight,
+        Outcome::NoRoute,
+        Outcome::BadParameter,
+        Outcome::OriginNotAllowed,
+        Outcome::TokenRequired,
+        Outcome::BodyTooLarge,
+        Outcome::RateLimited,
+        Outcome::DailyCapReached,
+        Outcome::BudgetExhausted,
+        Outcome::UpstreamTimeout,
+        Outcome::UpstreamUnavailable,
+    ];
+
+    /// Metric label and type suffix.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::CacheHit => "cache_hit",
+            Outcome::Preflight => "preflight",
+            Outcome::NoRoute => "no-route",
+            Outcome::BadParameter => "bad-parameter",
+            Outcome::OriginNotAllowed => "origin-not-allowed",
+            Outcome::TokenRequired => "token-required",
+            Outcome::BodyTooLarge => "body-too-large",
+            Outcome::RateLimited => "rate-limited",
+            Outcome::DailyCapReached => "daily-cap-reached",
+            Outcome::BudgetExhausted => "budget-exhausted",
+            Outcome::UpstreamTimeout => "upstream-timeout",
+            Outcome::UpstreamUnavailable => "upstream-unavailable",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Outcome::Forwarded | Outcome::CacheHit => StatusCode::OK,
+            Outcome::Preflight => StatusCode::NO_CONTENT,
+            Outcome::NoRoute => StatusCode::NOT_FOUND,
+            Outcome::BadParameter => StatusCode::BAD_REQUEST,
+            Outcome::OriginNotAllowed | Outcome::TokenRequired => StatusCode::FORBIDDEN,
+            Outcome::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Outcome::RateLimited | Outcome::DailyCapReached => StatusCode::TOO_MANY_REQUESTS,
+            Outcome::BudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Outcome::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Outcome::NoRoute => "No such endpoint",
+            Outcome::BadParameter => "A parameter was refused",
+            Outcome::OriginNotAllowed => "This page is not allowed to call this endpoint",
+            Outcome::TokenRequired => "A valid page token is required",
+            Outcome::BodyTooLarge => "Request body too large",
+            Outcome::RateLimited => "Too many requests from your address",
+            Outcome::DailyCapReached => "Daily limit for your address reached",
+            Outcome::BudgetExhausted => "Service temporarily unavailable",
+            Outcome::UpstreamTimeout => "The upstream service timed out",
+            Outcome::UpstreamUnavailable => "The upstream service is unavailable",
+            Outcome::Forwarded | Outcome::CacheHit | Outcome::Preflight => "",
+        }
+    }
+}
+
+/// The IANA problem type of the per-IP quota refusals.
+pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// A refusal answer.
+pub fn problem(outcome: Outcome, detail: &str, retry_after: Option<u64>) -> Response<Body> {
+    let (ty, violated) = match outcome {
+        Outcome::RateLimited => (QUOTA_EXCEEDED.to_owned(), Some("ip-rate")),
+        Outcome::DailyCapReached => (QUOTA_EXCEEDED.to_owned(), Some("ip-daily")),
+        o => (format!("urn:keyward:problem:{}", o.name()), None),
+    };
+    let status = outcome.status();
+    let mut body = serde_json::json!({
+        "type": ty,
+        "title": outcome.title(),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    if let Some(v) = violated {
+        body["violated-policies"] = serde_json::json!([v]);
+    }
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(s) = retry_after {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
+/// Seconds until `reset`, plus up to a minute of jitter; never before the reset.
+pub fn retry_after_reset(now_unix: i64, reset: i64) -> u64 {
+    let base = u64::try_from(reset.saturating_sub(now_unix)).unwrap_or(0).max(1);
+    base + jitter(60)
+}
+
+/// A random number in `0..=max` (std's per-process random hasher keys).
+fn jitter(max: u64) -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish() % (max + 1)
+}
+
+/// Add the per-IP policies to an answer.
+pub fn rate_headers(r: &mut Response<Body>, burst: u32, daily: u32, rem: &Remaining, now_unix: i64) {
+    let policy = format!("\"ip-rate\";q={burst};w=1, \"ip-daily\";q={daily};w=86400");
+    let t = u64::try_from(rem.reset.saturating_sub(now_unix)).unwrap_or(0);
+    let state = format!("\"ip-rate\";r={};t=1, \"ip-daily\";r={};t={t}", rem.rate, rem.daily);
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&policy) {
+        h.insert("ratelimit-policy", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&state) {
+        h.insert("ratelimit", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(r: Response<Body>) -> serde_json::Value {
+        use http_body_util::BodyExt as _;
+        let b = futures_lite_block(r.into_body().collect()).unwrap().to_bytes();
+        serde_json::from_slice(&b).unwrap()
+    }
+
+    fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn quota_problems_use_the_iana_type() {
+        let r = problem(Outcome::DailyCapReached, "x", Some(100));
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        assert_eq!(r.headers()["retry-after"], "100");
+        let j = json(r);
+        assert_eq!(j["type"], QUOTA_EXCEEDED);
+        assert_eq!(j["violated-policies"], serde_json::json!(["ip-daily"]));
+        let j = json(problem(Outcome::BudgetExhausted, "", None));
+        assert_eq!(j["type"], "urn:keyward:problem:budget-exhausted");
+        assert_eq!(j["status"], 503);
+        assert!(j.get("violated-policies").is_none());
+    }
+
+    #[test]
+    fn retry_after_is_never_early_and_jitters() {
+        let vals: std::collections::HashSet<u64> = (0..50).map(|_| retry_after_reset(1000, 4600)).collect();
+        assert!(vals.iter().all(|v| (3600..=3660).contains(v)));
+        assert!(vals.len() > 1, "no jitter");
+        // A reset already past still says "come back later", within the jitter.
+        assert!((1..=61).contains(&retry_after_reset(5000, 4600)));
+    }
+
+    #[test]
+    fn ratelimit_fields() {
+        let mut r = problem(Outcome::RateLimited, "", Some(1));
+        rate_headers(&mut r, 10, 200, &Remaining { rate: 0, daily: 143, reset: 41_000 }, 0);
+        assert_eq!(r.headers()["ratelimit-policy"], "\"ip-rate\";q=10;w=1, \"ip-daily\";q=200;w=86400");
+        assert_eq!(r.headers()["ratelimit"], "\"ip-rate\";r=0;t=1, \"ip-daily\";r=143;t=41000");
+    }
+}
