@@ -74,6 +74,8 @@ pub struct ForwarderStatus {
     pub budget: String,
     pub spent_micros: u64,
     pub budget_micros: u64,
+    /// Spend as last written to the store (a crash loses at most the difference).
+    pub saved_micros: u64,
     pub reset_unix: i64,
     pub day: u64,
     pub clients_today: usize,

@@ -273,7 +273,7 @@ pub struct Route {
 
 /// `[access]`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Access {
     #[serde(default)]
     pub allowed_origins: Vec<String>,
@@ -283,9 +283,9 @@ pub struct Access {
     pub require_token: bool,
 }
 
-/// `[limits]`.
+/// `[limits]`. Keys left out take the defaults shown in the example config.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub per_ip_rate: NonZeroU32,
     pub per_ip_burst: NonZeroU32,

@@ -40,6 +40,8 @@ pub struct State {
     store: Arc<dyn ListStore>,
     clock: Arc<dyn Clock>,
     forwarder: Option<Arc<Forwarder>>,
+    /// Spend of the last counters written to the store.
+    saved_spend: u64,
 }
 
 impl State {
@@ -171,6 +173,7 @@ impl State {
             budget: proxy::limit::format_amount(limits.budget),
             spent_micros: counts.spent,
             budget_micros: limits.budget,
+            saved_micros: self.saved_spend,
             reset_unix: window.end,
             day: counts.day,
             clients_today: counts.per_ip.len(),
@@ -235,11 +238,12 @@ impl State {
     }
 
     /// Persist the forwarder's counters when they changed.
-    pub fn flush(&self) {
+    pub fn flush(&mut self) {
         if let Some(f) = &self.forwarder {
             if let Some(c) = f.limiter().take_dirty() {
-                if let Err(e) = self.store.save_day(&c) {
-                    warn!(error = %e, "saving today's counters");
+                match self.store.save_day(&c) {
+                    Ok(()) => self.saved_spend = c.spent,
+                    Err(e) => warn!(error = %e, "saving today's counters"),
                 }
             }
         }
@@ -335,6 +339,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         store,
         clock,
         forwarder: forwarder.clone(),
+        saved_spend: 0,
     };
     let result = (|| {
         state.restore_lists()?;

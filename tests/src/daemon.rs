@@ -20,6 +20,9 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// The guarded port in every test config.
 pub const PORT: u16 = 8443;
 
+/// The upstream key the tests give keyward: it must never come back out.
+pub const KEY: &str = "sk_test_KW9f3a+b/c=Zq71";
+
 /// Path of the `keyward` binary built next to the test executables
 /// (`cargo xtask test` builds it first), or `$KEYWARD_BIN`.
 pub fn bin() -> PathBuf {
@@ -57,6 +60,18 @@ impl Daemon {
 
     /// Write the config but do not start (for tests of refusals).
     pub fn prepare(t: &Topology, xdp_extra: &str) -> Daemon {
+        Daemon::prepare_with(t, xdp_extra, "")
+    }
+
+    /// Start with more sections (`[listen]`, `[upstream]`, `[[route]]`,
+    /// `[access]`, `[limits]`) appended to the config. The upstream key is
+    /// [`KEY`], given to the daemon in `$KEYWARD_TEST_KEY`.
+    pub fn start_with(t: &Topology, xdp_extra: &str, rest: &str) -> Daemon {
+        Daemon::prepare_with(t, xdp_extra, rest).spawned()
+    }
+
+    /// Write such a config without starting.
+    pub fn prepare_with(t: &Topology, xdp_extra: &str, rest: &str) -> Daemon {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("keyward-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -71,7 +86,7 @@ impl Daemon {
         // Test rates unless the caller gives its own first.
         let rates = if xdp_extra.starts_with("rate_pps") { "" } else { "rate_pps = 10\nburst = 20\n" };
         let text = format!(
-            "[xdp]\ninterface = \"{iface}\"\nports = [{PORT}]\n{rates}table_size = 4096\n{aggregate}{xdp_extra}\n\n[store]\npath = \"{store}\"\n\n[admin]\nsocket = \"{sock}\"\n",
+            "[xdp]\ninterface = \"{iface}\"\nports = [{PORT}]\n{rates}table_size = 4096\n{aggregate}{xdp_extra}\n\n[store]\npath = \"{store}\"\n\n[admin]\nsocket = \"{sock}\"\n\n{rest}\n",
             iface = t.server_if,
             store = dir.join("store").display(),
             sock = socket.display(),
@@ -124,7 +139,8 @@ impl Daemon {
             .arg("run")
             .arg("-c")
             .arg(&self.config)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env("KEYWARD_TEST_KEY", KEY);
         c
     }
 
@@ -174,6 +190,13 @@ impl Daemon {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n == self.iface || n.starts_with(&format!("{}@", self.iface)))
         })
+    }
+
+    /// SIGKILL (a crash) and reap.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("not running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// SIGTERM and wait (bounded) for the exit status.

@@ -6,6 +6,7 @@
 pub mod daemon;
 pub mod frame;
 pub mod netns;
+pub mod upstream;
 pub mod wire;
 
 /// True when privileged tests may run. Without root they fail loudly, unless

@@ -157,3 +157,63 @@ impl Drop for Listener {
         }
     }
 }
+
+/// An HTTP answer read off the wire.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// Everything received, head and body.
+    pub raw: String,
+}
+
+impl HttpAnswer {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Send raw request bytes from the client namespace to the server's `port`
+/// and read the answer until the server closes (send `Connection: close`).
+pub fn http_raw(t: &Topology, port: u16, request: &[u8]) -> std::io::Result<HttpAnswer> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from((SERVER_V4, port));
+    let request = request.to_vec();
+    netns::in_ns(&t.client_ns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&request)?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        let raw = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no status line in {raw:?}")))?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+            .collect();
+        // Bodies here are small and never chunked by keyward (full bodies).
+        Ok(HttpAnswer { status, headers, body: body.to_owned(), raw: raw.clone() })
+    })
+}
+
+/// `GET path` with optional extra header lines, from the client namespace.
+pub fn get(t: &Topology, port: u16, path: &str, extra: &[(&str, &str)]) -> HttpAnswer {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: keyward.test\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    http_raw(t, port, req.as_bytes()).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
