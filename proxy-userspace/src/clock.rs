@@ -6,8 +6,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A source of both clocks.
 pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch.
+    fn unix_millis(&self) -> u64;
     /// Seconds since the Unix epoch.
-    fn unix_secs(&self) -> u64;
+    fn unix_secs(&self) -> u64 {
+        self.unix_millis() / 1000
+    }
     /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
     fn monotonic_ns(&self) -> u64;
 
@@ -25,10 +29,10 @@ pub trait Clock: Send + Sync {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn unix_secs(&self) -> u64 {
+    fn unix_millis(&self) -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     fn monotonic_ns(&self) -> u64 {
@@ -60,8 +64,8 @@ pub(crate) mod fake {
     }
 
     impl super::Clock for FakeClock {
-        fn unix_secs(&self) -> u64 {
-            self.unix.load(Ordering::SeqCst)
+        fn unix_millis(&self) -> u64 {
+            self.unix.load(Ordering::SeqCst) * 1000
         }
         fn monotonic_ns(&self) -> u64 {
             self.mono.load(Ordering::SeqCst)

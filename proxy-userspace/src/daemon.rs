@@ -77,7 +77,11 @@ impl State {
                 if list == List::Allow && for_secs.is_some() {
                     return Err("allow entries do not expire; --for applies to deny".into());
                 }
-                let expires_unix = for_secs.map(|s| self.clock.unix_secs().saturating_add(s));
+                // Rounded up: an entry may outlive its duration by under a
+                // second, never fall short of it.
+                let expires_unix = for_secs.map(|s| {
+                    self.clock.unix_millis().saturating_add(s.saturating_mul(1000)).div_ceil(1000)
+                });
                 let expires_ns = for_secs.map_or(0, |s| {
                     self.clock.monotonic_ns().saturating_add(s.saturating_mul(1_000_000_000))
                 });

@@ -397,14 +397,15 @@ fn https_upstream_with_a_private_ca() {
     }
     let t = Topology::new();
     let up = Upstream::start_tls(&t.server_ns);
-    let dir = std::env::temp_dir().join(format!("keyward-ca-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca.pem");
+    // The CA file lives in the daemon's own directory, removed with it.
+    let mut d = Daemon::prepare_with(&t, XDP_OPEN, "");
+    let ca = d.dir.join("ca.pem");
     std::fs::write(&ca, up.ca_pem.as_ref().unwrap()).unwrap();
     let cfg = config(&up, "", "").replace("CA_FILE", &ca.display().to_string());
-    let d = Daemon::start_with(&t, XDP_OPEN, &cfg);
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, format!("{text}\n{cfg}")).unwrap();
+    d.spawn();
     let a = wire::get(&t, PORT, "/postcodes/AB1", &[ORIGIN]);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(a.status, 200, "{}\n{}", a.raw, d.log());
     assert_eq!(up.calls().len(), 1);
 }
