@@ -253,6 +253,38 @@ impl State {
         }
     }
 
+    /// What one metrics scrape reports.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let now = self.clock.unix_secs();
+        let active = |l| {
+            self.store
+                .entries(l)
+                .map(|v| v.iter().filter(|e| e.expires_unix.is_none_or(|t| t > now)).count() as u64)
+                .unwrap_or(0)
+        };
+        let forwarder = self.forwarder.as_ref().map(|f| {
+            let (counts, window) = f.limiter().today(now as i64);
+            let (requests, upstream) = f.counts();
+            crate::metrics::ForwarderSnapshot {
+                requests: requests.into_iter().map(|((r, o), n)| ((r, o.name().to_owned()), n)).collect(),
+                upstream: upstream.into_iter().collect(),
+                upstream_seconds: f.upstream_histogram(),
+                currency: f.currency(),
+                spent: counts.spent as f64 / proxy::limit::MICROS as f64,
+                limit: f.limiter().limits().budget as f64 / proxy::limit::MICROS as f64,
+                reset: window.end,
+            }
+        });
+        crate::metrics::Snapshot {
+            xdp: self.dp.counters().unwrap_or_default(),
+            new_sources: self.dp.new_sources().unwrap_or(0),
+            tracked_sources: self.dp.sources(0).map_or(0, |(n, _)| n),
+            deny_entries: active(List::Deny),
+            allow_entries: active(List::Allow),
+            forwarder,
+        }
+    }
+
     /// Drop deny entries whose expiry has passed from the store and the map
     /// (the kernel already ignores them; this keeps the tries small).
     pub fn gc(&mut self) {
@@ -311,31 +343,47 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     mount_bpffs()?;
     let store: Arc<dyn ListStore> = Arc::new(Embedded::open(&config.store.path)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    // The forwarder's policy is built (and the key loaded) before anything
-    // is attached, so a bad one refuses to start cleanly.
+    // Everything that can refuse is done before XDP is attached: the
+    // forwarder's policy (and key), and every listening socket.
     let policy = match &config.listen {
         Some(_) => Some(Policy::build(&config)?),
         None => None,
     };
-    let pin_dir = Path::new(paths::PIN_ROOT).join(&slot);
-
-    let mut dp = Dataplane::load(&x)?;
-    dp.pin(&pin_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let admin = rt.block_on(async { bind_admin(&config.admin.socket) })?;
+    let metrics = match config.admin.metrics.trim() {
+        "" => None,
+        a => Some(rt.block_on(crate::metrics::bind(a))?),
+    };
+    let listen = match &config.listen {
+        Some(l) => {
+            let tls = match (&l.tls_cert, &l.tls_key) {
+                (Some(c), Some(k)) => Some(proxy::tls_acceptor(c, k)?),
+                _ => None,
+            };
+            let sock = rt
+                .block_on(tokio::net::TcpListener::bind(l.addr))
+                .with_context(|| format!("binding [listen] addr {}", l.addr))?;
+            Some((sock, tls))
+        }
+        None => None,
+    };
     let mut escalations = None;
     let forwarder = match policy {
         Some(p) => {
-            let restored = store.load_day()?;
-            let h = Forwarder::new(p, clock.clone(), restored);
+            let h = Forwarder::new(p, clock.clone(), store.load_day()?);
             escalations = Some(h.escalations);
             Some(h.forwarder)
         }
         None => None,
     };
+
+    let mut dp = Dataplane::load(&x)?;
+    dp.pin(&Path::new(paths::PIN_ROOT).join(&slot))?;
     let mut state = State {
         config_path: config_path.to_owned(),
         config: config.clone(),
@@ -345,63 +393,54 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         forwarder: forwarder.clone(),
         saved_spend: 0,
     };
-    let result = (|| {
-        state.restore_lists()?;
-        state.dp.attach(&x.interface, x.mode)?;
-        Ok::<_, anyhow::Error>(())
-    })();
-    if let Err(e) = result {
+    let attached = state.restore_lists().and_then(|()| Ok(state.dp.attach(&x.interface, x.mode)?));
+    if let Err(e) = attached {
         state.dp.shutdown();
+        let _ = std::fs::remove_file(&config.admin.socket);
         return Err(e);
-    }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut http = None;
-    if let (Some(f), Some(l)) = (&forwarder, &config.listen) {
-        let tls = match (&l.tls_cert, &l.tls_key) {
-            (Some(c), Some(k)) => Some(proxy::tls_acceptor(c, k)),
-            _ => None,
-        };
-        let bound = rt.block_on(tokio::net::TcpListener::bind(l.addr));
-        match (bound, tls.transpose()) {
-            (Ok(listener), Ok(tls)) => {
-                info!(addr = %l.addr, tls = tls.is_some(), "forwarder listening");
-                http = Some(rt.spawn(proxy::serve(f.clone(), listener, tls, stop_rx, Duration::from_secs(10))));
-            }
-            (Err(e), _) => {
-                state.dp.shutdown();
-                bail!("binding [listen] addr {}: {e}", l.addr);
-            }
-            (_, Err(e)) => {
-                state.dp.shutdown();
-                return Err(e);
-            }
-        }
     }
 
     let state = Arc::new(Mutex::new(state));
-    let served = rt.block_on(serve(state.clone(), &config.admin.socket, escalations));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http = match (forwarder, listen) {
+        (Some(f), Some((sock, tls))) => {
+            info!(addr = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "forwarder listening");
+            Some(rt.spawn(proxy::serve(f, sock, tls, stop_rx, Duration::from_secs(10))))
+        }
+        _ => None,
+    };
+    let metrics_task = metrics.map(|m| {
+        info!(addr = %config.admin.metrics, "metrics at /metrics");
+        rt.spawn(crate::metrics::serve(m, Arc::new(crate::metrics::registry(state.clone()))))
+    });
+
+    let served = rt.block_on(serve(state.clone(), admin, escalations));
     let _ = stop_tx.send(true);
     if let Some(h) = http {
         let _ = rt.block_on(h);
     }
-    lock(&state).flush();
-    let _ = std::fs::remove_file(&config.admin.socket);
-    match Arc::try_unwrap(state) {
-        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()).dp.shutdown(),
-        Err(_) => warn!("state still shared at exit; the program detaches when the process ends"),
+    if let Some(m) = metrics_task {
+        m.abort();
     }
-    drop(rt);
+    {
+        let mut s = lock(&state);
+        s.flush();
+        s.dp.shutdown();
+    }
+    let _ = std::fs::remove_file(&config.admin.socket);
+    rt.shutdown_timeout(Duration::from_secs(2));
     info!("stopped");
     served
 }
 
 async fn serve(
     state: Arc<Mutex<State>>,
-    socket: &Path,
+    listener: UnixListener,
     mut escalations: Option<tokio::sync::mpsc::UnboundedReceiver<Escalation>>,
 ) -> anyhow::Result<()> {
-    let listener = bind_admin(socket)?;
-    info!(socket = %socket.display(), "admin socket ready");
+    if let Ok(a) = listener.local_addr() {
+        info!(socket = ?a.as_pathname(), "admin socket ready");
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;

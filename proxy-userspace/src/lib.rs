@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod metrics;
 pub mod paths;
 pub mod proxy;
 pub mod store;

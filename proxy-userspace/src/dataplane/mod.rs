@@ -166,9 +166,10 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Detach and remove the pins. Dropping the `Dataplane` also detaches
-    /// (the link is owned by the program), but only this removes pins.
-    pub fn shutdown(mut self) {
+    /// Detach and remove the pins; a second call does nothing. Dropping the
+    /// `Dataplane` also detaches (the link is owned by the program), but only
+    /// this removes pins.
+    pub fn shutdown(&mut self) {
         if let Some((id, iface, _)) = self.link.take() {
             match self.program() {
                 Ok(p) => match p.detach(id) {

@@ -148,7 +148,6 @@ pub struct Escalation {
 pub struct Counts {
     pub requests: HashMap<(String, Outcome), u64>,
     pub upstream: HashMap<(String, u16), u64>,
-    pub upstream_seconds: Vec<f64>,
 }
 
 /// The forwarder.
@@ -159,6 +158,7 @@ pub struct Forwarder {
     clock: Arc<dyn Clock>,
     escalate: mpsc::UnboundedSender<Escalation>,
     counts: Mutex<Counts>,
+    upstream_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Last second each outcome was logged at info (log sampling).
     logged: Mutex<HashMap<Outcome, u64>>,
 }
@@ -183,6 +183,9 @@ impl Forwarder {
                 clock,
                 escalate: tx,
                 counts: Mutex::new(Counts::default()),
+                upstream_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                    prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
+                ),
                 logged: Mutex::new(HashMap::new()),
             }),
             escalations: rx,
@@ -218,6 +221,11 @@ impl Forwarder {
     pub fn counts(&self) -> (HashMap<(String, Outcome), u64>, HashMap<(String, u16), u64>) {
         let c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         (c.requests.clone(), c.upstream.clone())
+    }
+
+    /// The upstream latency histogram (shared, for metrics).
+    pub fn upstream_histogram(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.upstream_seconds.clone()
     }
 
     fn count(&self, route: &str, o: Outcome) {
@@ -406,10 +414,8 @@ impl Forwarder {
         {
             let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             *c.upstream.entry((name.clone(), answer.status.as_u16())).or_insert(0) += 1;
-            if c.upstream_seconds.len() < 100_000 {
-                c.upstream_seconds.push(took.as_secs_f64());
-            }
         }
+        self.upstream_seconds.observe(took.as_secs_f64());
         let billable = route.charge_any || answer.status.is_success();
         if billable {
             for a in self.limiter.commit(reservation) {
