@@ -30,6 +30,7 @@ pub enum Request {
     ListRemove { list: List, cidr: String },
     ListShow { list: List },
     Reload,
+    Usage { n: usize },
 }
 
 /// The daemon's answer.
@@ -59,6 +60,9 @@ pub struct Status {
     pub allow_entries: usize,
     pub deny_entries: usize,
     pub counters: Vec<ReasonCount>,
+    /// The three heaviest sources in the kernel table.
+    #[serde(default)]
+    pub top_sources: Vec<SourceStat>,
     /// The forwarder, when `[listen]` is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarder: Option<ForwarderStatus>,
@@ -125,6 +129,40 @@ impl Status {
 pub struct Top {
     pub tracked_sources: u64,
     pub sources: Vec<SourceStat>,
+}
+
+/// `usage --json`: today's units.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Usage {
+    pub day: u64,
+    pub currency: String,
+    pub spent: String,
+    pub budget: String,
+    pub reset_unix: i64,
+    /// Per route: outcomes since the daemon started.
+    pub routes: Vec<RouteUsage>,
+    /// Heaviest clients today (billable calls).
+    pub top_clients: Vec<ClientUsage>,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Hits / (hits + misses), 0 when nothing was looked up.
+    pub cache_hit_ratio: f64,
+}
+
+/// One route's answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteUsage {
+    pub route: String,
+    pub forwarded: u64,
+    pub cache_hits: u64,
+    pub refused: u64,
+}
+
+/// One client's billable calls today.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientUsage {
+    pub client: String,
+    pub calls: u32,
 }
 
 /// `allow ls --json` / `deny ls --json`.

@@ -56,6 +56,19 @@ pub enum Command {
         /// How many sources to show.
         #[arg(short = 'n', default_value_t = 10)]
         n: usize,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Today's units: spend against the budget, per route, top clients, cache hit ratio.
+    ///
+    /// Example: keyward usage -n 20 --json
+    Usage {
+        /// How many clients to show.
+        #[arg(short = 'n', default_value_t = 10)]
+        n: usize,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -164,19 +177,45 @@ pub fn verb(cli: &Cli) -> Result<(), CliError> {
             print_status(&from(v)?);
             Ok(())
         }
-        Command::Top { n, json } => {
+        Command::Top { n, watch, json } => loop {
             let v = call(&Request::Top { n: *n })?;
+            if json.json {
+                print_json(&v)?;
+            } else {
+                let t: Top = from(v)?;
+                if *watch {
+                    print!("\x1b[2J\x1b[H");
+                }
+                println!("{} sources tracked", t.tracked_sources);
+                let rows: Vec<Vec<String>> = t
+                    .sources
+                    .iter()
+                    .map(|s| vec![s.source.clone(), s.packets.to_string(), s.drops.to_string()])
+                    .collect();
+                print_table(&["SOURCE", "PACKETS", "DROPS"], &rows);
+            }
+            if !*watch {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
+        Command::Usage { n, json } => {
+            let v = call(&Request::Usage { n: *n })?;
             if json.json {
                 return print_json(&v);
             }
-            let t: Top = from(v)?;
-            println!("{} sources tracked", t.tracked_sources);
-            let rows: Vec<Vec<String>> = t
-                .sources
+            let u: admin::Usage = from(v)?;
+            println!("today ({}): {} {} of {} spent; resets in {}", u.day, u.spent, u.currency, u.budget, until(u.reset_unix));
+            println!("cache: {} hits, {} misses ({:.0}% hit ratio)\n", u.cache_hits, u.cache_misses, u.cache_hit_ratio * 100.0);
+            let rows: Vec<Vec<String>> = u
+                .routes
                 .iter()
-                .map(|s| vec![s.source.clone(), s.packets.to_string(), s.drops.to_string()])
+                .map(|r| vec![r.route.clone(), r.forwarded.to_string(), r.cache_hits.to_string(), r.refused.to_string()])
                 .collect();
-            print_table(&["SOURCE", "PACKETS", "DROPS"], &rows);
+            print_table(&["ROUTE", "FORWARDED", "CACHE HITS", "REFUSED"], &rows);
+            println!();
+            let rows: Vec<Vec<String>> = u.top_clients.iter().map(|c| vec![c.client.clone(), c.calls.to_string()]).collect();
+            print_table(&["CLIENT", "BILLABLE CALLS TODAY"], &rows);
             Ok(())
         }
         Command::Allow { action } => list_verb(List::Allow, action, &call),
@@ -246,7 +285,8 @@ fn list_verb(
                 .iter()
                 .map(|e| {
                     let exp = e.expires_unix.map_or("never".to_owned(), |t| {
-                        format!("in {}", Span(std::time::Duration::from_secs(t.saturating_sub(now))))
+                        let s = t.saturating_sub(now);
+                        format!("in {}h{:02}m{:02}s", s / 3600, (s % 3600) / 60, s % 60)
                     });
                     vec![e.cidr.to_string(), exp]
                 })
@@ -313,6 +353,44 @@ fn print_status(s: &Status) {
     } else {
         print_table(&["REASON", "ACTION", "PACKETS", "BYTES"], &rows);
     }
+    if !s.top_sources.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .top_sources
+            .iter()
+            .map(|t| vec![t.source.clone(), t.packets.to_string(), t.drops.to_string()])
+            .collect();
+        print_table(&["TOP SOURCE", "PACKETS", "DROPS"], &rows);
+    }
+    if let Some(f) = &s.forwarder {
+        println!();
+        let frac = if f.budget_micros == 0 { 1.0 } else { f.spent_micros as f64 / f.budget_micros as f64 };
+        let filled = ((frac.min(1.0)) * 30.0).round() as usize;
+        let bar = format!("[{}{}]", "#".repeat(filled), ".".repeat(30 - filled));
+        let bar = if std::io::stdout().is_terminal() && frac >= 0.9 { format!("\x1b[31m{bar}\x1b[0m") } else { bar };
+        println!("  {:<11} {} {} of {} {bar} {:.0}%", "spend", f.spent, f.currency, f.budget, frac * 100.0);
+        println!("  {:<11} in {} (day {})", "reset", until(f.reset_unix), f.day);
+        println!("  {:<11} {} raised today", "alerts", f.alerts_raised);
+        println!("  {:<11} {} clients today; cache {} hits, {} misses", "forwarder", f.clients_today, f.cache_hits, f.cache_misses);
+        let rows: Vec<Vec<String>> = f
+            .requests
+            .iter()
+            .map(|r| vec![r.route.clone(), r.outcome.clone(), r.count.to_string()])
+            .collect();
+        if !rows.is_empty() {
+            println!();
+            print_table(&["ROUTE", "OUTCOME", "REQUESTS"], &rows);
+        }
+    }
+}
+
+/// "3h12m" until Unix second `t`.
+fn until(t: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let s = (t - now).max(0);
+    format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
 }
 
 /// Left-aligned first column, right-aligned numbers.

@@ -108,6 +108,10 @@ impl State {
                 Ok(serde_json::json!({ "removed": cidr.to_string() }))
             }
             Request::Reload => self.reload().map(|()| serde_json::json!({ "reloaded": true })),
+            Request::Usage { n } => {
+                let f = self.forwarder.as_ref().ok_or("the forwarder is not configured ([listen] is absent)")?;
+                Ok(json(&self.usage(f, n)))
+            }
         }
     }
 
@@ -118,7 +122,7 @@ impl State {
             .attached()
             .map_or(("-".to_owned(), "-"), |(i, a)| (i.to_owned(), a.as_str()));
         let counters = self.dp.counters().map_err(|e| e.to_string())?;
-        let (tracked_sources, _) = self.dp.sources(0).map_err(|e| e.to_string())?;
+        let (tracked_sources, top_sources) = self.dp.sources(3).map_err(|e| e.to_string())?;
         let now = self.clock.unix_secs();
         let count = |l| -> Result<usize, String> {
             Ok(self
@@ -151,8 +155,52 @@ impl State {
             allow_entries: count(List::Allow)?,
             deny_entries: count(List::Deny)?,
             counters,
+            top_sources,
             forwarder: self.forwarder.as_ref().map(|f| self.forwarder_status(f)),
         })
+    }
+
+    fn usage(&self, f: &Forwarder, n: usize) -> admin::Usage {
+        let st = self.forwarder_status(f);
+        let (counts, _) = f.limiter().today(self.clock.unix_secs() as i64);
+        let mut routes: Vec<admin::RouteUsage> = Vec::new();
+        for r in &st.requests {
+            let i = match routes.iter().position(|x| x.route == r.route) {
+                Some(i) => i,
+                None => {
+                    routes.push(admin::RouteUsage { route: r.route.clone(), forwarded: 0, cache_hits: 0, refused: 0 });
+                    routes.len() - 1
+                }
+            };
+            let u = &mut routes[i];
+            match r.outcome.as_str() {
+                "forwarded" => u.forwarded += r.count,
+                "cache_hit" => u.cache_hits += r.count,
+                "preflight" => {}
+                _ => u.refused += r.count,
+            }
+        }
+        let mut top: Vec<admin::ClientUsage> = counts
+            .per_ip
+            .iter()
+            .filter(|(_, c)| **c > 0)
+            .map(|(ip, c)| admin::ClientUsage { client: ip.to_string(), calls: *c })
+            .collect();
+        top.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.client.cmp(&b.client)));
+        top.truncate(n);
+        let looked = st.cache_hits + st.cache_misses;
+        admin::Usage {
+            day: st.day,
+            currency: st.currency,
+            spent: st.spent,
+            budget: st.budget,
+            reset_unix: st.reset_unix,
+            routes,
+            top_clients: top,
+            cache_hits: st.cache_hits,
+            cache_misses: st.cache_misses,
+            cache_hit_ratio: if looked == 0 { 0.0 } else { st.cache_hits as f64 / looked as f64 },
+        }
     }
 
     fn forwarder_status(&self, f: &Forwarder) -> ForwarderStatus {
@@ -576,10 +624,14 @@ fn unblock_signals() {
     }
 }
 
-/// Refuse without the capabilities loading and attaching need.
+/// Refuse without the capabilities loading and attaching need. Measured
+/// (tests/tests/operating.rs): CAP_BPF and CAP_NET_ADMIN are not enough, the
+/// verifier refuses the program's packet access without CAP_PERFMON.
+/// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON.
 fn check_privileges() -> anyhow::Result<()> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
@@ -588,8 +640,9 @@ fn check_privileges() -> anyhow::Result<()> {
         .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
         .unwrap_or(0);
     let has = |c: u32| eff & (1u64 << c) != 0;
-    if !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) || !has(CAP_NET_ADMIN) {
-        bail!("keyward run needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to load and attach XDP");
+    let sys = has(CAP_SYS_ADMIN);
+    if !(has(CAP_BPF) || sys) || !(has(CAP_PERFMON) || sys) || !has(CAP_NET_ADMIN) {
+        bail!("keyward run needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load and attach XDP");
     }
     Ok(())
 }

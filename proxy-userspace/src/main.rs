@@ -31,14 +31,21 @@ fn report(r: Result<(), cli::CliError>) -> i32 {
     }
 }
 
-/// `RUST_LOG`-style filtering (default `info`) to stderr; colour only on a terminal.
+/// `RUST_LOG`-style filtering (default `info`) to stderr; colour only on a
+/// terminal; under systemd (`JOURNAL_STREAM` set) no timestamps, which
+/// journald adds itself.
 fn init_logging() {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let tty = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(tty);
+    if !tty && std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
 }

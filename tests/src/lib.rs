@@ -5,6 +5,7 @@
 
 pub mod daemon;
 pub mod frame;
+pub mod fwd;
 pub mod netns;
 pub mod upstream;
 pub mod wire;

@@ -73,6 +73,12 @@ impl Topology {
         t
     }
 
+    /// Give the client another IPv4 address in 10.77.0.0/24 (for tests and
+    /// the demo that need several clients).
+    pub fn add_client_address(&self, addr: Ipv4Addr) {
+        ip(&["-n", &self.client_ns, "addr", "add", &format!("{addr}/24"), "dev", &self.client_if]);
+    }
+
     /// MACs for frames sent from the client to the server.
     pub fn macs(&self) -> Macs {
         Macs {

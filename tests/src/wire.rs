@@ -183,11 +183,27 @@ impl HttpAnswer {
 /// Send raw request bytes from the client namespace to the server's `port`
 /// and read the answer until the server closes (send `Connection: close`).
 pub fn http_raw(t: &Topology, port: u16, request: &[u8]) -> std::io::Result<HttpAnswer> {
+    http_raw_from(t, None, port, request)
+}
+
+/// Like [`http_raw`], from source address `src` of the client (see
+/// [`Topology::add_client_address`]).
+pub fn http_raw_from(
+    t: &Topology,
+    src: Option<std::net::Ipv4Addr>,
+    port: u16,
+    request: &[u8],
+) -> std::io::Result<HttpAnswer> {
     use std::io::{Read as _, Write as _};
     let addr = std::net::SocketAddr::from((SERVER_V4, port));
     let request = request.to_vec();
     netns::in_ns(&t.client_ns, move || {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        if let Some(ip) = src {
+            sock.bind(&std::net::SocketAddr::from((ip, 0)).into())?;
+        }
+        sock.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+        let mut s: std::net::TcpStream = sock.into();
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.write_all(&request)?;
         let mut buf = Vec::new();

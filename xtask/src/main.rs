@@ -35,6 +35,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, then build the release binary and gather it with the example
+    /// config and the systemd unit under `target/dist/`.
+    Dist,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +50,25 @@ fn main() -> anyhow::Result<()> {
             let mut a = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
+        }
+        Cmd::Dist => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "keyward", "--bins"])?;
+            let root = workspace_root();
+            let out = root.join("target/dist");
+            let _ = std::fs::remove_dir_all(&out);
+            std::fs::create_dir_all(&out)?;
+            for (from, to) in [
+                ("target/release/keyward", "keyward"),
+                ("docs/keyward.example.toml", "keyward.toml.example"),
+                ("dist/keyward.service", "keyward.service"),
+                ("README.md", "README.md"),
+            ] {
+                std::fs::copy(root.join(from), out.join(to)).with_context(|| format!("copying {from}"))?;
+            }
+            eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md", out.display());
+            eprintln!("    install: see README.md, \"Install on a host\"");
+            Ok(())
         }
         Cmd::Demo { args } => {
             setup::run()?;

@@ -117,13 +117,18 @@ impl Dataplane {
         }
     }
 
-    /// Every (action, reason) counter, summed over CPUs, in a fixed order.
+    /// Every possible (action, reason) counter, summed over CPUs, in a fixed
+    /// order. Drops under a passing reason cannot happen and are left out;
+    /// passes under a dropping reason are dry run's would-drops.
     pub fn counters(&self) -> Result<Vec<ReasonCount>, DataplaneError> {
         let stats: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
         let mut out = Vec::new();
         for reason in Reason::ALL {
             for action in Action::ALL {
+                if action == Action::Drop && reason.verdict() == Action::Pass {
+                    continue;
+                }
                 let per_cpu = stats
                     .get(&stat_index(action, reason), 0)
                     .map_err(map_err(names::STATS))?;
