@@ -33,9 +33,12 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `PerCpuArray<u64>`, one entry: per-source buckets created.
     pub const NEW_SOURCES: &str = "NEW_SOURCES";
+    /// `Array<Bucket>`, one entry: the host-wide bucket that admits new
+    /// sources into the per-source table.
+    pub const ADMIT: &str = "ADMIT";
 
     /// Every map name, for pinning and for the test that checks them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         PORTS,
         ALLOW_V4,
@@ -46,6 +49,7 @@ pub mod maps {
         AGGREGATES,
         STATS,
         NEW_SOURCES,
+        ADMIT,
     ];
 }
 
@@ -163,6 +167,10 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 /// `XdpConfig::flags` bit: count would-be drops as passes.
 pub const FLAG_DRY_RUN: u32 = 1;
+/// `XdpConfig::flags` bit: the allow tries hold entries (else skip them).
+pub const FLAG_HAS_ALLOW: u32 = 2;
+/// `XdpConfig::flags` bit: the deny tries hold entries (else skip them).
+pub const FLAG_HAS_DENY: u32 = 4;
 
 /// Runtime knobs the daemon writes into `CONFIG` (index 0) and may rewrite at
 /// any time without reloading the program. Rates are pre-converted into the
@@ -174,6 +182,8 @@ pub struct XdpConfig {
     pub source: bucket::Params,
     /// Aggregate bucket per wider prefix.
     pub aggregate: bucket::Params,
+    /// Host-wide bucket admitting sources not yet in the per-source table.
+    pub admit: bucket::Params,
     /// IPv6 sources share a per-source bucket per this prefix length.
     pub v6_prefix: u32,
     /// Aggregate prefix length for IPv4.
@@ -183,7 +193,7 @@ pub struct XdpConfig {
     /// `FLAG_*` bits.
     pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 64);
 
 /// Key of `SOURCES` and `AGGREGATES`: an IPv6 address, or an IPv4 address
 /// mapped into `::ffff:0:0/96`, already masked to the bucket's prefix.

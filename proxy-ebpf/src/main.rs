@@ -42,6 +42,9 @@ static AGGREGATES: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 #[map]
 static NEW_SOURCES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// One host-wide bucket, shared by all CPUs (updates race benignly).
+#[map]
+static ADMIT: Array<Bucket> = Array::with_max_entries(1, 0);
 
 /// The program. Every path, parse failures included, ends in `stats::record`.
 #[xdp]

@@ -3,19 +3,24 @@
 //!
 //! Rate: a known source is charged to its own bucket, then to the aggregate
 //! bucket of its wider prefix. An unknown source is first charged to the
-//! aggregate bucket and gets a per-source entry only when that admits it, so a
-//! flood that rotates sources inside one prefix is held by the aggregate and
-//! cannot churn the per-source table at line rate.
+//! aggregate bucket, then to the host-wide admission bucket, and gets a
+//! per-source entry only when both admit it: a flood that rotates sources
+//! inside one prefix is held by the aggregate, one spread over many prefixes
+//! by the admission bucket, and neither can churn the per-source table at
+//! line rate (an LRU insert costs several times a lookup).
+//!
+//! The allow and deny tries are skipped while they are empty (flags the
+//! daemon keeps in `CONFIG`).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext};
 use proxy_common::{
-    Bucket, Reason, SourceKey, XdpConfig,
+    Bucket, FLAG_HAS_ALLOW, FLAG_HAS_DENY, Reason, SourceKey, XdpConfig,
     bucket::Params,
     prefix::{key_v4, key_v6},
 };
 
 use crate::{
-    AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES,
+    ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES,
     parse::{self, Source},
 };
 
@@ -38,24 +43,28 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
     let (own, wide) = match tcp.source {
         Source::V4(a) => {
             let k = Key::new(32, a);
-            if ALLOW_V4.get(&k).is_some() {
+            if cfg.flags & FLAG_HAS_ALLOW != 0 && ALLOW_V4.get(&k).is_some() {
                 return Reason::Allowed;
             }
-            if let Some(d) = DENY_V4.get(&k) {
-                if d.active(now) {
-                    return Reason::Denied;
+            if cfg.flags & FLAG_HAS_DENY != 0 {
+                if let Some(d) = DENY_V4.get(&k) {
+                    if d.active(now) {
+                        return Reason::Denied;
+                    }
                 }
             }
             (key_v4(a, 32), key_v4(a, cfg.agg_v4_prefix))
         }
         Source::V6(a) => {
             let k = Key::new(128, a);
-            if ALLOW_V6.get(&k).is_some() {
+            if cfg.flags & FLAG_HAS_ALLOW != 0 && ALLOW_V6.get(&k).is_some() {
                 return Reason::Allowed;
             }
-            if let Some(d) = DENY_V6.get(&k) {
-                if d.active(now) {
-                    return Reason::Denied;
+            if cfg.flags & FLAG_HAS_DENY != 0 {
+                if let Some(d) = DENY_V6.get(&k) {
+                    if d.active(now) {
+                        return Reason::Denied;
+                    }
                 }
             }
             (key_v6(a, cfg.v6_prefix), key_v6(a, cfg.agg_v6_prefix))
@@ -84,7 +93,7 @@ fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason 
         }
         return Reason::UnderRate;
     }
-    if !charge(&cfg.aggregate, wide, now) {
+    if !charge(&cfg.aggregate, wide, now) || !admit(&cfg.admit, now) {
         return Reason::Rate;
     }
     let fresh = Bucket {
@@ -99,6 +108,27 @@ fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason 
         }
     }
     Reason::UnderRate
+}
+
+/// Charge one new source to the host-wide admission bucket; false when over.
+#[inline(always)]
+fn admit(p: &Params, now: u64) -> bool {
+    let Some(b) = ADMIT.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: the one array slot; racing CPUs may lose an update, which only
+    // makes the admission rate approximate.
+    let b = unsafe { &mut *b };
+    match p.admit(b.tat_ns, now) {
+        Some(t) => {
+            b.tat_ns = t;
+            true
+        }
+        None => {
+            b.drops = b.drops.wrapping_add(1);
+            false
+        }
+    }
 }
 
 /// Charge one packet to the aggregate bucket of `wide`; false when over.

@@ -53,6 +53,9 @@ pub struct Status {
     pub burst: u32,
     pub ipv6_prefix: u8,
     pub aggregate: AggregateStatus,
+    /// Host-wide admission of new sources into the table.
+    pub new_sources_pps: u32,
+    pub new_sources_burst: u32,
     pub dry_run: bool,
     pub table_size: u32,
     pub tracked_sources: u64,

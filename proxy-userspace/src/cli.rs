@@ -331,6 +331,10 @@ fn print_status(s: &Status) {
                 s.aggregate.rate_pps, s.aggregate.burst, s.aggregate.v4_prefix, s.aggregate.v6_prefix
             ),
         ),
+        (
+            "new sources",
+            format!("admitted at {} pps, burst {} (host-wide)", s.new_sources_pps, s.new_sources_burst),
+        ),
         ("dry run", if s.dry_run { "yes: nothing is dropped".into() } else { "no".into() }),
         (
             "sources",

@@ -102,6 +102,28 @@ pub struct Xdp {
     /// Capacity of the per-source table (an extension of the contract).
     #[serde(default = "default_table_size")]
     pub table_size: NonZeroU32,
+    /// Host-wide rate at which sources not yet tracked are admitted into the
+    /// per-source table (an extension: holds floods spread over many
+    /// prefixes, which the aggregate bucket cannot).
+    #[serde(default)]
+    pub new_sources: NewSources,
+}
+
+/// `[xdp] new_sources`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSources {
+    pub rate_pps: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl Default for NewSources {
+    fn default() -> Self {
+        NewSources {
+            rate_pps: NonZeroU32::new(20_000).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(40_000).unwrap_or(NonZeroU32::MIN),
+        }
+    }
 }
 
 /// `[xdp] aggregate`.
@@ -460,6 +482,7 @@ impl Xdp {
         proxy_common::XdpConfig {
             source: Params::new(self.rate_pps.get(), self.burst.get()),
             aggregate: Params::new(self.aggregate.rate_pps.get(), self.aggregate.burst.get()),
+            admit: Params::new(self.new_sources.rate_pps.get(), self.new_sources.burst.get()),
             v6_prefix: u32::from(self.ipv6_prefix.0),
             agg_v4_prefix: u32::from(self.aggregate.v4_prefix.0),
             agg_v6_prefix: u32::from(self.aggregate.v6_prefix.0),

@@ -148,6 +148,8 @@ impl State {
                 rate_pps: x.aggregate.rate_pps.get(),
                 burst: x.aggregate.burst.get(),
             },
+            new_sources_pps: x.new_sources.rate_pps.get(),
+            new_sources_burst: x.new_sources.burst.get(),
             dry_run: x.dry_run,
             table_size: x.table_size.get(),
             tracked_sources,

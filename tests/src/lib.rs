@@ -3,6 +3,7 @@
 //! `keyward` daemon binary. Everything created here has a unique name and is
 //! removed on drop, also when a test fails.
 
+pub mod bench;
 pub mod daemon;
 pub mod frame;
 pub mod fwd;

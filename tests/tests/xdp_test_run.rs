@@ -244,6 +244,25 @@ fn aggregate_bucket_holds_rotating_sources() {
 }
 
 #[test]
+fn admission_bucket_holds_floods_spread_over_many_prefixes() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new("new_sources = { rate_pps = 1, burst = 10 }");
+    // A source tracked before the flood keeps its own bucket.
+    h.expect("known", &syn(SRC), XDP_PASS, "pass", "under_rate");
+    let mut passed = 0;
+    for i in 0..200u32 {
+        // One new source in each of 200 different /24s: the aggregate cannot help.
+        let src = Ipv4Addr::from(0x0b00_0000 + (i << 8));
+        passed += u32::from(h.run(&syn(src)) == XDP_PASS);
+    }
+    assert!((9..=11).contains(&passed), "{passed} of 200 new sources admitted");
+    assert_eq!(h.dp.new_sources().unwrap(), u64::from(passed) + 1, "refused sources got no table entry");
+    h.expect("known during the flood", &syn(SRC), XDP_PASS, "pass", "under_rate");
+}
+
+#[test]
 fn header_variants_are_parsed() {
     if !privileged() {
         return;

@@ -52,10 +52,8 @@ impl Dataplane {
     /// Write rates, prefixes, flags and guarded ports. Safe while attached:
     /// the program reads `CONFIG` per packet.
     pub fn apply(&mut self, xdp: &XdpConfig) -> Result<(), DataplaneError> {
-        let cfg = xdp.kernel_config();
-        let mut config: Array<&mut MapData, proxy_common::XdpConfig> =
-            Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
-        config.set(0, cfg, 0).map_err(map_err(names::CONFIG))?;
+        self.config = xdp.kernel_config();
+        self.write_config()?;
         let wanted: Vec<u16> = xdp.ports.iter().map(|p| p.get()).collect();
         let old = std::mem::take(&mut self.ports);
         let mut ports: Array<&mut MapData, u8> =
@@ -70,6 +68,21 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Write `CONFIG`: the configured knobs plus whether each list is empty.
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
+        let mut cfg = self.config;
+        cfg.flags &= !(proxy_common::FLAG_HAS_ALLOW | proxy_common::FLAG_HAS_DENY);
+        if !self.lists[0].is_empty() {
+            cfg.flags |= proxy_common::FLAG_HAS_ALLOW;
+        }
+        if !self.lists[1].is_empty() {
+            cfg.flags |= proxy_common::FLAG_HAS_DENY;
+        }
+        let mut config: Array<&mut MapData, proxy_common::XdpConfig> =
+            Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        config.set(0, cfg, 0).map_err(map_err(names::CONFIG))
+    }
+
     /// Put `cidr` into the allow or deny trie. `expires_ns` (monotonic, 0 =
     /// never) applies to deny entries.
     pub fn list_insert(
@@ -79,7 +92,7 @@ impl Dataplane {
         expires_ns: u64,
     ) -> Result<(), DataplaneError> {
         let plen = u32::from(cidr.prefix());
-        match (list, cidr.addr()) {
+        let r = match (list, cidr.addr()) {
             (List::Allow, IpAddr::V4(a)) => trie::<[u8; 4], AllowValue>(self, names::ALLOW_V4)?
                 .insert(&Key::new(plen, a.octets()), AllowValue { flags: 0 }, 0)
                 .map_err(map_err(names::ALLOW_V4)),
@@ -92,7 +105,12 @@ impl Dataplane {
             (List::Deny, IpAddr::V6(a)) => trie::<[u8; 16], DenyValue>(self, names::DENY_V6)?
                 .insert(&Key::new(plen, a.octets()), DenyValue { expires_ns }, 0)
                 .map_err(map_err(names::DENY_V6)),
+        };
+        r?;
+        if self.lists[list_index(list)].insert(*cidr) {
+            self.write_config()?;
         }
+        Ok(())
     }
 
     /// Remove `cidr` from a trie; absent entries are not an error.
@@ -109,12 +127,18 @@ impl Dataplane {
                 .remove(&Key::new(plen, a.octets())),
         };
         match r {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(DataplaneError::Map {
-                map: "list",
-                source: e,
-            }),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => {
+                return Err(DataplaneError::Map {
+                    map: "list",
+                    source: e,
+                });
+            }
         }
+        if self.lists[list_index(list)].remove(cidr) {
+            self.write_config()?;
+        }
+        Ok(())
     }
 
     /// Every possible (action, reason) counter, summed over CPUs, in a fixed
@@ -177,6 +201,13 @@ impl Dataplane {
             })
             .collect();
         Ok((count, top))
+    }
+}
+
+fn list_index(l: List) -> usize {
+    match l {
+        List::Allow => 0,
+        List::Deny => 1,
     }
 }
 

@@ -22,6 +22,10 @@ use crate::config::{AttachMode, Xdp as XdpConfig};
 /// The XDP object built by `build.rs`, embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
+/// The benchmark programs (floor, baseline drop, live-frames generators),
+/// built from the same crate; only `cargo xtask bench` loads them.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyward-bench-xdp"));
+
 /// Why the data plane could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -81,6 +85,11 @@ pub struct Dataplane {
     /// Ports currently marked guarded in `PORTS`, so a new config can clear
     /// the ones it drops.
     ports: Vec<u16>,
+    /// The config last written to `CONFIG` (flags are added from `lists`).
+    config: proxy_common::XdpConfig,
+    /// Entries in the allow and deny tries, to tell the program when it may
+    /// skip them.
+    lists: [std::collections::HashSet<crate::units::Cidr>; 2],
 }
 
 impl Dataplane {
@@ -97,6 +106,8 @@ impl Dataplane {
             link: None,
             pins: None,
             ports: Vec::new(),
+            config: proxy_common::XdpConfig::default(),
+            lists: Default::default(),
         };
         dp.program()?.load().map_err(DataplaneError::Verify)?;
         dp.apply(xdp)?;

@@ -1,0 +1,68 @@
+//! `cargo xtask bench`: keyward measured side by side with its peers in one
+//! run, on one topology, as ratios (../shared/notes/performance-anchors.md,
+//! Part C). Every tier interleaves its variants round by round and reports
+//! per-variant medians with min–max and per-round ratios against an in-run
+//! baseline. Figures are information, never pass/fail.
+
+pub mod env;
+pub mod http;
+pub mod mem;
+pub mod packet;
+pub mod program;
+
+use serde_json::{Value, json};
+
+/// Median, min and max of a sample.
+pub fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let mid = s.len() / 2;
+    let med = if s.len() % 2 == 1 { s[mid] } else { (s[mid - 1] + s[mid]) / 2.0 };
+    (med, s[0], s[s.len() - 1])
+}
+
+/// `median (min–max)` with `d` decimals.
+pub fn fmt(v: &[f64], d: usize) -> String {
+    let (m, lo, hi) = stats(v);
+    if v.len() <= 1 {
+        return format!("{m:.d$}");
+    }
+    format!("{m:.d$} ({lo:.d$}–{hi:.d$})")
+}
+
+/// A JSON summary of a sample.
+pub fn summary(v: &[f64]) -> Value {
+    let (m, lo, hi) = stats(v);
+    json!({ "rounds": v, "median": m, "min": lo, "max": hi })
+}
+
+/// Per-round ratios a/b.
+pub fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
+}
+
+/// A tiny deterministic PRNG (xorshift64*), for reproducible inputs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A markdown table.
+pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = format!("| {} |\n|{}|\n", head.join(" | "), head.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    for r in rows {
+        s.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    s
+}

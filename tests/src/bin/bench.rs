@@ -1,0 +1,83 @@
+//! `cargo xtask bench [--quick] [--tier N]`: see `keyward_tests::bench`.
+//! Writes `bench/results/<date>.json` and `.md` (or under `--out DIR`).
+
+use keyward_tests::bench;
+
+fn main() {
+    let mut quick = false;
+    let mut tiers: Vec<u8> = Vec::new();
+    let mut out = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/results"));
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--tier" => tiers.push(args.next().and_then(|t| t.parse().ok()).unwrap_or_else(|| usage())),
+            "--out" => out = args.next().map(Into::into).unwrap_or_else(|| usage()),
+            _ => usage(),
+        }
+    }
+    if tiers.is_empty() {
+        tiers = vec![1, 2, 3, 4];
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("keyward bench: needs root (BPF_PROG_TEST_RUN, namespaces, pinned cores)");
+        std::process::exit(1);
+    }
+    let facts = bench::env::facts();
+    let mut doc = serde_json::json!({ "date": date(), "quick": quick, "machine": facts });
+    let mut md = format!(
+        "# keyward benchmark, {}{}\n\nMachine: {} · kernel {} · {} cores · spectre_v2: {} · clocksource {}\n\n",
+        date(),
+        if quick { " (quick)" } else { "" },
+        facts["cpu"].as_str().unwrap_or("?"),
+        facts["kernel"].as_str().unwrap_or("?"),
+        facts["cores"],
+        facts["spectre_v2"].as_str().unwrap_or("?"),
+        facts["clocksource"].as_str().unwrap_or("?"),
+    );
+    if tiers.contains(&1) {
+        eprintln!("== tier 1: program cost (BPF_PROG_TEST_RUN)");
+        let (rounds, repeat, each) = if quick { (2, 100_000, 2_000) } else { (5, 2_000_000, 20_000) };
+        let (j, t) = bench::program::run(rounds, repeat, each);
+        doc["tier1"] = j;
+        md.push_str(&format!("## Tier 1: XDP program cost\n\n{rounds} interleaved rounds; repeated scenarios run {repeat} times per call, new-source scenarios {each} distinct frames one run each.\n\n{t}\n"));
+        println!("{t}");
+    }
+    if tiers.contains(&2) {
+        eprintln!("== tier 2: packet path on veth with live frames");
+        let (rounds, packets) = if quick { (1, 1_000_000) } else { (3, 5_000_000) };
+        let (j, t) = bench::packet::run(rounds, packets);
+        doc["tier2"] = j;
+        md.push_str(&format!("## Tier 2: packet path (veth, live frames)\n\n{rounds} interleaved rounds of {packets} 64-byte SYNs from a live-frames generator pinned to CPU0; the receiving veth's NAPI is threaded and pinned to CPU1; CPU1 busy time per packet counted at the receiver.\n\n{t}\n"));
+        println!("{t}");
+    }
+    std::fs::create_dir_all(&out).expect("results directory");
+    let stem = if quick { format!("{}-quick", date()) } else { date() };
+    std::fs::write(out.join(format!("{stem}.json")), serde_json::to_string_pretty(&doc).unwrap()).expect("write json");
+    std::fs::write(out.join(format!("{stem}.md")), &md).expect("write md");
+    eprintln!("== wrote {}/{stem}.{{json,md}}", out.display());
+}
+
+fn usage() -> ! {
+    eprintln!("usage: keyward-bench [--quick] [--tier 1|2|3|4]... [--out DIR]");
+    std::process::exit(2);
+}
+
+fn date() -> String {
+    jiff_date()
+}
+
+fn jiff_date() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // Civil date from Unix days (Howard Hinnant's algorithm).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
