@@ -399,8 +399,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         Some(_) => Some(Policy::build(&config)?),
         None => None,
     };
+    // One worker per CPU we may run on (taskset/cgroup cpusets), not per CPU
+    // of the host: extra workers on a pinned core only add context switches.
+    let workers = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| (0..nix::sched::CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).count())
+        .unwrap_or(1)
+        .clamp(1, 16);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("starting the runtime")?;

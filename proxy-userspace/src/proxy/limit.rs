@@ -95,7 +95,8 @@ struct Inner {
 
 /// The limiter. Callers pass both clocks in, so tests drive time.
 pub struct Limiter {
-    limits: Mutex<Limits>,
+    /// Swapped whole on reload; read (an `Arc` bump) several times per request.
+    limits: Mutex<std::sync::Arc<Limits>>,
     schedule: Mutex<Schedule>,
     inner: Mutex<Inner>,
 }
@@ -122,7 +123,7 @@ impl Limiter {
             },
         };
         Limiter {
-            limits: Mutex::new(limits),
+            limits: Mutex::new(std::sync::Arc::new(limits)),
             schedule: Mutex::new(schedule),
             inner: Mutex::new(Inner {
                 tat: HashMap::new(),
@@ -135,12 +136,12 @@ impl Limiter {
 
     /// Swap in new limits and schedule (reload); today's counts stay.
     pub fn reconfigure(&self, limits: Limits, schedule: Schedule) {
-        *lock(&self.limits) = limits;
+        *lock(&self.limits) = std::sync::Arc::new(limits);
         *lock(&self.schedule) = schedule;
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> Limits {
+    pub fn limits(&self) -> std::sync::Arc<Limits> {
         lock(&self.limits).clone()
     }
 
@@ -179,7 +180,7 @@ impl Limiter {
 
     /// Whether `ip` may make a billable call of `cost` now (nothing is taken).
     pub fn check_daily(&self, ip: IpAddr, cost: u64, now_unix: i64) -> Result<(), Refusal> {
-        let l = lock(&self.limits).clone();
+        let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
         check(&l, &inner, ip, cost)
@@ -187,7 +188,7 @@ impl Limiter {
 
     /// Take `cost` and one call from `ip`'s daily count, or refuse.
     pub fn reserve(&self, ip: IpAddr, cost: u64, now_unix: i64) -> Result<Reservation, Refusal> {
-        let l = lock(&self.limits).clone();
+        let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
         let verdict = check(&l, &inner, ip, cost);
@@ -217,7 +218,7 @@ impl Limiter {
     /// The call was billed: keep the reservation, and return any alert
     /// thresholds crossed for the first time today.
     pub fn commit(&self, _r: Reservation) -> Vec<Alert> {
-        let l = lock(&self.limits).clone();
+        let l = self.limits();
         let mut inner = lock(&self.inner);
         let mut out = Vec::new();
         for (i, threshold) in l.alert_at.iter().enumerate() {
@@ -246,7 +247,7 @@ impl Limiter {
 
     /// Per-IP quota left, for the RateLimit header.
     pub fn remaining(&self, ip: IpAddr, now_ns: u64, now_unix: i64) -> Remaining {
-        let l = lock(&self.limits).clone();
+        let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
         let tat = inner.tat.get(&ip).copied().unwrap_or(0);

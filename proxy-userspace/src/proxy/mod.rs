@@ -143,10 +143,11 @@ pub struct Escalation {
     pub until_unix: u64,
 }
 
-/// Per (route, outcome) request counts and per-code upstream answers.
+/// Per route, per outcome request counts, and per-code upstream answers.
+/// Keyed by the route's name so counting borrows it (no allocation per request).
 #[derive(Debug, Default)]
 pub struct Counts {
-    pub requests: HashMap<(String, Outcome), u64>,
+    pub requests: HashMap<String, [u64; Outcome::ALL.len()]>,
     pub upstream: HashMap<(String, u16), u64>,
 }
 
@@ -220,7 +221,18 @@ impl Forwarder {
     /// A snapshot of request counts.
     pub fn counts(&self) -> (HashMap<(String, Outcome), u64>, HashMap<(String, u16), u64>) {
         let c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (c.requests.clone(), c.upstream.clone())
+        let requests = c
+            .requests
+            .iter()
+            .flat_map(|(r, per)| {
+                Outcome::ALL
+                    .iter()
+                    .zip(per)
+                    .filter(|(_, n)| **n > 0)
+                    .map(move |(o, n)| ((r.clone(), *o), *n))
+            })
+            .collect();
+        (requests, c.upstream.clone())
     }
 
     /// The upstream latency histogram (shared, for metrics).
@@ -229,8 +241,16 @@ impl Forwarder {
     }
 
     fn count(&self, route: &str, o: Outcome) {
+        let i = Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0);
         let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *c.requests.entry((route.to_owned(), o)).or_insert(0) += 1;
+        match c.requests.get_mut(route) {
+            Some(per) => per[i] += 1,
+            None => {
+                let mut per = [0u64; Outcome::ALL.len()];
+                per[i] = 1;
+                c.requests.insert(route.to_owned(), per);
+            }
+        }
     }
 
     /// One info line per outcome class per second at most; the rest at debug.

@@ -51,6 +51,14 @@ fn main() {
         md.push_str(&format!("## Tier 2: packet path (veth, live frames)\n\n{rounds} interleaved rounds of {packets} 64-byte SYNs from a live-frames generator pinned to CPU0; the receiving veth's NAPI is threaded and pinned to CPU1; CPU1 busy time per packet counted at the receiver.\n\n{t}\n"));
         println!("{t}");
     }
+    if tiers.contains(&3) {
+        eprintln!("== tier 3: HTTP, keyward vs nginx");
+        let (rounds, secs, rate) = if quick { (1, 2, 1000) } else { (5, 5, 2000) };
+        let (j, t) = bench::http::run(rounds, secs, rate);
+        doc["tier3"] = j;
+        md.push_str(&format!("## Tier 3: HTTP forwarder vs nginx\n\n{rounds} interleaved rounds; `wrk -t1 -c50 -d{secs}s` on CPU0, proxies (one nginx worker; keyward's runtime) pinned to CPU1, upstream nginx `return 200` on CPU0; CPU1 busy time per request.\n\n{t}\n"));
+        println!("{t}");
+    }
     std::fs::create_dir_all(&out).expect("results directory");
     let stem = if quick { format!("{}-quick", date()) } else { date() };
     std::fs::write(out.join(format!("{stem}.json")), serde_json::to_string_pretty(&doc).unwrap()).expect("write json");
