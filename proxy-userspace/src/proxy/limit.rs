@@ -429,7 +429,7 @@ mod tests {
         l.commit(r);
         let saved = l.take_dirty().unwrap();
         assert!(l.take_dirty().is_none());
-        let limits = l.limits();
+        let limits = (*l.limits()).clone();
         let again = Limiter::new(limits.clone(), Schedule::new("00:00", "UTC").unwrap(), T0 + 60, Some(saved.clone()));
         assert_eq!(again.today(T0 + 60).0.spent, 20_000);
         let next_day = Limiter::new(limits, Schedule::new("00:00", "UTC").unwrap(), T0 + 86_400, Some(saved));

@@ -59,6 +59,13 @@ fn main() {
         md.push_str(&format!("## Tier 3: HTTP forwarder vs nginx\n\n{rounds} interleaved rounds; `wrk -t1 -c50 -d{secs}s` on CPU0, proxies (one nginx worker; keyward's runtime) pinned to CPU1, upstream nginx `return 200` on CPU0; CPU1 busy time per request.\n\n{t}\n"));
         println!("{t}");
     }
+    if tiers.contains(&4) {
+        eprintln!("== tier 4: memory and scale");
+        let (j, t) = bench::mem::run(if quick { 1 } else { 3 }, quick);
+        doc["tier4"] = j;
+        md.push_str(&format!("## Tier 4: memory and scale\n\n{t}\n"));
+        println!("{t}");
+    }
     std::fs::create_dir_all(&out).expect("results directory");
     let stem = if quick { format!("{}-quick", date()) } else { date() };
     std::fs::write(out.join(format!("{stem}.json")), serde_json::to_string_pretty(&doc).unwrap()).expect("write json");
@@ -72,10 +79,6 @@ fn usage() -> ! {
 }
 
 fn date() -> String {
-    jiff_date()
-}
-
-fn jiff_date() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     // Civil date from Unix days (Howard Hinnant's algorithm).
     let z = (secs / 86_400) as i64 + 719_468;
