@@ -38,6 +38,16 @@ enum Cmd {
     /// Setup, then build the release binary and gather it with the example
     /// config and the systemd unit under `target/dist/`.
     Dist,
+    /// Setup (plus the peers: nftables, iptables, nginx, wrk, ethtool), then
+    /// measure keyward side by side with them; writes `bench/results/<date>.{json,md}`.
+    Bench {
+        /// About a minute instead of about ten.
+        #[arg(long)]
+        quick: bool,
+        /// Only these tiers (1 program cost, 2 packet path, 3 HTTP, 4 memory).
+        #[arg(long)]
+        tier: Vec<u8>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +78,24 @@ fn main() -> anyhow::Result<()> {
             }
             eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md", out.display());
             eprintln!("    install: see README.md, \"Install on a host\"");
+            Ok(())
+        }
+        Cmd::Bench { quick, tier } => {
+            setup::run()?;
+            setup::bench_peers()?;
+            cargo(&["build", "--release", "--package", "keyward", "--package", "keyward-tests", "--bins"])?;
+            let bin = workspace_root().join("target/release/keyward-bench");
+            let mut cmd = Command::new(&bin);
+            if quick {
+                cmd.arg("--quick");
+            }
+            for t in tier {
+                cmd.args(["--tier", &t.to_string()]);
+            }
+            let st = cmd.current_dir(workspace_root()).status().with_context(|| format!("running {}", bin.display()))?;
+            if !st.success() {
+                bail!("the benchmark failed ({st})");
+            }
             Ok(())
         }
         Cmd::Demo { args } => {

@@ -51,6 +51,38 @@ fn check_platform() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The benchmark's peers, from Debian's packages.
+pub fn bench_peers() -> anyhow::Result<()> {
+    const PEERS: &[&str] = &["nftables", "iptables", "nginx-light", "wrk", "ethtool"];
+    let missing: Vec<&str> = PEERS.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("cargo xtask bench must run as root to install {}", missing.join(" "));
+    }
+    eprintln!("==> setup: apt-get install {}", missing.join(" "));
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !st.success() {
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        let st = Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !st.success() {
+            bail!("apt-get install {} failed ({st})", missing.join(" "));
+        }
+    }
+    Ok(())
+}
+
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
