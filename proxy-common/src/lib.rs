@@ -204,18 +204,20 @@ pub struct SourceKey {
 }
 const _: () = assert!(core::mem::size_of::<SourceKey>() == 16);
 
-/// Value of `SOURCES` and `AGGREGATES`.
+/// Value of `SOURCES` and `AGGREGATES`. 16 bytes: at a million sources
+/// every byte here is a MiB of kernel memory, so the per-source counters
+/// (shown by `keyward top`) are 32-bit and wrap.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
     /// Theoretical arrival time of the next conforming packet (ns, `bpf_ktime_get_ns`).
     pub tat_ns: u64,
-    /// Packets seen while the entry existed.
-    pub packets: u64,
-    /// Of those, dropped (or, in dry run, counted as would-drop).
-    pub drops: u64,
+    /// Packets seen while the entry existed (wrapping).
+    pub packets: u32,
+    /// Of those, dropped (or, in dry run, counted as would-drop; wrapping).
+    pub drops: u32,
 }
-const _: () = assert!(core::mem::size_of::<Bucket>() == 24);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 
 /// Value of the deny tries.
 #[repr(C)]

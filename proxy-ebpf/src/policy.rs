@@ -12,9 +12,13 @@
 //! The allow and deny tries are skipped while they are empty (flags the
 //! daemon keeps in `CONFIG`).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    maps::{LpmTrie, lpm_trie::Key},
+    programs::XdpContext,
+};
 use proxy_common::{
-    Bucket, FLAG_HAS_ALLOW, FLAG_HAS_DENY, Reason, SourceKey, XdpConfig,
+    AllowValue, Bucket, DenyValue, FLAG_HAS_ALLOW, FLAG_HAS_DENY, Reason, SourceKey, XdpConfig,
     bucket::Params,
     prefix::{key_v4, key_v6},
 };
@@ -40,36 +44,21 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (own, wide) = match tcp.source {
-        Source::V4(a) => {
-            let k = Key::new(32, a);
-            if cfg.flags & FLAG_HAS_ALLOW != 0 && ALLOW_V4.get(&k).is_some() {
-                return Reason::Allowed;
-            }
-            if cfg.flags & FLAG_HAS_DENY != 0 {
-                if let Some(d) = DENY_V4.get(&k) {
-                    if d.active(now) {
-                        return Reason::Denied;
-                    }
-                }
-            }
-            (key_v4(a, 32), key_v4(a, cfg.agg_v4_prefix))
-        }
-        Source::V6(a) => {
-            let k = Key::new(128, a);
-            if cfg.flags & FLAG_HAS_ALLOW != 0 && ALLOW_V6.get(&k).is_some() {
-                return Reason::Allowed;
-            }
-            if cfg.flags & FLAG_HAS_DENY != 0 {
-                if let Some(d) = DENY_V6.get(&k) {
-                    if d.active(now) {
-                        return Reason::Denied;
-                    }
-                }
-            }
-            (key_v6(a, cfg.v6_prefix), key_v6(a, cfg.agg_v6_prefix))
-        }
+    let (listed, own, wide) = match tcp.source {
+        Source::V4(a) => (
+            lists(cfg, &ALLOW_V4, &DENY_V4, &Key::new(32, a), now),
+            key_v4(a, 32),
+            key_v4(a, cfg.agg_v4_prefix),
+        ),
+        Source::V6(a) => (
+            lists(cfg, &ALLOW_V6, &DENY_V6, &Key::new(128, a), now),
+            key_v6(a, cfg.v6_prefix),
+            key_v6(a, cfg.agg_v6_prefix),
+        ),
     };
+    if let Some(r) = listed {
+        return r;
+    }
     rate(cfg, &own, &wide, now)
 }
 
@@ -108,6 +97,28 @@ fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason 
         }
     }
     Reason::UnderRate
+}
+
+/// The allow list, then the (unexpired) deny list, each skipped while empty.
+#[inline(always)]
+fn lists<K>(
+    cfg: &XdpConfig,
+    allow: &LpmTrie<K, AllowValue>,
+    deny: &LpmTrie<K, DenyValue>,
+    key: &Key<K>,
+    now: u64,
+) -> Option<Reason> {
+    if cfg.flags & FLAG_HAS_ALLOW != 0 && allow.get(key).is_some() {
+        return Some(Reason::Allowed);
+    }
+    if cfg.flags & FLAG_HAS_DENY != 0 {
+        if let Some(d) = deny.get(key) {
+            if d.active(now) {
+                return Some(Reason::Denied);
+            }
+        }
+    }
+    None
 }
 
 /// Charge one new source to the host-wide admission bucket; false when over.

@@ -291,9 +291,11 @@ impl State {
         }
     }
 
-    /// Persist the forwarder's counters when they changed.
+    /// Persist the forwarder's counters when they changed, and forget
+    /// per-IP token buckets that have refilled (bounding their memory).
     pub fn flush(&mut self) {
         if let Some(f) = &self.forwarder {
+            f.limiter().sweep(self.clock.monotonic_ns());
             if let Some(c) = f.limiter().take_dirty() {
                 match self.store.save_day(&c) {
                     Ok(()) => self.saved_spend = c.spent,

@@ -162,10 +162,7 @@ impl Embedded {
         tx.commit()?;
         Ok(())
     }
-}
 
-/// The counters part of [`ListStore`] for the embedded store.
-impl Embedded {
     fn read_day(&self) -> Result<Option<DayCounts>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(DAY)?;

@@ -62,23 +62,21 @@ pub fn bench_peers() -> anyhow::Result<()> {
         bail!("cargo xtask bench must run as root to install {}", missing.join(" "));
     }
     eprintln!("==> setup: apt-get install {}", missing.join(" "));
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)
+}
+
+/// Run apt-get non-interactively; an error names the command.
+fn apt(args: &[&str]) -> anyhow::Result<()> {
     let st = Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .context("running apt-get")?;
     if !st.success() {
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        let st = Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        if !st.success() {
-            bail!("apt-get install {} failed ({st})", missing.join(" "));
-        }
+        bail!("apt-get {} failed ({st})", args.join(" "));
     }
     Ok(())
 }
@@ -113,17 +111,6 @@ fn packages() -> anyhow::Result<()> {
         );
     }
     eprintln!("==> setup: apt-get install {}", missing.join(" "));
-    let apt = |args: &[&str]| -> anyhow::Result<()> {
-        let st = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        if !st.success() {
-            bail!("apt-get {} failed ({st})", args.join(" "));
-        }
-        Ok(())
-    };
     apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(PACKAGES);

@@ -196,8 +196,8 @@ impl Dataplane {
             .take(n)
             .map(|(k, b)| SourceStat {
                 source: source_name(&k),
-                packets: b.packets,
-                drops: b.drops,
+                packets: u64::from(b.packets),
+                drops: u64::from(b.drops),
             })
             .collect();
         Ok((count, top))

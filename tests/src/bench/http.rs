@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::{fmt, ratios, stats, summary, table};
+use super::{cpu1_busy_ns, fmt, ratios, stats, summary, table};
 use crate::{daemon, netns};
 
 const UP: u16 = 18080;
@@ -25,14 +25,6 @@ const KW: u16 = 18443;
 const NGX: u16 = 18444;
 const KEY: &str = "bench-key-0123456789";
 
-fn cpu1_busy_ns() -> u64 {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = s.lines().find(|l| l.starts_with("cpu1 ")).unwrap_or("cpu1 0");
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle) * 10_000_000
-}
 
 /// A process we started, stopped by pid on drop.
 struct Proc(Child);

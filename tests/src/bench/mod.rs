@@ -58,6 +58,17 @@ impl Rng {
     }
 }
 
+/// CPU1's busy time since boot in ns, from /proc/stat (USER_HZ = 100):
+/// everything but idle and iowait.
+pub fn cpu1_busy_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = s.lines().find(|l| l.starts_with("cpu1 ")).unwrap_or("cpu1 0");
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    total.saturating_sub(idle) * 10_000_000
+}
+
 /// A markdown table.
 pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     let mut s = format!("| {} |\n|{}|\n", head.join(" | "), head.iter().map(|_| "---").collect::<Vec<_>>().join("|"));

@@ -17,7 +17,7 @@ use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use keyward::{config::Config, dataplane::Dataplane, store::List};
 use serde_json::{Value, json};
 
-use super::{fmt, ratios, summary, table};
+use super::{cpu1_busy_ns, fmt, ratios, summary, table};
 use crate::{
     frame,
     netns::{self, SERVER_V4, Topology},
@@ -25,16 +25,6 @@ use crate::{
 
 const PORT: u16 = 443;
 
-/// CPU1's busy time in ns since boot, from /proc/stat.
-fn cpu1_busy_ns() -> u64 {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = s.lines().find(|l| l.starts_with("cpu1 ")).unwrap_or("cpu1 0 0 0 0 0 0 0 0");
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    let hz = 100; // USER_HZ
-    (total - idle) * (1_000_000_000 / hz)
-}
 
 fn pin_self(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();

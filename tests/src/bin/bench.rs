@@ -1,7 +1,41 @@
 //! `cargo xtask bench [--quick] [--tier N]`: see `keyward_tests::bench`.
 //! Writes `bench/results/<date>.json` and `.md` (or under `--out DIR`).
 
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
 use keyward_tests::bench;
+
+/// Counts live heap bytes, for tier 4's per-client memory.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn allocated() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
 
 fn main() {
     let mut quick = false;
@@ -61,7 +95,7 @@ fn main() {
     }
     if tiers.contains(&4) {
         eprintln!("== tier 4: memory and scale");
-        let (j, t) = bench::mem::run(if quick { 1 } else { 3 }, quick);
+        let (j, t) = bench::mem::run(if quick { 1 } else { 3 }, quick, allocated);
         doc["tier4"] = j;
         md.push_str(&format!("## Tier 4: memory and scale\n\n{t}\n"));
         println!("{t}");
