@@ -21,7 +21,12 @@ use crate::{
 /// keyward: shields a paid API. Floods are dropped in the kernel (XDP) before
 /// a socket exists; the operator verbs below talk to the running daemon.
 #[derive(Debug, Parser)]
-#[command(name = "keyward", version, propagate_version = true)]
+#[command(
+    name = "keyward",
+    version,
+    propagate_version = true,
+    after_help = "Examples:\n  keyward check -c /etc/keyward/keyward.toml\n  keyward run -c /etc/keyward/keyward.toml\n  keyward status\n  keyward top -n 20 --watch\n  keyward usage --json\n  keyward deny add 198.51.100.0/24 --for 1h\n  keyward allow add 192.0.2.10\n  keyward reload\n\nExit codes: 0 done, 1 refused or invalid, 2 the daemon could not be reached."
+)]
 pub struct Cli {
     /// Config file: `run`/`check` read it; other verbs take `admin.socket` from it.
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
@@ -103,16 +108,26 @@ pub struct JsonFlag {
 /// `allow`/`deny` sub-verbs.
 #[derive(Debug, Subcommand)]
 pub enum ListAction {
-    /// Add a CIDR (a bare address means /32 or /128).
+    /// Add a CIDR (a bare address means /32 or /128); takes effect in the kernel at once.
+    ///
+    /// Example: keyward deny add 198.51.100.0/24 --for 2h
     Add {
+        /// IPv4 or IPv6 network, host bits zero (e.g. 10.1.0.0/16, 2001:db8::/32, 192.0.2.7).
         cidr: String,
         /// Deny only: expire after this long (e.g. 30s, 10m, 2h, 1d).
         #[arg(long = "for", value_name = "DURATION")]
         for_: Option<String>,
     },
-    /// Remove a CIDR.
-    Rm { cidr: String },
-    /// List the entries.
+    /// Remove a CIDR (exactly as listed).
+    ///
+    /// Example: keyward allow rm 192.0.2.10/32
+    Rm {
+        /// The network to remove.
+        cidr: String,
+    },
+    /// List the entries, with their expiry.
+    ///
+    /// Example: keyward deny ls --json
     Ls(JsonFlag),
 }
 
