@@ -436,6 +436,19 @@ impl Config {
         }
         for r in &cfg.routes {
             crate::proxy::route::Route::compile(r.get_ref()).map_err(|e| invalid(Some(r.span()), format!("[[route]] {e}")))?;
+            let m = r.get_ref().method.to_ascii_uppercase();
+            if r.get_ref().cache_ttl.is_some() && m != "GET" && m != "HEAD" {
+                return Err(invalid(
+                    Some(r.span()),
+                    format!("[[route]] cache_ttl on a {m} route would serve one client's answer to another; cache GET routes only"),
+                ));
+            }
+        }
+        if cfg.store.redis_url.is_some() {
+            return Err(invalid(
+                None,
+                "[store] redis_url: the shared Redis backend is not available in this version; remove it (the embedded store is used)".into(),
+            ));
         }
         if cfg.access.get_ref().require_token {
             return Err(invalid(

@@ -144,7 +144,11 @@ pub fn registry(state: Arc<Mutex<State>>) -> Registry {
 pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // EMFILE and friends: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {

@@ -31,11 +31,24 @@ pub enum UpstreamError {
     Tls(String),
 }
 
-/// Why a call failed.
+/// Why a call failed, and whether the upstream may have received (and
+/// billed) the request.
 #[derive(Debug)]
 pub enum Failure {
+    /// No answer in time; the request may have been received.
     Timeout,
+    /// The connection could not be made: the request never left.
+    NotSent(String),
+    /// The connection broke after the request was sent, or the answer was
+    /// unreadable: it may have been received.
     Unavailable(String),
+}
+
+impl Failure {
+    /// Whether the upstream may have billed the call.
+    pub fn maybe_billed(&self) -> bool {
+        !matches!(self, Failure::NotSent(_))
+    }
 }
 
 /// An answer read in full.
@@ -136,17 +149,19 @@ impl Upstream {
             .authority(self.authority.clone())
             .path_and_query(pq)
             .build()
-            .map_err(|e| Failure::Unavailable(format!("building the upstream URI: {e}")))
+            .map_err(|e| Failure::NotSent(format!("building the upstream URI: {e}")))
     }
 
     /// Send and read the whole answer, within the timeout.
     pub async fn call(&self, req: Request<Full<Bytes>>) -> Result<Answer, Failure> {
         let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| Failure::Unavailable(error_chain(&e)))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    Failure::NotSent(error_chain(&e))
+                } else {
+                    Failure::Unavailable(error_chain(&e))
+                }
+            })?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_ANSWER)
                 .collect()
@@ -170,7 +185,7 @@ impl Upstream {
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, concat!("keyward/", env!("CARGO_PKG_VERSION")))
             .body(Full::new(Bytes::from(doc.to_string())))
-            .map_err(|e| Failure::Unavailable(e.to_string()))?;
+            .map_err(|e| Failure::NotSent(e.to_string()))?;
         let c = self.client.clone();
         match tokio::time::timeout(self.timeout, c.request(req)).await {
             Ok(Ok(r)) => Ok(r.status()),

@@ -69,8 +69,9 @@ fn read_file(path: &Path) -> Result<String, KeyError> {
     })
 }
 
-/// Puts the key on requests and scrubs it from answers.
-#[derive(Clone, Debug)]
+/// Puts the key on requests and scrubs it from answers. `Debug` shows only
+/// where the key goes.
+#[derive(Clone)]
 pub struct Injector {
     secret: Secret,
     place: Place,
@@ -78,7 +79,16 @@ pub struct Injector {
     needles: Vec<Vec<u8>>,
 }
 
-#[derive(Clone, Debug)]
+impl fmt::Debug for Injector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.place {
+            Place::Query(q) => write!(f, "Injector(query {q}={REDACTED})"),
+            Place::Header(h, _) => write!(f, "Injector(header {h}: {REDACTED})"),
+        }
+    }
+}
+
+#[derive(Clone)]
 enum Place {
     Query(String),
     Header(HeaderName, HeaderValue),
@@ -97,11 +107,15 @@ impl Injector {
                 Place::Header(name, v)
             }
         };
+        // Every form an echo may take: raw, form-encoded, percent-encoded in
+        // upper and lower case hex, and JSON-escaped (`\/`).
         let k = secret.0.as_bytes();
-        let mut needles = vec![k.to_vec()];
         let enc: String = form_urlencoded::byte_serialize(k).collect();
         let pct: String = percent_encoding::utf8_percent_encode(&secret.0, percent_encoding::NON_ALPHANUMERIC).collect();
-        for n in [enc, pct] {
+        let lower = lower_hex(&pct);
+        let json = secret.0.replace('/', "\\/");
+        let mut needles: Vec<Vec<u8>> = Vec::new();
+        for n in [secret.0.clone(), enc.clone(), lower_hex(&enc), pct, lower, json] {
             if !needles.contains(&n.as_bytes().to_vec()) {
                 needles.push(n.into_bytes());
             }
@@ -161,6 +175,24 @@ impl Injector {
     }
 }
 
+/// `%2F` → `%2f`: the hex digits of percent escapes in lower case.
+fn lower_hex(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut hex = 0;
+    for c in s.chars() {
+        if c == '%' {
+            hex = 2;
+            out.push(c);
+        } else if hex > 0 {
+            hex -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `hay` with every `needle` replaced, or `None` when there is none.
 fn replace(hay: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
     if needle.is_empty() || hay.len() < needle.len() {
@@ -199,7 +231,8 @@ mod tests {
         let s = Secret::from_str_for_test(KEY);
         assert_eq!(format!("{s:?}"), REDACTED);
         let i = Injector::new(&Inject::Header { header: "Authorization".into(), value: "Bearer {key}".into() }, s).unwrap();
-        assert!(!format!("{i:?}").contains("sk_live"), "{i:?}");
+        let dbg = format!("{i:?}");
+        assert!(!dbg.contains("sk_live") && !dbg.contains("115, 107"), "{dbg}");
     }
 
     #[test]
@@ -232,6 +265,9 @@ mod tests {
         let out = String::from_utf8(i.scrub(body.as_bytes()).unwrap()).unwrap();
         assert!(!out.contains("sk_live"), "{out}");
         assert_eq!(out.matches(REDACTED).count(), 3);
+        let echoes = "{\"url\":\"k=sk_live\\/ab+cd=\",\"q\":\"sk_live%2fab%2bcd%3d\"}";
+        let out = String::from_utf8(i.scrub(echoes.as_bytes()).unwrap()).unwrap();
+        assert!(!out.contains("sk_live"), "{out}");
         assert!(i.scrub(b"nothing here").is_none());
         let mut h = HeaderMap::new();
         h.insert("x-echo", format!("key={KEY}").parse().unwrap());

@@ -145,8 +145,10 @@ impl Limiter {
         lock(&self.limits).clone()
     }
 
+    /// Move to the window containing `now` when it is past today's: the day
+    /// only ever moves forward, so a clock stepped back keeps today's counts.
     fn roll(&self, inner: &mut Inner, now_unix: i64) {
-        if now_unix >= inner.window.end || now_unix < inner.window.start {
+        if now_unix >= inner.window.end {
             inner.window = lock(&self.schedule).window(now_unix);
             if inner.counts.day != inner.window.id() {
                 inner.counts = DayCounts {
@@ -407,6 +409,14 @@ mod tests {
         assert_eq!(fired[0].spent, 100_000);
         // Nothing more today.
         assert!(l.reserve(ip("192.0.2.9"), 1, T0).is_err());
+    }
+
+    #[test]
+    fn a_clock_stepped_back_keeps_todays_counts() {
+        let l = limiter(5, 10.0, false);
+        let r = l.reserve(ip("192.0.2.1"), 20_000, T0).unwrap();
+        l.commit(r);
+        assert_eq!(l.today(T0 - 86_400).0.spent, 20_000);
     }
 
     #[test]

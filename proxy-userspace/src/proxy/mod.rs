@@ -43,6 +43,8 @@ use crate::{clock::Clock, config::Config, units::Cidr};
 
 /// Default bound on cached answers.
 const CACHE_BYTES: usize = 64 << 20;
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a forwarder policy could not be built from a config.
 #[derive(Debug, thiserror::Error)]
@@ -339,9 +341,11 @@ impl Forwarder {
         if declared.is_some_and(|n| n > p.max_body) {
             return refuse(Outcome::BodyTooLarge, "request body too large", None);
         }
-        let body = match Limited::new(body, p.max_body as usize).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return refuse(Outcome::BodyTooLarge, "request body too large", None),
+        // Bounded in size and in time: a slow sender cannot hold a slot.
+        let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, p.max_body as usize).collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => return refuse(Outcome::BodyTooLarge, "request body too large", None),
+            Err(_) => return refuse(Outcome::RequestTimeout, "the request body did not arrive in time", None),
         };
 
         // Limits.
@@ -366,7 +370,15 @@ impl Forwarder {
             }
             ser.finish()
         };
-        let cache_key = format!("{} {}?{}", route.method, mapped.path, public_query);
+        let hv = |n: header::HeaderName| parts.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let cache_key = format!(
+            "{} {}?{}\n{}\n{}",
+            route.method,
+            mapped.path,
+            public_query,
+            hv(header::ACCEPT),
+            hv(header::ACCEPT_LANGUAGE)
+        );
         if route.cache_ttl.is_some() {
             if let Some(c) = self.cache.get(&cache_key, now_ns) {
                 let mut r = Response::new(Full::new(c.body));
@@ -409,6 +421,8 @@ impl Forwarder {
             }
         }
         set(h, header::USER_AGENT, concat!("keyward/", env!("CARGO_PKG_VERSION")));
+        // Uncompressed answers only: the key must be findable to be scrubbed.
+        set(h, header::ACCEPT_ENCODING, "identity");
         if let Some(hn) = &p.client_ip_header {
             set(h, hn.clone(), &client.to_string());
         }
@@ -420,10 +434,19 @@ impl Forwarder {
         let answer = match answer {
             Ok(a) => a,
             Err(f) => {
-                self.limiter.refund(reservation);
+                // Once the request may have reached the upstream it may be
+                // billed: keep it charged. Only a call that never left is
+                // given back.
+                if f.maybe_billed() {
+                    for a in self.limiter.commit(reservation) {
+                        self.alert(p, a);
+                    }
+                } else {
+                    self.limiter.refund(reservation);
+                }
                 let (o, d) = match f {
                     Failure::Timeout => (Outcome::UpstreamTimeout, "the upstream service did not answer in time".to_owned()),
-                    Failure::Unavailable(e) => {
+                    Failure::NotSent(e) | Failure::Unavailable(e) => {
                         warn!(route = %name, error = %e, "upstream unavailable");
                         (Outcome::UpstreamUnavailable, "the upstream service could not be reached".to_owned())
                     }
@@ -555,7 +578,11 @@ pub async fn serve(
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else {
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let fwd = fwd.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let fwd = fwd.clone();

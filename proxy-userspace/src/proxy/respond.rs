@@ -27,6 +27,7 @@ pub enum Outcome {
     OriginNotAllowed,
     TokenRequired,
     BodyTooLarge,
+    RequestTimeout,
     RateLimited,
     DailyCapReached,
     BudgetExhausted,
@@ -36,7 +37,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
@@ -45,6 +46,7 @@ impl Outcome {
         Outcome::OriginNotAllowed,
         Outcome::TokenRequired,
         Outcome::BodyTooLarge,
+        Outcome::RequestTimeout,
         Outcome::RateLimited,
         Outcome::DailyCapReached,
         Outcome::BudgetExhausted,
@@ -63,6 +65,7 @@ impl Outcome {
             Outcome::OriginNotAllowed => "origin-not-allowed",
             Outcome::TokenRequired => "token-required",
             Outcome::BodyTooLarge => "body-too-large",
+            Outcome::RequestTimeout => "request-timeout",
             Outcome::RateLimited => "rate-limited",
             Outcome::DailyCapReached => "daily-cap-reached",
             Outcome::BudgetExhausted => "budget-exhausted",
@@ -79,6 +82,7 @@ impl Outcome {
             Outcome::BadParameter => StatusCode::BAD_REQUEST,
             Outcome::OriginNotAllowed | Outcome::TokenRequired => StatusCode::FORBIDDEN,
             Outcome::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Outcome::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Outcome::RateLimited | Outcome::DailyCapReached => StatusCode::TOO_MANY_REQUESTS,
             Outcome::BudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -93,6 +97,7 @@ impl Outcome {
             Outcome::OriginNotAllowed => "This page is not allowed to call this endpoint",
             Outcome::TokenRequired => "A valid page token is required",
             Outcome::BodyTooLarge => "Request body too large",
+            Outcome::RequestTimeout => "The request body did not arrive in time",
             Outcome::RateLimited => "Too many requests from your address",
             Outcome::DailyCapReached => "Daily limit for your address reached",
             Outcome::BudgetExhausted => "Service temporarily unavailable",
