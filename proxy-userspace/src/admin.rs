@@ -90,6 +90,9 @@ pub struct ForwarderStatus {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub requests: Vec<RequestCount>,
+    /// With `limits.dry_run`: refusals that would have happened.
+    #[serde(default)]
+    pub dry_run_would_refuse: Vec<RequestCount>,
 }
 
 /// Requests per route and outcome since start.

@@ -173,7 +173,17 @@ impl Cli {
 /// `check`.
 pub fn check(path: &Path) -> Result<(), CliError> {
     let c = Config::load(path)?;
-    println!("# {}: valid. Effective configuration:\n", path.display());
+    let mut warning = None;
+    if c.listen.is_some() {
+        // Everything the daemon would build: upstream URL and TLS roots,
+        // routes, injection, schedule, webhook, and the key if reachable.
+        warning = crate::proxy::Policy::validate(&c).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    }
+    println!("# {}: valid. Effective configuration:", path.display());
+    if let Some(w) = warning {
+        println!("# warning: {w} (here; the service may have it)");
+    }
+    println!();
     print!("{}", c.to_toml());
     Ok(())
 }

@@ -214,8 +214,23 @@ pub struct Listen {
     pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// Which header trusted proxies write the client into (an extension):
+    /// only that one is read, so a client cannot add the other.
+    #[serde(default)]
+    pub client_ip_from: ForwardedHeader,
     #[serde(default = "default_max_body")]
     pub max_body: Size,
+}
+
+/// The header that carries the client address behind trusted proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx, HAProxy, most load balancers).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=…`.
+    Forwarded,
 }
 
 fn default_max_body() -> Size {
@@ -484,7 +499,13 @@ impl Config {
     /// The effective config as TOML (defaults filled in). Holds no secret:
     /// the key is never part of the config.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let mut shown = self.clone();
+        // A webhook URL may carry a token (user info or query): not printed.
+        let hook = &mut shown.limits.get_mut().alert_webhook;
+        if hook.contains('@') || hook.contains('?') {
+            *hook = "[redacted]".into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
 

@@ -95,6 +95,9 @@ impl State {
                     return Err(e.to_string());
                 }
                 info!(list = ?list, %cidr, expires_unix, "list entry added");
+                if list == List::Allow {
+                    self.sync_allow();
+                }
                 Ok(json(&entry))
             }
             Request::ListRemove { list, cidr } => {
@@ -105,6 +108,9 @@ impl State {
                     return Err(format!("{cidr} is not in the {list:?} list").to_lowercase());
                 }
                 info!(list = ?list, %cidr, "list entry removed");
+                if list == List::Allow {
+                    self.sync_allow();
+                }
                 Ok(serde_json::json!({ "removed": cidr.to_string() }))
             }
             Request::Reload => self.reload().map(|()| serde_json::json!({ "reloaded": true })),
@@ -220,6 +226,12 @@ impl State {
             })
             .collect();
         requests.sort_by(|a, b| (&a.route, &a.outcome).cmp(&(&b.route, &b.outcome)));
+        let mut would: Vec<RequestCount> = f
+            .would_refuse()
+            .into_iter()
+            .map(|((route, o), count)| RequestCount { route, outcome: o.name().into(), count })
+            .collect();
+        would.sort_by(|a, b| (&a.route, &a.outcome).cmp(&(&b.route, &b.outcome)));
         ForwarderStatus {
             listen: self.config.listen.as_ref().map(|l| l.addr.to_string()).unwrap_or_default(),
             currency: f.currency(),
@@ -235,6 +247,7 @@ impl State {
             cache_hits: hits,
             cache_misses: misses,
             requests,
+            dry_run_would_refuse: would,
         }
     }
 
@@ -277,9 +290,26 @@ impl State {
         Ok(())
     }
 
+    /// Give the forwarder the current allow list.
+    fn sync_allow(&self) {
+        if let Some(f) = &self.forwarder {
+            let cidrs = self.store.entries(List::Allow).map(|v| v.into_iter().map(|e| e.cidr).collect()).unwrap_or_default();
+            f.set_allow(cidrs);
+        }
+    }
+
     /// Push a client that exhausted its daily cap into the deny list until
-    /// the reset, persisted like any other deny entry.
+    /// the reset, persisted like any other deny entry. Never a trusted proxy
+    /// or an allow-listed source: denying those would cut off everyone
+    /// behind them.
     pub fn escalate(&mut self, e: &Escalation) {
+        let ip = e.cidr.addr();
+        let trusted = self.config.listen.as_ref().is_some_and(|l| l.trusted_proxies.iter().any(|c| c.contains(ip)));
+        let allowed = self.store.entries(List::Allow).is_ok_and(|v| v.iter().any(|a| a.cidr.contains(ip)));
+        if trusted || allowed {
+            warn!(cidr = %e.cidr, trusted, allowed, "not escalating a trusted or allow-listed source into the deny list");
+            return;
+        }
         let for_secs = e.until_unix.saturating_sub(self.clock.unix_secs()).max(1);
         let req = Request::ListAdd {
             list: List::Deny,
@@ -319,6 +349,7 @@ impl State {
             let (requests, upstream) = f.counts();
             crate::metrics::ForwarderSnapshot {
                 requests: requests.into_iter().map(|((r, o), n)| ((r, o.name().to_owned()), n)).collect(),
+                would_refuse: f.would_refuse().into_iter().map(|((r, o), n)| ((r, o.name().to_owned()), n)).collect(),
                 upstream: upstream.into_iter().collect(),
                 upstream_seconds: f.upstream_histogram(),
                 currency: f.currency(),
@@ -365,6 +396,7 @@ impl State {
             }
             info!(list = ?list, entries = entries.len(), "restored list");
         }
+        self.sync_allow();
         Ok(())
     }
 }
@@ -412,6 +444,16 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    // Handlers for SIGTERM/SIGINT/SIGHUP before anything is loaded: a signal
+    // during setup is then acted on once setup is done, instead of killing
+    // the process half way (and leaving pins behind).
+    let signals = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
     let admin = rt.block_on(async { bind_admin(&config.admin.socket) })?;
     let metrics = match config.admin.metrics.trim() {
         "" => None,
@@ -441,7 +483,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     };
 
     let mut dp = Dataplane::load(&x)?;
-    dp.pin(&Path::new(paths::PIN_ROOT).join(&slot))?;
+    if let Err(e) = dp.pin(&Path::new(paths::PIN_ROOT).join(&slot)) {
+        dp.shutdown(); // removes whatever was pinned
+        let _ = std::fs::remove_file(&config.admin.socket);
+        return Err(e.into());
+    }
     let mut state = State {
         config_path: config_path.to_owned(),
         config: config.clone(),
@@ -472,7 +518,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         rt.spawn(crate::metrics::serve(m, Arc::new(crate::metrics::registry(state.clone()))))
     });
 
-    let served = rt.block_on(serve(state.clone(), admin, escalations));
+    let served = rt.block_on(serve(state.clone(), admin, escalations, signals));
     let _ = stop_tx.send(true);
     if let Some(h) = http {
         let _ = rt.block_on(h);
@@ -491,17 +537,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     served
 }
 
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
 async fn serve(
     state: Arc<Mutex<State>>,
     listener: UnixListener,
     mut escalations: Option<tokio::sync::mpsc::UnboundedReceiver<Escalation>>,
+    (mut term, mut int, mut hup): Signals,
 ) -> anyhow::Result<()> {
     if let Ok(a) = listener.local_addr() {
         info!(socket = ?a.as_pathname(), "admin socket ready");
     }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -542,9 +588,11 @@ async fn answer(state: Arc<Mutex<State>>, stream: tokio::net::UnixStream) {
     .await;
     let resp = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match lock(&state).handle(req) {
-                Ok(data) => Response::Ok { data },
-                Err(message) => Response::Error { message },
+            // Off the runtime: status and top walk the kernel table.
+            Ok(req) => match tokio::task::spawn_blocking(move || lock(&state).handle(req)).await {
+                Ok(Ok(data)) => Response::Ok { data },
+                Ok(Err(message)) => Response::Error { message },
+                Err(e) => Response::Error { message: format!("internal error: {e}") },
             },
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),

@@ -80,6 +80,13 @@ impl Collector for Scrape {
                 ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
             }
         }
+        if !f.would_refuse.is_empty() {
+            let mut m = counter(&mut enc, "keyward_dry_run_would_refuse", "With limits.dry_run: requests that would have been refused, by route and outcome.")?;
+            for ((route, outcome), n) in &f.would_refuse {
+                let l = [("route", route.as_str()), ("outcome", outcome.as_str())];
+                ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
+            }
+        }
         {
             let mut m = counter(&mut enc, "keyward_upstream_responses", "Upstream answers, by route and status code.")?;
             for ((route, code), n) in &f.upstream {
@@ -125,6 +132,7 @@ pub struct Snapshot {
 /// The forwarder's part of a scrape.
 pub struct ForwarderSnapshot {
     pub requests: Vec<((String, String), u64)>,
+    pub would_refuse: Vec<((String, String), u64)>,
     pub upstream: Vec<((String, u16), u64)>,
     pub upstream_seconds: prometheus_client::metrics::histogram::Histogram,
     pub currency: String,
@@ -153,7 +161,14 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let registry = registry.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(req.uri().path(), &registry)) }
+                let path = req.uri().path().to_owned();
+                // Off the runtime: a scrape walks the kernel's source table.
+                async move {
+                    let r = tokio::task::spawn_blocking(move || answer(&path, &registry))
+                        .await
+                        .unwrap_or_else(|_| answer("/error", &Registry::default()));
+                    Ok::<_, std::convert::Infallible>(r)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -381,4 +381,23 @@ fn dry_run_refuses_nothing_but_counts() {
     }
     assert_eq!(s.up.calls().len(), 4);
     assert_eq!(s.spent(), 80_000, "dry run still counts spend");
+    let f = s.d.status().forwarder.unwrap();
+    let would = |o: &str| f.dry_run_would_refuse.iter().filter(|r| r.outcome == o).map(|r| r.count).sum::<u64>();
+    assert_eq!(would("origin-not-allowed"), 4);
+    assert!(would("rate-limited") >= 1 && would("daily-cap-reached") >= 1, "{:?}", f.dry_run_would_refuse);
+    assert_eq!(f.outcome("forwarded"), 4);
+}
+
+#[test]
+fn allow_listed_clients_skip_per_ip_limits_but_not_the_budget() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("per_ip_rate = 1\nper_ip_burst = 1\nper_ip_daily = 1\ndaily = 0.06\ndeny_on_daily_cap = true", "");
+    s.d.ok(&["allow", "add", "10.77.0.0/24"]);
+    for i in 0..3 {
+        assert_eq!(s.page(&format!("/postcodes/AL{i}")).status, 200);
+    }
+    assert_problem(&s.page("/postcodes/AL9"), 503, "budget-exhausted");
+    assert!(!s.d.ok(&["deny", "ls"]).contains("10.77.0.2"), "an allow-listed client was escalated");
 }

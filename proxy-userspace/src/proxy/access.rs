@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 
-use crate::units::Cidr;
+use crate::{config::ForwardedHeader, units::Cidr};
 
 /// Allowed origins and whether one is required.
 #[derive(Debug, Clone, Default)]
@@ -105,16 +105,18 @@ fn host_of(url: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// The client's address: the peer, or the first untrusted hop behind trusted proxies.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+/// The client's address: the peer, or the first untrusted hop behind trusted
+/// proxies, read from the one header the proxies are configured to write.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr], from: ForwardedHeader) -> IpAddr {
     let peer = canonical(peer);
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
         return peer;
     }
-    // Every hop, oldest first, from Forwarded (preferred) or X-Forwarded-For.
+    // Every hop, oldest first, from the configured header only.
     let mut hops: Vec<IpAddr> = Vec::new();
-    for v in headers.get_all(http::header::FORWARDED) {
+    let forwarded = if from == ForwardedHeader::Forwarded { headers.get_all(http::header::FORWARDED).iter().collect() } else { Vec::new() };
+    for v in forwarded {
         let Ok(v) = v.to_str() else { continue };
         for elem in v.split(',') {
             for pair in elem.split(';') {
@@ -128,7 +130,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
             }
         }
     }
-    if hops.is_empty() {
+    if from == ForwardedHeader::XForwardedFor {
         for v in headers.get_all("x-forwarded-for") {
             let Ok(v) = v.to_str() else { continue };
             hops.extend(v.split(',').filter_map(|h| parse_node(h.trim())));
@@ -217,19 +219,24 @@ mod tests {
     fn client_identity() {
         let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
         let peer: IpAddr = "10.1.1.1".parse().unwrap();
+        let x = ForwardedHeader::XForwardedFor;
         let xff = h(&[("x-forwarded-for", "6.6.6.6, 203.0.113.5, 10.2.2.2")]);
-        assert_eq!(client_ip(peer, &xff, &trusted), "203.0.113.5".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(peer, &xff, &trusted, x), "203.0.113.5".parse::<IpAddr>().unwrap());
         // An untrusted peer's headers are ignored.
         let outsider: IpAddr = "198.51.100.9".parse().unwrap();
-        assert_eq!(client_ip(outsider, &xff, &trusted), outsider);
+        assert_eq!(client_ip(outsider, &xff, &trusted, x), outsider);
         let fwd = h(&[("forwarded", "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https")]);
-        assert_eq!(client_ip(peer, &fwd, &trusted), "2001:db8::7".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(peer, &fwd, &trusted, ForwardedHeader::Forwarded), "2001:db8::7".parse::<IpAddr>().unwrap());
+        // A client-written Forwarded is not read when the proxies write XFF.
+        let both = h(&[("forwarded", "for=10.1.1.1"), ("x-forwarded-for", "203.0.113.5")]);
+        assert_eq!(client_ip(peer, &both, &trusted, x), "203.0.113.5".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(peer, &fwd, &trusted, x), peer);
         // Only trusted hops: the oldest one.
         let all = h(&[("x-forwarded-for", "10.9.9.9")]);
-        assert_eq!(client_ip(peer, &all, &trusted), "10.9.9.9".parse::<IpAddr>().unwrap());
-        assert_eq!(client_ip(peer, &h(&[]), &trusted), peer);
+        assert_eq!(client_ip(peer, &all, &trusted, x), "10.9.9.9".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(peer, &h(&[]), &trusted, x), peer);
         let mapped: IpAddr = "::ffff:198.51.100.9".parse().unwrap();
-        assert_eq!(client_ip(mapped, &h(&[]), &trusted), outsider);
+        assert_eq!(client_ip(mapped, &h(&[]), &trusted, x), outsider);
     }
 
     #[test]

@@ -180,20 +180,21 @@ impl Limiter {
         }
     }
 
-    /// Whether `ip` may make a billable call of `cost` now (nothing is taken).
-    pub fn check_daily(&self, ip: IpAddr, cost: u64, now_unix: i64) -> Result<(), Refusal> {
+    /// Whether `ip` may make a billable call of `cost` now (nothing is
+    /// taken). An `exempt` (allow-listed) client meets only the budget.
+    pub fn check_daily(&self, ip: IpAddr, cost: u64, now_unix: i64, exempt: bool) -> Result<(), Refusal> {
         let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
-        check(&l, &inner, ip, cost)
+        check(&l, &inner, ip, cost, exempt)
     }
 
     /// Take `cost` and one call from `ip`'s daily count, or refuse.
-    pub fn reserve(&self, ip: IpAddr, cost: u64, now_unix: i64) -> Result<Reservation, Refusal> {
+    pub fn reserve(&self, ip: IpAddr, cost: u64, now_unix: i64, exempt: bool) -> Result<Reservation, Refusal> {
         let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
-        let verdict = check(&l, &inner, ip, cost);
+        let verdict = check(&l, &inner, ip, cost, exempt);
         if verdict.is_err() && !l.dry_run {
             return Err(verdict.unwrap_err());
         }
@@ -287,9 +288,9 @@ impl Limiter {
     }
 }
 
-fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64) -> Result<(), Refusal> {
+fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64, exempt: bool) -> Result<(), Refusal> {
     let used = inner.counts.per_ip.get(&ip).copied().unwrap_or(0);
-    if used >= l.per_ip_daily {
+    if !exempt && used >= l.per_ip_daily {
         return Err(Refusal::Daily {
             reset: inner.window.end,
         });
@@ -370,31 +371,31 @@ mod tests {
     fn daily_cap_and_refunds() {
         let l = limiter(3, 1000.0, false);
         let a = ip("192.0.2.1");
-        let r1 = l.reserve(a, 20_000, T0).unwrap();
+        let r1 = l.reserve(a, 20_000, T0, false).unwrap();
         l.refund(r1); // not billable: does not count
         for _ in 0..3 {
-            let r = l.reserve(a, 20_000, T0).unwrap();
+            let r = l.reserve(a, 20_000, T0, false).unwrap();
             l.commit(r);
         }
-        assert_eq!(l.check_daily(a, 20_000, T0), Err(Refusal::Daily { reset: T0 + 16 * 3600 }));
-        assert!(matches!(l.reserve(a, 20_000, T0), Err(Refusal::Daily { .. })));
+        assert_eq!(l.check_daily(a, 20_000, T0, false), Err(Refusal::Daily { reset: T0 + 16 * 3600 }));
+        assert!(matches!(l.reserve(a, 20_000, T0, false), Err(Refusal::Daily { .. })));
         assert_eq!(l.today(T0).0.spent, 60_000);
-        assert!(l.check_daily(ip("192.0.2.9"), 20_000, T0).is_ok());
+        assert!(l.check_daily(ip("192.0.2.9"), 20_000, T0, false).is_ok());
         // The next day starts afresh.
         let tomorrow = T0 + 16 * 3600;
-        assert!(l.check_daily(a, 20_000, tomorrow).is_ok());
+        assert!(l.check_daily(a, 20_000, tomorrow, false).is_ok());
         assert_eq!(l.today(tomorrow).0.spent, 0);
     }
 
     #[test]
     fn budget_is_a_hard_stop_with_concurrent_reservations() {
         let l = limiter(1000, 0.05, false);
-        let held: Vec<_> = (0..2).map(|i| l.reserve(ip(&format!("192.0.2.{i}")), 20_000, T0).unwrap()).collect();
+        let held: Vec<_> = (0..2).map(|i| l.reserve(ip(&format!("192.0.2.{i}")), 20_000, T0, false).unwrap()).collect();
         // 0.04 reserved; a third 0.02 would make 0.06 > 0.05.
-        assert!(matches!(l.reserve(ip("192.0.2.9"), 20_000, T0), Err(Refusal::Budget { .. })));
+        assert!(matches!(l.reserve(ip("192.0.2.9"), 20_000, T0, false), Err(Refusal::Budget { .. })));
         let mut it = held.into_iter();
         l.refund(it.next().unwrap());
-        assert!(l.reserve(ip("192.0.2.9"), 20_000, T0).is_ok());
+        assert!(l.reserve(ip("192.0.2.9"), 20_000, T0, false).is_ok());
     }
 
     #[test]
@@ -402,19 +403,19 @@ mod tests {
         let l = limiter(1000, 0.10, false);
         let mut fired = Vec::new();
         for i in 0..5 {
-            let r = l.reserve(ip(&format!("192.0.2.{i}")), 20_000, T0).unwrap();
+            let r = l.reserve(ip(&format!("192.0.2.{i}")), 20_000, T0, false).unwrap();
             fired.extend(l.commit(r));
         }
         assert_eq!(fired.iter().map(|a| a.fraction).collect::<Vec<_>>(), vec![900_000, 1_000_000]);
         assert_eq!(fired[0].spent, 100_000);
         // Nothing more today.
-        assert!(l.reserve(ip("192.0.2.9"), 1, T0).is_err());
+        assert!(l.reserve(ip("192.0.2.9"), 1, T0, false).is_err());
     }
 
     #[test]
     fn a_clock_stepped_back_keeps_todays_counts() {
         let l = limiter(5, 10.0, false);
-        let r = l.reserve(ip("192.0.2.1"), 20_000, T0).unwrap();
+        let r = l.reserve(ip("192.0.2.1"), 20_000, T0, false).unwrap();
         l.commit(r);
         assert_eq!(l.today(T0 - 86_400).0.spent, 20_000);
     }
@@ -424,7 +425,7 @@ mod tests {
         let l = limiter(1, 0.02, true);
         let a = ip("192.0.2.1");
         for _ in 0..3 {
-            let r = l.reserve(a, 20_000, T0).unwrap();
+            let r = l.reserve(a, 20_000, T0, false).unwrap();
             l.commit(r);
         }
         assert_eq!(l.today(T0).0.spent, 60_000);
@@ -435,7 +436,7 @@ mod tests {
     fn restart_keeps_todays_counts_but_not_yesterdays() {
         let l = limiter(5, 10.0, false);
         let a = ip("192.0.2.1");
-        let r = l.reserve(a, 20_000, T0).unwrap();
+        let r = l.reserve(a, 20_000, T0, false).unwrap();
         l.commit(r);
         let saved = l.take_dirty().unwrap();
         assert!(l.take_dirty().is_none());

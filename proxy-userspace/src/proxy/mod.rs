@@ -73,6 +73,7 @@ pub struct Policy {
     injector: Injector,
     upstream: Upstream,
     trusted: Vec<Cidr>,
+    client_ip_from: crate::config::ForwardedHeader,
     max_body: u64,
     v6_prefix: u8,
     client_ip_header: Option<HeaderName>,
@@ -87,13 +88,31 @@ pub struct Policy {
 impl Policy {
     /// Compile a config (loading the key). Nothing changes on error.
     pub fn build(cfg: &Config) -> Result<Policy, PolicyError> {
+        let up = cfg.upstream.as_ref().ok_or(PolicyError::NoUpstream)?;
+        Policy::build_with(cfg, Secret::load(up)?)
+    }
+
+    /// Check everything `build` would, for `keyward check`. A key that is not
+    /// readable from here (the service's environment is not the operator's
+    /// shell) is a warning, returned, not an error.
+    pub fn validate(cfg: &Config) -> Result<Option<String>, PolicyError> {
+        let up = cfg.upstream.as_ref().ok_or(PolicyError::NoUpstream)?;
+        match Secret::load(up) {
+            Ok(s) => Policy::build_with(cfg, s).map(|_| None),
+            Err(e @ (inject::KeyError::Env(_) | inject::KeyError::File { .. })) => {
+                Policy::build_with(cfg, Secret::from_str_for_test("placeholder")).map(|_| Some(e.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn build_with(cfg: &Config, secret: Secret) -> Result<Policy, PolicyError> {
         let listen = cfg.listen.as_ref();
         let up = cfg.upstream.as_ref().ok_or(PolicyError::NoUpstream)?;
         if cfg.routes.is_empty() {
             return Err(PolicyError::NoRoutes);
         }
         let routes = Routes::compile(&cfg.routes).map_err(PolicyError::Route)?;
-        let secret = Secret::load(up)?;
         let injector = Injector::new(&up.inject, secret)?;
         let l = cfg.limits.get_ref();
         let budget = limit::micros(l.daily).ok_or_else(|| PolicyError::Limits("daily must be a non-negative amount".into()))?;
@@ -118,6 +137,7 @@ impl Policy {
             injector,
             upstream: Upstream::new(up)?,
             trusted: listen.map(|l| l.trusted_proxies.clone()).unwrap_or_default(),
+            client_ip_from: listen.map(|l| l.client_ip_from).unwrap_or_default(),
             max_body: listen.map_or(16 * 1024, |l| l.max_body.0),
             v6_prefix: cfg.xdp().ipv6_prefix.0,
             client_ip_header,
@@ -151,6 +171,8 @@ pub struct Escalation {
 pub struct Counts {
     pub requests: HashMap<String, [u64; Outcome::ALL.len()]>,
     pub upstream: HashMap<(String, u16), u64>,
+    /// In dry run: the refusals that would have happened.
+    pub would_refuse: HashMap<(String, Outcome), u64>,
 }
 
 /// The forwarder.
@@ -161,6 +183,9 @@ pub struct Forwarder {
     clock: Arc<dyn Clock>,
     escalate: mpsc::UnboundedSender<Escalation>,
     counts: Mutex<Counts>,
+    /// The operator's allow list (kept in step by the daemon): these clients
+    /// bypass the per-IP rate and daily cap, never the global budget.
+    allow: RwLock<Vec<Cidr>>,
     upstream_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Last second each outcome was logged at info (log sampling).
     logged: Mutex<HashMap<Outcome, u64>>,
@@ -186,6 +211,7 @@ impl Forwarder {
                 clock,
                 escalate: tx,
                 counts: Mutex::new(Counts::default()),
+                allow: RwLock::new(Vec::new()),
                 upstream_seconds: prometheus_client::metrics::histogram::Histogram::new(
                     prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
                 ),
@@ -203,6 +229,15 @@ impl Forwarder {
 
     fn policy(&self) -> Arc<Policy> {
         self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replace the allow list the forwarder honours.
+    pub fn set_allow(&self, cidrs: Vec<Cidr>) {
+        *self.allow.write().unwrap_or_else(std::sync::PoisonError::into_inner) = cidrs;
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        self.allow.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter().any(|c| c.contains(ip))
     }
 
     /// The limiter (for persistence and status).
@@ -235,6 +270,16 @@ impl Forwarder {
             })
             .collect();
         (requests, c.upstream.clone())
+    }
+
+    /// Dry run's would-be refusals by route and outcome.
+    pub fn would_refuse(&self) -> HashMap<(String, Outcome), u64> {
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).would_refuse.clone()
+    }
+
+    fn would(&self, route: &str, o: Outcome) {
+        let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *c.would_refuse.entry((route.to_owned(), o)).or_insert(0) += 1;
     }
 
     /// The upstream latency histogram (shared, for metrics).
@@ -270,7 +315,7 @@ impl Forwarder {
     /// Answer one request from `peer`.
     pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let p = self.policy();
-        let client = access::client_ip(peer.ip(), req.headers(), &p.trusted);
+        let client = access::client_ip(peer.ip(), req.headers(), &p.trusted, p.client_ip_from);
         let key = access::client_key(client, p.v6_prefix);
         let (mut resp, route, outcome) = self.decide(&p, req, client, key).await;
         if !matches!(outcome, Outcome::Forwarded | Outcome::CacheHit | Outcome::Preflight) {
@@ -327,7 +372,10 @@ impl Forwarder {
         };
         let origin = match cors {
             OriginCheck::Allowed(o) => o,
-            OriginCheck::Refused if p.dry_run => None,
+            OriginCheck::Refused if p.dry_run => {
+                self.would(&name, Outcome::OriginNotAllowed);
+                None
+            }
             OriginCheck::Refused => return refuse(Outcome::OriginNotAllowed, "the calling page's origin is not allowed", None),
         };
 
@@ -348,16 +396,20 @@ impl Forwarder {
             Err(_) => return refuse(Outcome::RequestTimeout, "the request body did not arrive in time", None),
         };
 
-        // Limits.
+        // Limits. Allow-listed clients skip the per-IP ones (not the budget).
         let now_ns = self.clock.monotonic_ns();
         let now = self.clock.unix_secs() as i64;
-        if let Err(Refusal::Rate { retry_after }) = self.limiter.rate(key, now_ns) {
-            if !p.dry_run {
-                return refuse(Outcome::RateLimited, "per-address rate exceeded", Some(retry_after));
+        let exempt = self.allowed(client);
+        if !exempt {
+            if let Err(Refusal::Rate { retry_after }) = self.limiter.rate(key, now_ns) {
+                if !p.dry_run {
+                    return refuse(Outcome::RateLimited, "per-address rate exceeded", Some(retry_after));
+                }
+                self.would(&name, Outcome::RateLimited);
             }
         }
-        if let Err(r) = self.limiter.check_daily(key, route.cost, now) {
-            if let Some(x) = self.daily_refusal(p, r, key, now) {
+        if let Err(r) = self.limiter.check_daily(key, route.cost, now, exempt) {
+            if let Some(x) = self.daily_refusal(p, r, key, now, &name) {
                 return (x.0, name, x.1);
             }
         }
@@ -392,9 +444,9 @@ impl Forwarder {
         }
 
         // Reserve, call, charge or refund.
-        let reservation = match self.limiter.reserve(key, route.cost, now) {
+        let reservation = match self.limiter.reserve(key, route.cost, now, exempt) {
             Ok(r) => r,
-            Err(r) => match self.daily_refusal(p, r, key, now) {
+            Err(r) => match self.daily_refusal(p, r, key, now, &name) {
                 Some(x) => return (x.0, name, x.1),
                 None => return refuse(Outcome::BudgetExhausted, "budget", None),
             },
@@ -487,8 +539,16 @@ impl Forwarder {
 
     /// The answer for a daily refusal (escalating when configured), or
     /// `None` in dry run.
-    fn daily_refusal(&self, p: &Policy, r: Refusal, key: IpAddr, now: i64) -> Option<(Response<Body>, Outcome)> {
+    fn daily_refusal(&self, p: &Policy, r: Refusal, key: IpAddr, now: i64, route: &str) -> Option<(Response<Body>, Outcome)> {
         if p.dry_run {
+            self.would(
+                route,
+                match r {
+                    Refusal::Daily { .. } => Outcome::DailyCapReached,
+                    Refusal::Budget { .. } => Outcome::BudgetExhausted,
+                    Refusal::Rate { .. } => Outcome::RateLimited,
+                },
+            );
             return None;
         }
         match r {

@@ -67,7 +67,7 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
         for i in 0..n {
             let ip = IpAddr::from((0x0b00_0000 + i).to_be_bytes());
             let _ = l.rate(ip, 1_000_000_000);
-            if let Ok(r) = l.reserve(ip, 1, 1_795_420_800) {
+            if let Ok(r) = l.reserve(ip, 1, 1_795_420_800, false) {
                 l.commit(r);
             }
         }
