@@ -3,7 +3,9 @@
 //! The walk: Ethernet, up to two VLAN tags (802.1Q / 802.1ad), then IPv4
 //! (honouring IHL) or IPv6 (walking up to `MAX_V6_EXT_HEADERS` extension
 //! headers), then the TCP header. Anything that is not TCP is `Unguarded`;
-//! anything cut short or garbled is `Malformed`.
+//! anything cut short or garbled before the source address is `Malformed`;
+//! an IP packet whose TCP header cannot be reached is `Unattributed` (its
+//! source is known, its port is not).
 
 use core::mem::size_of;
 
@@ -36,6 +38,27 @@ pub enum Source {
 pub struct Tcp {
     pub source: Source,
     pub dport: u16,
+}
+
+/// A packet whose IP header (and so its source) parsed, but whose TCP header
+/// could not be reached: cut short, or behind more extension headers than
+/// the walk's bound. Its port is unknown, so it cannot be shown to be
+/// unguarded; the policy applies the deny list and the source's bucket.
+#[derive(Clone, Copy)]
+pub struct Unattributed(pub Source);
+
+/// Why `tcp` found no TCP header to judge.
+pub enum Miss {
+    /// Not ours to judge (`Unguarded`), or garbled before a source is known (`Malformed`).
+    Verdict(Reason),
+    /// The source is known, the port is not.
+    Source(Unattributed),
+}
+
+impl From<Reason> for Miss {
+    fn from(r: Reason) -> Miss {
+        Miss::Verdict(r)
+    }
 }
 
 #[repr(C)]
@@ -110,9 +133,9 @@ fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, Reason> {
     Ok(unsafe { *p })
 }
 
-/// Parse down to TCP. `Err` carries `Unguarded` (not TCP over IP) or `Malformed`.
+/// Parse down to TCP.
 #[inline(always)]
-pub fn tcp(ctx: &XdpContext) -> Result<Tcp, Reason> {
+pub fn tcp(ctx: &XdpContext) -> Result<Tcp, Miss> {
     let mut proto = u16::from_be_bytes(read::<[u8; 2]>(ctx, 12)?);
     let mut off = ETH_HLEN;
     for _ in 0..2 {
@@ -124,31 +147,32 @@ pub fn tcp(ctx: &XdpContext) -> Result<Tcp, Reason> {
     match proto {
         ETH_P_IP => ipv4(ctx, off),
         ETH_P_IPV6 => ipv6(ctx, off),
-        _ => Err(Reason::Unguarded),
+        _ => Err(Miss::Verdict(Reason::Unguarded)),
     }
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Result<Tcp, Reason> {
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, off)?;
     // SAFETY: ptr_at checked the whole header is inside the packet.
     let (version_ihl, frag, proto, src) = unsafe { ((*ip).version_ihl, (*ip).frag, (*ip).proto, (*ip).src) };
     if version_ihl >> 4 != 4 {
-        return Err(Reason::Malformed);
+        return Err(Miss::Verdict(Reason::Malformed));
     }
     let ihl = usize::from(version_ihl & 0x0f).wrapping_mul(4);
     if ihl < size_of::<Ipv4Hdr>() {
-        return Err(Reason::Malformed);
+        return Err(Miss::Verdict(Reason::Malformed));
     }
     if proto != IPPROTO_TCP {
-        return Err(Reason::Unguarded);
+        return Err(Miss::Verdict(Reason::Unguarded));
     }
     // A non-first fragment carries no TCP header: the port is unknowable
-    // here, and the stack reassembles or drops it.
+    // here, and the stack reassembles or drops it. Legitimate fragments
+    // exist (large UDP answers), so these pass.
     if u16::from_be_bytes(frag) & 0x1fff != 0 {
-        return Err(Reason::Unguarded);
+        return Err(Miss::Verdict(Reason::Unguarded));
     }
-    let dport = tcp_dport(ctx, off.wrapping_add(ihl))?;
+    let dport = tcp_dport(ctx, off.wrapping_add(ihl)).map_err(|_| Miss::Source(Unattributed(Source::V4(src))))?;
     Ok(Tcp {
         source: Source::V4(src),
         dport,
@@ -156,54 +180,56 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Tcp, Reason> {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Reason> {
+fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, off)?;
     // SAFETY: ptr_at checked the whole header is inside the packet.
     let (vtcfl, mut next, src) = unsafe { ((*ip).vtcfl, (*ip).next, (*ip).src) };
     let [v, ..] = vtcfl;
     if v >> 4 != 6 {
-        return Err(Reason::Malformed);
+        return Err(Miss::Verdict(Reason::Malformed));
     }
+    let unattributed = || Miss::Source(Unattributed(Source::V6(src)));
     let mut off = off.wrapping_add(size_of::<Ipv6Hdr>());
     for _ in 0..MAX_V6_EXT_HEADERS {
         match next {
             IPPROTO_TCP => {
-                let dport = tcp_dport(ctx, off)?;
+                let dport = tcp_dport(ctx, off).map_err(|_| unattributed())?;
                 return Ok(Tcp {
                     source: Source::V6(src),
                     dport,
                 });
             }
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let h = read::<ExtHdr>(ctx, off)?;
+                let h = read::<ExtHdr>(ctx, off).map_err(|_| unattributed())?;
                 next = h.next;
                 off = off.wrapping_add((usize::from(h.len).wrapping_add(1)).wrapping_mul(8));
             }
             IPV6_AH => {
-                let h = read::<ExtHdr>(ctx, off)?;
+                let h = read::<ExtHdr>(ctx, off).map_err(|_| unattributed())?;
                 next = h.next;
                 off = off.wrapping_add((usize::from(h.len).wrapping_add(2)).wrapping_mul(4));
             }
             IPV6_FRAGMENT => {
-                let h = read::<FragHdr>(ctx, off)?;
+                let h = read::<FragHdr>(ctx, off).map_err(|_| unattributed())?;
                 if u16::from_be_bytes(h.offset_flags) & 0xfff8 != 0 {
-                    return Err(Reason::Unguarded);
+                    return Err(Miss::Verdict(Reason::Unguarded));
                 }
                 next = h.next;
                 off = off.wrapping_add(size_of::<FragHdr>());
             }
-            _ => return Err(Reason::Unguarded),
+            _ => return Err(Miss::Verdict(Reason::Unguarded)),
         }
     }
     if next == IPPROTO_TCP {
-        let dport = tcp_dport(ctx, off)?;
+        let dport = tcp_dport(ctx, off).map_err(|_| unattributed())?;
         return Ok(Tcp {
             source: Source::V6(src),
             dport,
         });
     }
-    // Still inside extension headers after the walk's bound.
-    Err(Reason::Malformed)
+    // Still inside extension headers after the walk's bound: the stack may
+    // well accept it, so it must not be a way around deny and rate.
+    Err(unattributed())
 }
 
 /// The TCP destination port, requiring the whole fixed TCP header.

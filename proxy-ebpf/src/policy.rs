@@ -1,5 +1,9 @@
-//! The decision for a parsed packet, in order: unguarded port → pass; allow
-//! list → pass; deny list (unexpired) → drop; then the two token buckets.
+//! The decision for a parsed packet, in order: unguarded port → pass; deny
+//! list (unexpired) → drop; allow list → pass (the contract's order: a
+//! deny inside an allowed network wins); then the buckets. A packet whose
+//! source is known but whose port is not (cut short, too many IPv6
+//! extension headers) meets the deny list and its source's buckets too, and
+//! passes as `malformed` when under them: it cannot be a way around either.
 //!
 //! Rate: a known source is charged to its own bucket, then to the aggregate
 //! bucket of its wider prefix. An unknown source is first charged to the
@@ -34,17 +38,20 @@ const BPF_NOEXIST: u64 = 1;
 /// Decide the reason for this packet.
 #[inline(always)]
 pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
-    let tcp = match parse::tcp(ctx) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let (source, unattributed) = match parse::tcp(ctx) {
+        Ok(t) => {
+            match PORTS.get(u32::from(t.dport)) {
+                Some(g) if *g != 0 => {}
+                _ => return Reason::Unguarded,
+            }
+            (t.source, false)
+        }
+        Err(parse::Miss::Verdict(r)) => return r,
+        Err(parse::Miss::Source(parse::Unattributed(s))) => (s, true),
     };
-    match PORTS.get(u32::from(tcp.dport)) {
-        Some(g) if *g != 0 => {}
-        _ => return Reason::Unguarded,
-    }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (listed, own, wide) = match tcp.source {
+    let (listed, own, wide) = match source {
         Source::V4(a) => (
             lists(cfg, &ALLOW_V4, &DENY_V4, &Key::new(32, a), now),
             key_v4(a, 32),
@@ -59,7 +66,10 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
     if let Some(r) = listed {
         return r;
     }
-    rate(cfg, &own, &wide, now)
+    match rate(cfg, &own, &wide, now) {
+        Reason::UnderRate if unattributed => Reason::Malformed,
+        r => r,
+    }
 }
 
 #[inline(always)]
@@ -99,7 +109,7 @@ fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason 
     Reason::UnderRate
 }
 
-/// The allow list, then the (unexpired) deny list, each skipped while empty.
+/// The (unexpired) deny list, then the allow list, each skipped while empty.
 #[inline(always)]
 fn lists<K>(
     cfg: &XdpConfig,
@@ -108,15 +118,15 @@ fn lists<K>(
     key: &Key<K>,
     now: u64,
 ) -> Option<Reason> {
-    if cfg.flags & FLAG_HAS_ALLOW != 0 && allow.get(key).is_some() {
-        return Some(Reason::Allowed);
-    }
     if cfg.flags & FLAG_HAS_DENY != 0 {
         if let Some(d) = deny.get(key) {
             if d.active(now) {
                 return Some(Reason::Denied);
             }
         }
+    }
+    if cfg.flags & FLAG_HAS_ALLOW != 0 && allow.get(key).is_some() {
+        return Some(Reason::Allowed);
     }
     None
 }

@@ -151,20 +151,47 @@ fn token_bucket_admits_burst_then_drops() {
 }
 
 #[test]
-fn allow_list_beats_deny_and_rate() {
+fn allow_list_skips_rate_and_deny_wins_over_allow() {
     if !privileged() {
         return;
     }
     let mut h = Harness::new("");
-    let net: Cidr = "192.0.2.0/24".parse().unwrap();
-    h.dp.list_insert(List::Deny, &net, 0).unwrap();
-    h.dp.list_insert(List::Allow, &"192.0.2.10/32".parse().unwrap(), 0).unwrap();
+    h.dp.list_insert(List::Allow, &"192.0.2.0/24".parse().unwrap(), 0).unwrap();
     for _ in 0..50 {
         h.expect("allowed", &syn(SRC), XDP_PASS, "pass", "allowed");
     }
-    h.expect("denied", &syn(Ipv4Addr::new(192, 0, 2, 99)), XDP_DROP, "drop", "denied");
-    h.dp.list_remove(List::Deny, &net).unwrap();
-    h.expect("released", &syn(Ipv4Addr::new(192, 0, 2, 99)), XDP_PASS, "pass", "under_rate");
+    // The contract's order: a deny inside an allowed network wins.
+    let bad: Cidr = "192.0.2.10/32".parse().unwrap();
+    h.dp.list_insert(List::Deny, &bad, 0).unwrap();
+    h.expect("denied inside allowed", &syn(SRC), XDP_DROP, "drop", "denied");
+    h.expect("neighbour still allowed", &syn(Ipv4Addr::new(192, 0, 2, 11)), XDP_PASS, "pass", "allowed");
+    h.dp.list_remove(List::Deny, &bad).unwrap();
+    h.expect("released", &syn(SRC), XDP_PASS, "pass", "allowed");
+}
+
+#[test]
+fn packets_without_a_reachable_port_still_meet_deny_and_rate() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new("");
+    let v6src = src6(1);
+    let seven: Vec<(u8, Vec<u8>)> = (0..7).map(|_| (60, frame::ext8())).collect();
+    let t6 = frame::tcp6_header(v6src, DST6, 1, PORT);
+    let deep = frame::ethernet(Macs::TEST, &[], 0x86dd, &frame::ipv6(v6src, DST6, &seven, TCP, &t6));
+    let cut = &syn(SRC)[..40]; // IPv4 header whole, TCP header cut short
+    // Under the limit they pass, counted as malformed.
+    h.expect("deep v6", &deep, XDP_PASS, "pass", "malformed");
+    h.expect("cut v4", cut, XDP_PASS, "pass", "malformed");
+    // A denied source cannot use them to get around the deny list...
+    h.dp.list_insert(List::Deny, &"2001:db8:1::/48".parse().unwrap(), 0).unwrap();
+    h.expect("deep v6, denied", &deep, XDP_DROP, "drop", "denied");
+    // ...nor around its token bucket.
+    let mut dropped = 0;
+    for _ in 0..100 {
+        dropped += u32::from(h.run(cut) == XDP_DROP);
+    }
+    assert!(dropped >= 75, "only {dropped} of 100 cut frames over the limit were dropped");
 }
 
 #[test]
