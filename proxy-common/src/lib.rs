@@ -219,6 +219,35 @@ pub struct Bucket {
 }
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 
+impl Bucket {
+    /// A bucket whose first packet, at `now`, was admitted.
+    #[inline(always)]
+    pub const fn fresh(p: &bucket::Params, now_ns: u64) -> Bucket {
+        Bucket {
+            tat_ns: p.first(now_ns),
+            packets: 1,
+            drops: 0,
+        }
+    }
+
+    /// Count one packet against the bucket: true when admitted (the arrival
+    /// time moves on), false when over the limit (counted as a drop).
+    #[inline(always)]
+    pub fn take(&mut self, p: &bucket::Params, now_ns: u64) -> bool {
+        self.packets = self.packets.wrapping_add(1);
+        match p.admit(self.tat_ns, now_ns) {
+            Some(t) => {
+                self.tat_ns = t;
+                true
+            }
+            None => {
+                self.drops = self.drops.wrapping_add(1);
+                false
+            }
+        }
+    }
+}
+
 /// Value of the deny tries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -288,6 +317,17 @@ mod tests {
             let drops = matches!(r, Reason::Denied | Reason::Rate);
             assert_eq!(r.verdict() == Action::Drop, drops, "{r:?}");
         }
+    }
+
+    #[test]
+    fn bucket_take_counts_packets_and_drops() {
+        let p = bucket::Params::new(10, 2);
+        let mut b = Bucket::fresh(&p, 1_000);
+        assert!(b.take(&p, 1_000));
+        assert!(!b.take(&p, 1_000));
+        assert_eq!((b.packets, b.drops), (3, 1));
+        // A tenth of a second later one more token is back.
+        assert!(b.take(&p, 1_000 + 100_000_000));
     }
 
     #[test]

@@ -78,13 +78,8 @@ fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason 
         // SAFETY: a live LRU element; concurrent updates from other CPUs can
         // only make the count approximate, never unsafe (cilium does the same).
         let b = unsafe { &mut *b };
-        b.packets = b.packets.wrapping_add(1);
-        match cfg.source.admit(b.tat_ns, now) {
-            Some(t) => b.tat_ns = t,
-            None => {
-                b.drops = b.drops.wrapping_add(1);
-                return Reason::Rate;
-            }
+        if !b.take(&cfg.source, now) {
+            return Reason::Rate;
         }
         if !charge(&cfg.aggregate, wide, now) {
             b.drops = b.drops.wrapping_add(1);
@@ -95,12 +90,7 @@ fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason 
     if !charge(&cfg.aggregate, wide, now) || !admit(&cfg.admit, now) {
         return Reason::Rate;
     }
-    let fresh = Bucket {
-        tat_ns: cfg.source.first(now),
-        packets: 1,
-        drops: 0,
-    };
-    if SOURCES.insert(own, &fresh, BPF_NOEXIST).is_ok() {
+    if SOURCES.insert(own, &Bucket::fresh(&cfg.source, now), BPF_NOEXIST).is_ok() {
         if let Some(n) = NEW_SOURCES.get_ptr_mut(0) {
             // SAFETY: per-CPU slot.
             unsafe { *n = (*n).wrapping_add(1) };
@@ -134,21 +124,11 @@ fn lists<K>(
 /// Charge one new source to the host-wide admission bucket; false when over.
 #[inline(always)]
 fn admit(p: &Params, now: u64) -> bool {
-    let Some(b) = ADMIT.get_ptr_mut(0) else {
-        return true;
-    };
-    // SAFETY: the one array slot; racing CPUs may lose an update, which only
-    // makes the admission rate approximate.
-    let b = unsafe { &mut *b };
-    match p.admit(b.tat_ns, now) {
-        Some(t) => {
-            b.tat_ns = t;
-            true
-        }
-        None => {
-            b.drops = b.drops.wrapping_add(1);
-            false
-        }
+    match ADMIT.get_ptr_mut(0) {
+        // SAFETY: the one array slot; racing CPUs may lose an update, which
+        // only makes the admission rate approximate.
+        Some(b) => unsafe { &mut *b }.take(p, now),
+        None => true,
     }
 }
 
@@ -156,26 +136,10 @@ fn admit(p: &Params, now: u64) -> bool {
 #[inline(always)]
 fn charge(p: &Params, wide: &SourceKey, now: u64) -> bool {
     if let Some(b) = AGGREGATES.get_ptr_mut(wide) {
-        // SAFETY: as above.
-        let b = unsafe { &mut *b };
-        b.packets = b.packets.wrapping_add(1);
-        return match p.admit(b.tat_ns, now) {
-            Some(t) => {
-                b.tat_ns = t;
-                true
-            }
-            None => {
-                b.drops = b.drops.wrapping_add(1);
-                false
-            }
-        };
+        // SAFETY: as for SOURCES above.
+        return unsafe { &mut *b }.take(p, now);
     }
-    let fresh = Bucket {
-        tat_ns: p.first(now),
-        packets: 1,
-        drops: 0,
-    };
     // Losing a race to another CPU only means that CPU's entry wins.
-    let _ = AGGREGATES.insert(wide, &fresh, BPF_NOEXIST);
+    let _ = AGGREGATES.insert(wide, &Bucket::fresh(p, now), BPF_NOEXIST);
     true
 }
