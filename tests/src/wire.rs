@@ -194,10 +194,21 @@ pub fn http_raw_from(
     port: u16,
     request: &[u8],
 ) -> std::io::Result<HttpAnswer> {
+    http_raw_in(&t.client_ns, src, port, request)
+}
+
+/// Like [`http_raw_from`], given only the client namespace's name (for
+/// threads that do not hold the topology).
+pub fn http_raw_in(
+    client_ns: &str,
+    src: Option<std::net::Ipv4Addr>,
+    port: u16,
+    request: &[u8],
+) -> std::io::Result<HttpAnswer> {
     use std::io::{Read as _, Write as _};
     let addr = std::net::SocketAddr::from((SERVER_V4, port));
     let request = request.to_vec();
-    netns::in_ns(&t.client_ns, move || {
+    netns::in_ns(client_ns, move || {
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         if let Some(ip) = src {
             sock.bind(&std::net::SocketAddr::from((ip, 0)).into())?;

@@ -200,17 +200,8 @@ impl TopologyRef {
     }
 
     fn get(&self, path: &str) -> wire::HttpAnswer {
-        use std::io::{Read as _, Write as _};
         let req = format!("GET {path} HTTP/1.1\r\nHost: k\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n");
-        netns::in_ns(&self.client_ns, move || {
-            let mut s = std::net::TcpStream::connect_timeout(&(SERVER_V4, PORT).into(), Duration::from_secs(3)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(req.as_bytes()).unwrap();
-            let mut raw = String::new();
-            s.read_to_string(&mut raw).unwrap();
-            let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-            wire::HttpAnswer { status, headers: Vec::new(), body: String::new(), raw }
-        })
+        wire::http_raw_in(&self.client_ns, None, PORT, req.as_bytes()).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 }
 
