@@ -10,11 +10,7 @@ fn main() -> anyhow::Result<()> {
         .join("proxy-ebpf");
     let root = root.to_str().context("non-UTF-8 workspace path")?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "proxy-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "proxy-ebpf", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::Custom("debian-bpf"),
     )
     .context("building the XDP program (run `cargo xtask setup` first)")

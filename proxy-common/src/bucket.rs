@@ -27,10 +27,7 @@ impl Params {
             None => u64::MAX,
         };
         let tolerance_ns = interval_ns.saturating_mul(burst as u64);
-        Params {
-            interval_ns,
-            tolerance_ns,
-        }
+        Params { interval_ns, tolerance_ns }
     }
 
     /// Arrival time to store for a brand-new bucket whose first packet is admitted at `now`.
@@ -46,11 +43,7 @@ impl Params {
     pub const fn admit(&self, tat_ns: u64, now_ns: u64) -> Option<u64> {
         let base = if tat_ns > now_ns { tat_ns } else { now_ns };
         let next = base.saturating_add(self.interval_ns);
-        if next.saturating_sub(now_ns) > self.tolerance_ns {
-            None
-        } else {
-            Some(next)
-        }
+        if next.saturating_sub(now_ns) > self.tolerance_ns { None } else { Some(next) }
     }
 }
 

@@ -38,19 +38,8 @@ pub mod maps {
     pub const ADMIT: &str = "ADMIT";
 
     /// Every map name, for pinning and for the test that checks them.
-    pub const ALL: [&str; 11] = [
-        CONFIG,
-        PORTS,
-        ALLOW_V4,
-        ALLOW_V6,
-        DENY_V4,
-        DENY_V6,
-        SOURCES,
-        AGGREGATES,
-        STATS,
-        NEW_SOURCES,
-        ADMIT,
-    ];
+    pub const ALL: [&str; 11] =
+        [CONFIG, PORTS, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, SOURCES, AGGREGATES, STATS, NEW_SOURCES, ADMIT];
 }
 
 /// Name of the XDP program in the object.
@@ -90,14 +79,8 @@ pub const REASON_COUNT: u32 = 6;
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; REASON_COUNT as usize] = [
-        Reason::Unguarded,
-        Reason::Allowed,
-        Reason::Denied,
-        Reason::Rate,
-        Reason::UnderRate,
-        Reason::Malformed,
-    ];
+    pub const ALL: [Reason; REASON_COUNT as usize] =
+        [Reason::Unguarded, Reason::Allowed, Reason::Denied, Reason::Rate, Reason::UnderRate, Reason::Malformed];
 
     /// The metric label and CLI name.
     pub const fn name(self) -> &'static str {
@@ -116,9 +99,7 @@ impl Reason {
     pub const fn verdict(self) -> Action {
         match self {
             Reason::Denied | Reason::Rate => Action::Drop,
-            Reason::Unguarded | Reason::Allowed | Reason::UnderRate | Reason::Malformed => {
-                Action::Pass
-            }
+            Reason::Unguarded | Reason::Allowed | Reason::UnderRate | Reason::Malformed => Action::Pass,
         }
     }
 }
@@ -223,11 +204,7 @@ impl Bucket {
     /// A bucket whose first packet, at `now`, was admitted.
     #[inline(always)]
     pub const fn fresh(p: &bucket::Params, now_ns: u64) -> Bucket {
-        Bucket {
-            tat_ns: p.first(now_ns),
-            packets: 1,
-            drops: 0,
-        }
+        Bucket { tat_ns: p.first(now_ns), packets: 1, drops: 0 }
     }
 
     /// Count one packet against the bucket: true when admitted (the arrival

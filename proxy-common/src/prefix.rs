@@ -51,17 +51,13 @@ pub const fn mask_v4(addr: [u8; 4], prefix: u32) -> [u8; 4] {
 #[inline(always)]
 pub const fn key_v4(addr: [u8; 4], prefix: u32) -> SourceKey {
     let [a, b, c, d] = mask_v4(addr, prefix);
-    SourceKey {
-        addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
-    }
+    SourceKey { addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d] }
 }
 
 /// Bucket key of an IPv6 address masked to `prefix`.
 #[inline(always)]
 pub const fn key_v6(addr: [u8; 16], prefix: u32) -> SourceKey {
-    SourceKey {
-        addr: mask_v6(addr, prefix),
-    }
+    SourceKey { addr: mask_v6(addr, prefix) }
 }
 
 #[cfg(test)]
@@ -81,9 +77,7 @@ mod tests {
 
     #[test]
     fn v6_masks() {
-        let a = [
-            0x20, 0x01, 0x0d, 0xb8, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4,
-        ];
+        let a = [0x20, 0x01, 0x0d, 0xb8, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4];
         assert_eq!(mask_v6(a, 128), a);
         assert_eq!(mask_v6(a, 200), a);
         let m64 = mask_v6(a, 64);

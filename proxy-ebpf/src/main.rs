@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    AGGREGATES_MAX, AllowValue, Bucket, Counter, DenyValue, LIST_MAX, SOURCES_MAX_DEFAULT,
-    STATS_LEN, SourceKey, XdpConfig,
+    AGGREGATES_MAX, AllowValue, Bucket, Counter, DenyValue, LIST_MAX, SOURCES_MAX_DEFAULT, STATS_LEN, SourceKey,
+    XdpConfig,
 };
 
 #[map]
@@ -33,8 +33,7 @@ static DENY_V4: LpmTrie<[u8; 4], DenyValue> = LpmTrie::with_max_entries(LIST_MAX
 static DENY_V6: LpmTrie<[u8; 16], DenyValue> = LpmTrie::with_max_entries(LIST_MAX, 0);
 /// Resized at load from `xdp.table_size`.
 #[map]
-static SOURCES: LruHashMap<SourceKey, Bucket> =
-    LruHashMap::with_max_entries(SOURCES_MAX_DEFAULT, 0);
+static SOURCES: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(SOURCES_MAX_DEFAULT, 0);
 #[map]
 static AGGREGATES: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(AGGREGATES_MAX, 0);
 /// Per-CPU so the hot path needs no atomics (as xdp-tools' `xdp_stats_map`).

@@ -173,10 +173,7 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
         return Err(Miss::Verdict(Reason::Unguarded));
     }
     let dport = tcp_dport(ctx, off.wrapping_add(ihl)).map_err(|_| Miss::Source(Unattributed(Source::V4(src))))?;
-    Ok(Tcp {
-        source: Source::V4(src),
-        dport,
-    })
+    Ok(Tcp { source: Source::V4(src), dport })
 }
 
 #[inline(always)]
@@ -194,10 +191,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
         match next {
             IPPROTO_TCP => {
                 let dport = tcp_dport(ctx, off).map_err(|_| unattributed())?;
-                return Ok(Tcp {
-                    source: Source::V6(src),
-                    dport,
-                });
+                return Ok(Tcp { source: Source::V6(src), dport });
             }
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let h = read::<ExtHdr>(ctx, off).map_err(|_| unattributed())?;
@@ -222,10 +216,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
     }
     if next == IPPROTO_TCP {
         let dport = tcp_dport(ctx, off).map_err(|_| unattributed())?;
-        return Ok(Tcp {
-            source: Source::V6(src),
-            dport,
-        });
+        return Ok(Tcp { source: Source::V6(src), dport });
     }
     // Still inside extension headers after the walk's bound: the stack may
     // well accept it, so it must not be a way around deny and rate.

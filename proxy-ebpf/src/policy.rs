@@ -52,11 +52,9 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let (listed, own, wide) = match source {
-        Source::V4(a) => (
-            lists(cfg, &ALLOW_V4, &DENY_V4, &Key::new(32, a), now),
-            key_v4(a, 32),
-            key_v4(a, cfg.agg_v4_prefix),
-        ),
+        Source::V4(a) => {
+            (lists(cfg, &ALLOW_V4, &DENY_V4, &Key::new(32, a), now), key_v4(a, 32), key_v4(a, cfg.agg_v4_prefix))
+        }
         Source::V6(a) => (
             lists(cfg, &ALLOW_V6, &DENY_V6, &Key::new(128, a), now),
             key_v6(a, cfg.v6_prefix),

@@ -122,11 +122,7 @@ pub struct AggregateStatus {
 impl Status {
     /// Packets counted under `action`/`reason`.
     pub fn packets(&self, action: &str, reason: &str) -> u64 {
-        self.counters
-            .iter()
-            .filter(|c| c.action == action && c.reason == reason)
-            .map(|c| c.packets)
-            .sum()
+        self.counters.iter().filter(|c| c.action == action && c.reason == reason).map(|c| c.packets).sum()
     }
 }
 
@@ -197,19 +193,14 @@ pub enum AdminError {
 
 /// Send one request and wait for its answer.
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, AdminError> {
-    let unreachable = |source| AdminError::Unreachable {
-        path: socket.to_owned(),
-        source,
-    };
+    let unreachable = |source| AdminError::Unreachable { path: socket.to_owned(), source };
     let mut s = UnixStream::connect(socket).map_err(unreachable)?;
     s.set_read_timeout(Some(Duration::from_secs(30))).map_err(unreachable)?;
     let mut line = serde_json::to_vec(req).map_err(|e| AdminError::Protocol(e.to_string()))?;
     line.push(b'\n');
     s.write_all(&line).map_err(unreachable)?;
     let mut answer = String::new();
-    BufReader::new(std::io::Read::take(&s, MAX_LINE))
-        .read_line(&mut answer)
-        .map_err(unreachable)?;
+    BufReader::new(std::io::Read::take(&s, MAX_LINE)).read_line(&mut answer).map_err(unreachable)?;
     match serde_json::from_str::<Response>(&answer) {
         Ok(Response::Ok { data }) => Ok(data),
         Ok(Response::Error { message }) => Err(AdminError::Refused(message)),
@@ -223,11 +214,7 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_wire_form() {
-        let r = Request::ListAdd {
-            list: List::Deny,
-            cidr: "10.0.0.0/8".into(),
-            for_secs: Some(2),
-        };
+        let r = Request::ListAdd { list: List::Deny, cidr: "10.0.0.0/8".into(), for_secs: Some(2) };
         let j = serde_json::to_string(&r).unwrap();
         assert_eq!(j, r#"{"verb":"list_add","list":"deny","cidr":"10.0.0.0/8","for_secs":2}"#);
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);

@@ -177,7 +177,8 @@ pub fn check(path: &Path) -> Result<(), CliError> {
     if c.listen.is_some() {
         // Everything the daemon would build: upstream URL and TLS roots,
         // routes, injection, schedule, webhook, and the key if reachable.
-        warning = crate::proxy::Policy::validate(&c).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        warning =
+            crate::proxy::Policy::validate(&c).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     }
     println!("# {}: valid. Effective configuration:", path.display());
     if let Some(w) = warning {
@@ -230,16 +231,31 @@ pub fn verb(cli: &Cli) -> Result<(), CliError> {
                 return print_json(&v);
             }
             let u: admin::Usage = from(v)?;
-            println!("today ({}): {} {} of {} spent; resets in {}", u.day, u.spent, u.currency, u.budget, until(u.reset_unix));
-            println!("cache: {} hits, {} misses ({:.0}% hit ratio)\n", u.cache_hits, u.cache_misses, u.cache_hit_ratio * 100.0);
+            println!(
+                "today ({}): {} {} of {} spent; resets in {}",
+                u.day,
+                u.spent,
+                u.currency,
+                u.budget,
+                until(u.reset_unix)
+            );
+            println!(
+                "cache: {} hits, {} misses ({:.0}% hit ratio)\n",
+                u.cache_hits,
+                u.cache_misses,
+                u.cache_hit_ratio * 100.0
+            );
             let rows: Vec<Vec<String>> = u
                 .routes
                 .iter()
-                .map(|r| vec![r.route.clone(), r.forwarded.to_string(), r.cache_hits.to_string(), r.refused.to_string()])
+                .map(|r| {
+                    vec![r.route.clone(), r.forwarded.to_string(), r.cache_hits.to_string(), r.refused.to_string()]
+                })
                 .collect();
             print_table(&["ROUTE", "FORWARDED", "CACHE HITS", "REFUSED"], &rows);
             println!();
-            let rows: Vec<Vec<String>> = u.top_clients.iter().map(|c| vec![c.client.clone(), c.calls.to_string()]).collect();
+            let rows: Vec<Vec<String>> =
+                u.top_clients.iter().map(|c| vec![c.client.clone(), c.calls.to_string()]).collect();
             print_table(&["CLIENT", "BILLABLE CALLS TODAY"], &rows);
             Ok(())
         }
@@ -276,11 +292,7 @@ fn list_verb(
                     Some(s.0.as_secs().max(1))
                 }
             };
-            call(&Request::ListAdd {
-                list,
-                cidr: c.to_string(),
-                for_secs,
-            })?;
+            call(&Request::ListAdd { list, cidr: c.to_string(), for_secs })?;
             match for_secs {
                 Some(s) => println!("{name} {c} (expires in {s}s)"),
                 None => println!("{name} {c}"),
@@ -289,10 +301,7 @@ fn list_verb(
         }
         ListAction::Rm { cidr } => {
             let c: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
-            call(&Request::ListRemove {
-                list,
-                cidr: c.to_string(),
-            })?;
+            call(&Request::ListRemove { list, cidr: c.to_string() })?;
             println!("removed {c} from {name}");
             Ok(())
         }
@@ -302,9 +311,7 @@ fn list_verb(
                 return print_json(&v);
             }
             let l: ListShow = from(v)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let rows: Vec<Vec<String>> = l
                 .entries
                 .iter()
@@ -334,21 +341,14 @@ fn print_json(v: &serde_json::Value) -> Result<(), CliError> {
 
 fn print_status(s: &Status) {
     let bold = |t: &str| {
-        if std::io::stdout().is_terminal() {
-            format!("\x1b[1m{t}\x1b[0m")
-        } else {
-            t.to_owned()
-        }
+        if std::io::stdout().is_terminal() { format!("\x1b[1m{t}\x1b[0m") } else { t.to_owned() }
     };
     println!("{} {} — up (pid {})", bold("keyward"), s.version, s.pid);
     let ports: Vec<String> = s.ports.iter().map(|p| format!("tcp/{p}")).collect();
     let kv = [
         ("interface", format!("{} (XDP {})", s.interface, s.attach_mode)),
         ("guarded", ports.join(", ")),
-        (
-            "per source",
-            format!("{} pps, burst {}; IPv6 per /{}", s.rate_pps, s.burst, s.ipv6_prefix),
-        ),
+        ("per source", format!("{} pps, burst {}; IPv6 per /{}", s.rate_pps, s.burst, s.ipv6_prefix)),
         (
             "aggregate",
             format!(
@@ -356,15 +356,9 @@ fn print_status(s: &Status) {
                 s.aggregate.rate_pps, s.aggregate.burst, s.aggregate.v4_prefix, s.aggregate.v6_prefix
             ),
         ),
-        (
-            "new sources",
-            format!("admitted at {} pps, burst {} (host-wide)", s.new_sources_pps, s.new_sources_burst),
-        ),
+        ("new sources", format!("admitted at {} pps, burst {} (host-wide)", s.new_sources_pps, s.new_sources_burst)),
         ("dry run", if s.dry_run { "yes: nothing is dropped".into() } else { "no".into() }),
-        (
-            "sources",
-            format!("{} tracked of {}, {} created", s.tracked_sources, s.table_size, s.new_sources),
-        ),
+        ("sources", format!("{} tracked of {}, {} created", s.tracked_sources, s.table_size, s.new_sources)),
         ("lists", format!("{} allow, {} deny", s.allow_entries, s.deny_entries)),
     ];
     for (k, v) in kv {
@@ -384,11 +378,8 @@ fn print_status(s: &Status) {
     }
     if !s.top_sources.is_empty() {
         println!();
-        let rows: Vec<Vec<String>> = s
-            .top_sources
-            .iter()
-            .map(|t| vec![t.source.clone(), t.packets.to_string(), t.drops.to_string()])
-            .collect();
+        let rows: Vec<Vec<String>> =
+            s.top_sources.iter().map(|t| vec![t.source.clone(), t.packets.to_string(), t.drops.to_string()]).collect();
         print_table(&["TOP SOURCE", "PACKETS", "DROPS"], &rows);
     }
     if let Some(f) = &s.forwarder {
@@ -400,12 +391,12 @@ fn print_status(s: &Status) {
         println!("  {:<11} {} {} of {} {bar} {:.0}%", "spend", f.spent, f.currency, f.budget, frac * 100.0);
         println!("  {:<11} in {} (day {})", "reset", until(f.reset_unix), f.day);
         println!("  {:<11} {} raised today", "alerts", f.alerts_raised);
-        println!("  {:<11} {} clients today; cache {} hits, {} misses", "forwarder", f.clients_today, f.cache_hits, f.cache_misses);
-        let rows: Vec<Vec<String>> = f
-            .requests
-            .iter()
-            .map(|r| vec![r.route.clone(), r.outcome.clone(), r.count.to_string()])
-            .collect();
+        println!(
+            "  {:<11} {} clients today; cache {} hits, {} misses",
+            "forwarder", f.clients_today, f.cache_hits, f.cache_misses
+        );
+        let rows: Vec<Vec<String>> =
+            f.requests.iter().map(|r| vec![r.route.clone(), r.outcome.clone(), r.count.to_string()]).collect();
         if !rows.is_empty() {
             println!();
             print_table(&["ROUTE", "OUTCOME", "REQUESTS"], &rows);
@@ -415,9 +406,7 @@ fn print_status(s: &Status) {
 
 /// "3h12m" until Unix second `t`.
 fn until(t: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let s = (t - now).max(0);
     format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
 }

@@ -19,8 +19,7 @@ pub trait Clock: Send + Sync {
     /// (now when it is already past).
     fn monotonic_at(&self, unix: u64) -> u64 {
         let ahead = unix.saturating_sub(self.unix_secs());
-        self.monotonic_ns()
-            .saturating_add(ahead.saturating_mul(proxy_common::bucket::NS_PER_SEC))
+        self.monotonic_ns().saturating_add(ahead.saturating_mul(proxy_common::bucket::NS_PER_SEC))
     }
 }
 
@@ -30,9 +29,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn unix_millis(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     fn monotonic_ns(&self) -> u64 {

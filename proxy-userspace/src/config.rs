@@ -31,12 +31,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{path}:{line}:{col}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        col: usize,
-        message: String,
-    },
+    Invalid { path: PathBuf, line: usize, col: usize, message: String },
 }
 
 /// The whole configuration file.
@@ -368,10 +363,7 @@ pub struct Store {
 
 impl Default for Store {
     fn default() -> Self {
-        Store {
-            path: default_store_path(),
-            redis_url: None,
-        }
+        Store { path: default_store_path(), redis_url: None }
     }
 }
 
@@ -391,10 +383,7 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin {
-            socket: default_socket(),
-            metrics: default_metrics(),
-        }
+        Admin { socket: default_socket(), metrics: default_metrics() }
     }
 }
 
@@ -409,10 +398,8 @@ fn default_metrics() -> String {
 impl Config {
     /// Read and validate the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(path, &text)
     }
 
@@ -420,22 +407,13 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let invalid = |span: Option<std::ops::Range<usize>>, message: String| {
             let (line, col) = line_col(text, span.map_or(0, |s| s.start));
-            ConfigError::Invalid {
-                path: path.to_owned(),
-                line,
-                col,
-                message,
-            }
+            ConfigError::Invalid { path: path.to_owned(), line, col, message }
         };
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_owned()))?;
+        let cfg: Config = toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_owned()))?;
         let xdp = cfg.xdp.get_ref();
         let here = || Some(cfg.xdp.span());
         if xdp.interface.is_empty() || xdp.interface.len() > 15 || xdp.interface.contains('/') {
-            return Err(invalid(
-                here(),
-                format!("[xdp] interface `{}` is not a valid interface name", xdp.interface),
-            ));
+            return Err(invalid(here(), format!("[xdp] interface `{}` is not a valid interface name", xdp.interface)));
         }
         if xdp.ports.is_empty() {
             return Err(invalid(here(), "[xdp] ports must list at least one port".into()));
@@ -450,12 +428,15 @@ impl Config {
             ));
         }
         for r in &cfg.routes {
-            crate::proxy::route::Route::compile(r.get_ref()).map_err(|e| invalid(Some(r.span()), format!("[[route]] {e}")))?;
+            crate::proxy::route::Route::compile(r.get_ref())
+                .map_err(|e| invalid(Some(r.span()), format!("[[route]] {e}")))?;
             let m = r.get_ref().method.to_ascii_uppercase();
             if r.get_ref().cache_ttl.is_some() && m != "GET" && m != "HEAD" {
                 return Err(invalid(
                     Some(r.span()),
-                    format!("[[route]] cache_ttl on a {m} route would serve one client's answer to another; cache GET routes only"),
+                    format!(
+                        "[[route]] cache_ttl on a {m} route would serve one client's answer to another; cache GET routes only"
+                    ),
                 ));
             }
         }
@@ -520,11 +501,7 @@ impl Xdp {
             v6_prefix: u32::from(self.ipv6_prefix.0),
             agg_v4_prefix: u32::from(self.aggregate.v4_prefix.0),
             agg_v6_prefix: u32::from(self.aggregate.v6_prefix.0),
-            flags: if self.dry_run {
-                proxy_common::FLAG_DRY_RUN
-            } else {
-                0
-            },
+            flags: if self.dry_run { proxy_common::FLAG_DRY_RUN } else { 0 },
         }
     }
 }
@@ -619,13 +596,9 @@ burst = 400
     fn bad_prefixes() {
         let e = err(&format!("{MINIMAL}ipv6_prefix = 129\n"));
         assert!(e.contains("1 to 128"), "{e}");
-        let e = err(&format!(
-            "{MINIMAL}aggregate = {{ v4_prefix = 33, v6_prefix = 48, rate_pps = 1, burst = 1 }}\n"
-        ));
+        let e = err(&format!("{MINIMAL}aggregate = {{ v4_prefix = 33, v6_prefix = 48, rate_pps = 1, burst = 1 }}\n"));
         assert!(e.contains("1 to 32"), "{e}");
-        let e = err(&format!(
-            "{MINIMAL}ipv6_prefix = 40\n"
-        ));
+        let e = err(&format!("{MINIMAL}ipv6_prefix = 40\n"));
         assert!(e.contains("as wide as or wider"), "{e}");
         assert!(e.starts_with("k.toml:2:1:"), "{e}");
     }
@@ -647,14 +620,10 @@ burst = 400
 
     #[test]
     fn bad_units() {
-        let base = format!(
-            "{MINIMAL}[listen]\naddr = \"127.0.0.1:8080\"\nmax_body = \"16KB\"\n"
-        );
+        let base = format!("{MINIMAL}[listen]\naddr = \"127.0.0.1:8080\"\nmax_body = \"16KB\"\n");
         let e = err(&base);
         assert!(e.contains("unknown unit `KB`"), "{e}");
-        let e = err(&format!(
-            "{MINIMAL}[listen]\naddr = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.1/8\"]\n"
-        ));
+        let e = err(&format!("{MINIMAL}[listen]\naddr = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.1/8\"]\n"));
         assert!(e.contains("host bits set"), "{e}");
     }
 

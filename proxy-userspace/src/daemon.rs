@@ -52,10 +52,7 @@ impl State {
             Request::Status => self.status().map(|s| json(&s)),
             Request::Top { n } => {
                 let (tracked_sources, sources) = self.dp.sources(n).map_err(|e| e.to_string())?;
-                Ok(json(&Top {
-                    tracked_sources,
-                    sources,
-                }))
+                Ok(json(&Top { tracked_sources, sources }))
             }
             Request::ListShow { list } => {
                 let now = self.clock.unix_secs();
@@ -68,26 +65,18 @@ impl State {
                     .collect();
                 Ok(json(&ListShow { list, entries }))
             }
-            Request::ListAdd {
-                list,
-                cidr,
-                for_secs,
-            } => {
+            Request::ListAdd { list, cidr, for_secs } => {
                 let cidr: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| e.0)?;
                 if list == List::Allow && for_secs.is_some() {
                     return Err("allow entries do not expire; --for applies to deny".into());
                 }
                 // Rounded up: an entry may outlive its duration by under a
                 // second, never fall short of it.
-                let expires_unix = for_secs.map(|s| {
-                    self.clock.unix_millis().saturating_add(s.saturating_mul(1000)).div_ceil(1000)
-                });
-                let expires_ns = for_secs.map_or(0, |s| {
-                    self.clock.monotonic_ns().saturating_add(s.saturating_mul(1_000_000_000))
-                });
-                self.dp
-                    .list_insert(list, &cidr, expires_ns)
-                    .map_err(|e| e.to_string())?;
+                let expires_unix =
+                    for_secs.map(|s| self.clock.unix_millis().saturating_add(s.saturating_mul(1000)).div_ceil(1000));
+                let expires_ns =
+                    for_secs.map_or(0, |s| self.clock.monotonic_ns().saturating_add(s.saturating_mul(1_000_000_000)));
+                self.dp.list_insert(list, &cidr, expires_ns).map_err(|e| e.to_string())?;
                 let entry = Entry { cidr, expires_unix };
                 if let Err(e) = self.store.put(list, &entry) {
                     // Keep kernel and store in step: undo the map insert.
@@ -123,10 +112,7 @@ impl State {
 
     fn status(&self) -> Result<Status, String> {
         let x = self.config.xdp();
-        let (iface, mode) = self
-            .dp
-            .attached()
-            .map_or(("-".to_owned(), "-"), |(i, a)| (i.to_owned(), a.as_str()));
+        let (iface, mode) = self.dp.attached().map_or(("-".to_owned(), "-"), |(i, a)| (i.to_owned(), a.as_str()));
         let counters = self.dp.counters().map_err(|e| e.to_string())?;
         let (tracked_sources, top_sources) = self.dp.sources(3).map_err(|e| e.to_string())?;
         let now = self.clock.unix_secs();
@@ -219,11 +205,7 @@ impl State {
         let (requests, _) = f.counts();
         let mut requests: Vec<RequestCount> = requests
             .into_iter()
-            .map(|((route, o), count)| RequestCount {
-                route,
-                outcome: o.name().into(),
-                count,
-            })
+            .map(|((route, o), count)| RequestCount { route, outcome: o.name().into(), count })
             .collect();
         requests.sort_by(|a, b| (&a.route, &a.outcome).cmp(&(&b.route, &b.outcome)));
         let mut would: Vec<RequestCount> = f
@@ -293,7 +275,8 @@ impl State {
     /// Give the forwarder the current allow list.
     fn sync_allow(&self) {
         if let Some(f) = &self.forwarder {
-            let cidrs = self.store.entries(List::Allow).map(|v| v.into_iter().map(|e| e.cidr).collect()).unwrap_or_default();
+            let cidrs =
+                self.store.entries(List::Allow).map(|v| v.into_iter().map(|e| e.cidr).collect()).unwrap_or_default();
             f.set_allow(cidrs);
         }
     }
@@ -311,11 +294,7 @@ impl State {
             return;
         }
         let for_secs = e.until_unix.saturating_sub(self.clock.unix_secs()).max(1);
-        let req = Request::ListAdd {
-            list: List::Deny,
-            cidr: e.cidr.to_string(),
-            for_secs: Some(for_secs),
-        };
+        let req = Request::ListAdd { list: List::Deny, cidr: e.cidr.to_string(), for_secs: Some(for_secs) };
         if let Err(err) = self.handle(req) {
             warn!(cidr = %e.cidr, error = %err, "escalating into the XDP deny list");
         }
@@ -581,11 +560,9 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 async fn answer(state: Arc<Mutex<State>>, stream: tokio::net::UnixStream) {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    let read = tokio::time::timeout(
-        Duration::from_secs(10),
-        BufReader::new(r.take(admin::MAX_LINE)).read_line(&mut line),
-    )
-    .await;
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), BufReader::new(r.take(admin::MAX_LINE)).read_line(&mut line))
+            .await;
     let resp = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             // Off the runtime: status and top walk the kernel table.
@@ -594,13 +571,9 @@ async fn answer(state: Arc<Mutex<State>>, stream: tokio::net::UnixStream) {
                 Ok(Err(message)) => Response::Error { message },
                 Err(e) => Response::Error { message: format!("internal error: {e}") },
             },
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
+            Err(e) => Response::Error { message: format!("bad request: {e}") },
         },
-        Ok(Err(e)) => Response::Error {
-            message: format!("reading request: {e}"),
-        },
+        Ok(Err(e)) => Response::Error { message: format!("reading request: {e}") },
         Err(_) => return,
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
@@ -641,8 +614,7 @@ struct OwnerLock {
 
 impl OwnerLock {
     fn acquire(slot: &str, iface: &str) -> anyhow::Result<OwnerLock> {
-        std::fs::create_dir_all(paths::LOCK_DIR)
-            .with_context(|| format!("creating {}", paths::LOCK_DIR))?;
+        std::fs::create_dir_all(paths::LOCK_DIR).with_context(|| format!("creating {}", paths::LOCK_DIR))?;
         let path = Path::new(paths::LOCK_DIR).join(format!("{slot}.lock"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -656,10 +628,7 @@ impl OwnerLock {
             Err((mut file, _)) => {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
-                bail!(
-                    "another keyward (pid {}) already owns interface `{iface}`",
-                    pid.trim()
-                );
+                bail!("another keyward (pid {}) already owns interface `{iface}`", pid.trim());
             }
         };
         file.set_len(0)?;
@@ -708,18 +677,11 @@ fn check_privileges() -> anyhow::Result<()> {
 /// Mount the BPF filesystem at /sys/fs/bpf unless it is already there.
 fn mount_bpffs() -> anyhow::Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let is_bpffs = nix::sys::statfs::statfs(paths::BPFFS)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-        .unwrap_or(false);
+    let is_bpffs =
+        nix::sys::statfs::statfs(paths::BPFFS).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
     if !is_bpffs {
-        nix::mount::mount(
-            Some("bpf"),
-            paths::BPFFS,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mounting the BPF filesystem at {}", paths::BPFFS))?;
+        nix::mount::mount(Some("bpf"), paths::BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting the BPF filesystem at {}", paths::BPFFS))?;
         info!(path = paths::BPFFS, "mounted the BPF filesystem");
     }
     Ok(())

@@ -47,7 +47,11 @@ impl Collector for Scrape {
         let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let snap = s.metrics_snapshot();
         {
-            let mut m = counter(&mut enc, "keyward_xdp_packets", "Packets the XDP program decided, by action and reason (summed over CPUs).")?;
+            let mut m = counter(
+                &mut enc,
+                "keyward_xdp_packets",
+                "Packets the XDP program decided, by action and reason (summed over CPUs).",
+            )?;
             for c in &snap.xdp {
                 let l = [("action", c.action.as_str()), ("reason", c.reason.as_str())];
                 ConstCounter::new(c.packets).encode(m.encode_family(&l)?)?;
@@ -74,14 +78,22 @@ impl Collector for Scrape {
         }
         let Some(f) = snap.forwarder else { return Ok(()) };
         {
-            let mut m = counter(&mut enc, "keyward_requests", "Requests answered, by route and outcome (forwarded, cache_hit, or the refusal's type suffix).")?;
+            let mut m = counter(
+                &mut enc,
+                "keyward_requests",
+                "Requests answered, by route and outcome (forwarded, cache_hit, or the refusal's type suffix).",
+            )?;
             for ((route, outcome), n) in &f.requests {
                 let l = [("route", route.as_str()), ("outcome", outcome.as_str())];
                 ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
             }
         }
         if !f.would_refuse.is_empty() {
-            let mut m = counter(&mut enc, "keyward_dry_run_would_refuse", "With limits.dry_run: requests that would have been refused, by route and outcome.")?;
+            let mut m = counter(
+                &mut enc,
+                "keyward_dry_run_would_refuse",
+                "With limits.dry_run: requests that would have been refused, by route and outcome.",
+            )?;
             for ((route, outcome), n) in &f.would_refuse {
                 let l = [("route", route.as_str()), ("outcome", outcome.as_str())];
                 ConstCounter::new(*n).encode(m.encode_family(&l)?)?;

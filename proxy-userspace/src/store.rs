@@ -73,12 +73,10 @@ pub struct Embedded {
 impl Embedded {
     /// Open (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Embedded, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         let file = dir.join("keyward.redb");
-        let db = Database::create(&file).map_err(|e| {
-            StoreError(format!("cannot open {}: {}", file.display(), redb::Error::from(e)))
-        })?;
+        let db = Database::create(&file)
+            .map_err(|e| StoreError(format!("cannot open {}: {}", file.display(), redb::Error::from(e))))?;
         let tx = db.begin_write()?;
         for l in [List::Allow, List::Deny] {
             tx.open_table(l.table())?;
@@ -121,10 +119,7 @@ impl ListStore for Embedded {
             match k.value().parse::<Cidr>() {
                 Ok(cidr) => {
                     let e = v.value();
-                    out.push(Entry {
-                        cidr,
-                        expires_unix: (e != 0).then_some(e),
-                    });
+                    out.push(Entry { cidr, expires_unix: (e != 0).then_some(e) });
                 }
                 Err(e) => tracing::warn!(entry = k.value(), error = %e, "skipping unreadable stored entry"),
             }

@@ -30,9 +30,7 @@ impl FromStr for Span {
             .find(|c: char| !c.is_ascii_digit())
             .ok_or_else(|| UnitError(format!("duration `{s}` needs a unit: ms, s, m, h or d")))?;
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| UnitError(format!("duration `{s}` must start with a whole number")))?;
+        let n: u64 = num.parse().map_err(|_| UnitError(format!("duration `{s}` must start with a whole number")))?;
         let ms = match unit {
             "ms" => Some(n),
             "s" => n.checked_mul(1_000),
@@ -40,9 +38,7 @@ impl FromStr for Span {
             "h" => n.checked_mul(3_600_000),
             "d" => n.checked_mul(86_400_000),
             _ => {
-                return Err(UnitError(format!(
-                    "duration `{s}` has unknown unit `{unit}` (use ms, s, m, h or d)"
-                )));
+                return Err(UnitError(format!("duration `{s}` has unknown unit `{unit}` (use ms, s, m, h or d)")));
             }
         }
         .ok_or_else(|| UnitError(format!("duration `{s}` is too long")))?;
@@ -103,23 +99,17 @@ impl FromStr for Size {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| UnitError(format!("size `{s}` must start with a whole number")))?;
+        let n: u64 = num.parse().map_err(|_| UnitError(format!("size `{s}` must start with a whole number")))?;
         let mul: u64 = match unit {
             "" | "B" => 1,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
             _ => {
-                return Err(UnitError(format!(
-                    "size `{s}` has unknown unit `{unit}` (use B, KiB, MiB or GiB)"
-                )));
+                return Err(UnitError(format!("size `{s}` has unknown unit `{unit}` (use B, KiB, MiB or GiB)")));
             }
         };
-        n.checked_mul(mul)
-            .map(Size)
-            .ok_or_else(|| UnitError(format!("size `{s}` is too large")))
+        n.checked_mul(mul).map(Size).ok_or_else(|| UnitError(format!("size `{s}` is too large")))
     }
 }
 
@@ -182,9 +172,7 @@ impl FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (t, None),
         };
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| UnitError(format!("`{s}` is not an IPv4 or IPv6 address or CIDR")))?;
+        let addr: IpAddr = a.parse().map_err(|_| UnitError(format!("`{s}` is not an IPv4 or IPv6 address or CIDR")))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
             None => max,
@@ -195,19 +183,11 @@ impl FromStr for Cidr {
                 .ok_or_else(|| UnitError(format!("`{s}`: prefix length must be 0 to {max}")))?,
         };
         let masked = match addr {
-            IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(proxy_common::prefix::mask_v4(
-                v4.octets(),
-                u32::from(prefix),
-            ))),
-            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(proxy_common::prefix::mask_v6(
-                v6.octets(),
-                u32::from(prefix),
-            ))),
+            IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(proxy_common::prefix::mask_v4(v4.octets(), u32::from(prefix)))),
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(proxy_common::prefix::mask_v6(v6.octets(), u32::from(prefix)))),
         };
         if masked != addr {
-            return Err(UnitError(format!(
-                "`{s}` has host bits set; did you mean {masked}/{prefix}?"
-            )));
+            return Err(UnitError(format!("`{s}` has host bits set; did you mean {masked}/{prefix}?")));
         }
         Ok(Cidr { addr, prefix })
     }

@@ -92,14 +92,7 @@ impl Daemon {
             sock = socket.display(),
         );
         std::fs::write(&config, text).expect("write config");
-        Daemon {
-            child: None,
-            dir,
-            config,
-            socket,
-            ns: t.server_ns.clone(),
-            iface: t.server_if.clone(),
-        }
+        Daemon { child: None, dir, config, socket, ns: t.server_ns.clone(), iface: t.server_if.clone() }
     }
 
     fn spawned(mut self) -> Daemon {
@@ -110,17 +103,9 @@ impl Daemon {
     /// Start the process and wait until it answers on its socket.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("daemon.log"))
-            .expect("log file");
-        let child = self
-            .command()
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning keyward");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).expect("log file");
+        let child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("spawning keyward");
         self.child = Some(child);
         let ready = wait_for(Duration::from_secs(30), || {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -146,12 +131,7 @@ impl Daemon {
 
     /// Run `keyward --socket <ours> <args>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("running keyward CLI")
+        Command::new(bin()).arg("--socket").arg(&self.socket).args(args).output().expect("running keyward CLI")
     }
 
     /// Run a CLI verb that must succeed; returns stdout.

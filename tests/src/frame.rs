@@ -14,10 +14,7 @@ pub struct Macs {
 
 impl Macs {
     /// Fixed MACs for test-run frames.
-    pub const TEST: Macs = Macs {
-        src: [0x02, 0, 0, 0, 0, 0x01],
-        dst: [0x02, 0, 0, 0, 0, 0x02],
-    };
+    pub const TEST: Macs = Macs { src: [0x02, 0, 0, 0, 0, 0x01], dst: [0x02, 0, 0, 0, 0, 0x02] };
 }
 
 pub const TCP: u8 = 6;
@@ -217,12 +214,7 @@ pub fn summary(f: &[u8]) -> Option<Summary> {
         _ => return None,
     };
     let dport = u16::from_be_bytes(f.get(l4 + 2..l4 + 4)?.try_into().ok()?);
-    Some(Summary {
-        src_mac,
-        src,
-        proto,
-        dport,
-    })
+    Some(Summary { src_mac, src, proto, dport })
 }
 
 #[cfg(test)]

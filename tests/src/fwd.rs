@@ -10,11 +10,7 @@ pub const ORIGIN: (&str, &str) = ("Origin", "https://www.example.com");
 pub const XDP_OPEN: &str = "rate_pps = 100000\nburst = 100000";
 
 pub fn config(up: &Upstream, limits: &str, extra: &str) -> String {
-    let ca = up
-        .ca_pem
-        .as_ref()
-        .map(|_| String::from("ca_file = \"CA_FILE\"\n"))
-        .unwrap_or_default();
+    let ca = up.ca_pem.as_ref().map(|_| String::from("ca_file = \"CA_FILE\"\n")).unwrap_or_default();
     format!(
         r#"[listen]
 addr = "10.77.0.1:{PORT}"
@@ -98,4 +94,3 @@ pub fn limits_with(over: &str) -> String {
     }
     lines.join("\n")
 }
-

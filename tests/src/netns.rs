@@ -33,12 +33,7 @@ pub struct Topology {
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 impl Topology {
@@ -56,8 +51,18 @@ impl Topology {
         ip(&["netns", "add", &t.server_ns]);
         ip(&["netns", "add", &t.client_ns]);
         ip(&[
-            "link", "add", &t.server_if, "netns", &t.server_ns, "type", "veth", "peer", "name",
-            &t.client_if, "netns", &t.client_ns,
+            "link",
+            "add",
+            &t.server_if,
+            "netns",
+            &t.server_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &t.client_if,
+            "netns",
+            &t.client_ns,
         ]);
         for (ns, dev, mac, v4, v6) in [
             (&t.server_ns, &t.server_if, SERVER_MAC, SERVER_V4, SERVER_V6),
@@ -81,10 +86,7 @@ impl Topology {
 
     /// MACs for frames sent from the client to the server.
     pub fn macs(&self) -> Macs {
-        Macs {
-            src: CLIENT_MAC,
-            dst: SERVER_MAC,
-        }
+        Macs { src: CLIENT_MAC, dst: SERVER_MAC }
     }
 
     /// The client's MAC, to tell its frames apart at the server.
@@ -123,10 +125,7 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
 }
 
 /// Like [`in_ns`] but returns the thread's handle.
-pub fn spawn_in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
+pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -71,11 +71,7 @@ impl Upstream {
         } else {
             (None, None)
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         rt.spawn(async move {
@@ -103,12 +99,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream {
-            addr,
-            ca_pem,
-            seen,
-            rt: Some(rt),
-        }
+        Upstream { addr, ca_pem, seen, rt: Some(rt) }
     }
 
     /// The base URL keyward should use.

@@ -25,14 +25,9 @@ const COUNT_LIMIT: Duration = Duration::from_secs(20);
 
 fn channel(iface: &str) -> (Box<dyn DataLinkSender>, Box<dyn DataLinkReceiver>) {
     let ifs = pnet_datalink::interfaces();
-    let i = ifs
-        .into_iter()
-        .find(|i| i.name == iface)
-        .unwrap_or_else(|| panic!("no interface {iface} in this namespace"));
-    let cfg = Config {
-        read_timeout: Some(Duration::from_millis(50)),
-        ..Config::default()
-    };
+    let i =
+        ifs.into_iter().find(|i| i.name == iface).unwrap_or_else(|| panic!("no interface {iface} in this namespace"));
+    let cfg = Config { read_timeout: Some(Duration::from_millis(50)), ..Config::default() };
     match pnet_datalink::channel(&i, cfg).expect("AF_PACKET channel") {
         Channel::Ethernet(tx, rx) => (tx, rx),
         _ => panic!("unexpected channel type"),
@@ -112,9 +107,7 @@ pub fn deliver(t: &Topology, frames: Vec<Vec<u8>>) -> (Vec<Summary>, Duration) {
 /// Try a real TCP connection from the client namespace to the server.
 pub fn connects(t: &Topology, port: u16, timeout: Duration) -> bool {
     let addr = std::net::SocketAddr::from((SERVER_V4, port));
-    netns::in_ns(&t.client_ns, move || {
-        std::net::TcpStream::connect_timeout(&addr, timeout).is_ok()
-    })
+    netns::in_ns(&t.client_ns, move || std::net::TcpStream::connect_timeout(&addr, timeout).is_ok())
 }
 
 /// A TCP listener in the server namespace that accepts until dropped.
@@ -142,10 +135,7 @@ impl Listener {
             }
         });
         ready_rx.recv_timeout(Duration::from_secs(10)).expect("listener did not start");
-        Listener {
-            stop,
-            handle: Some(handle),
-        }
+        Listener { stop, handle: Some(handle) }
     }
 }
 
@@ -227,9 +217,8 @@ pub fn http_raw_in(
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| std::io::Error::other(format!("no status line in {raw:?}")))?;
-        let headers = lines
-            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
-            .collect();
+        let headers =
+            lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))).collect();
         // Bodies here are small and never chunked by keyward (full bodies).
         Ok(HttpAnswer { status, headers, body: body.to_owned(), raw: raw.clone() })
     })

@@ -66,20 +66,20 @@ fn forwards_with_the_key_injected_and_client_copies_stripped() {
     assert_eq!(a.status, 200, "{}", a.raw);
     assert_eq!(a.json()["postcode"], "SW1A%201AA");
     assert_eq!(a.header("access-control-allow-origin"), Some("https://www.example.com"));
-    assert_eq!(
-        a.header("ratelimit-policy"),
-        Some("\"ip-rate\";q=1000;w=1, \"ip-daily\";q=1000;w=86400")
-    );
+    assert_eq!(a.header("ratelimit-policy"), Some("\"ip-rate\";q=1000;w=1, \"ip-daily\";q=1000;w=86400"));
     assert!(a.header("ratelimit").is_some_and(|v| v.contains("\"ip-daily\";r=999;")), "{}", a.raw);
     let calls = s.up.calls();
     assert_eq!(calls.len(), 1);
     let c = &calls[0];
-    let encoded: String = KEY.bytes().map(|b| match b {
-        b'+' => "%2B".to_owned(),
-        b'/' => "%2F".to_owned(),
-        b'=' => "%3D".to_owned(),
-        b => (b as char).to_string(),
-    }).collect();
+    let encoded: String = KEY
+        .bytes()
+        .map(|b| match b {
+            b'+' => "%2B".to_owned(),
+            b'/' => "%2F".to_owned(),
+            b'=' => "%3D".to_owned(),
+            b => (b as char).to_string(),
+        })
+        .collect();
     assert_eq!(c.target, format!("/v1/postcodes/SW1A%201AA?filter=a%2Cb&api_key={encoded}"));
     assert!(!c.target.contains("stolen") && !c.target.contains("evil"));
     assert_eq!(c.header("idpc-source-ip"), Some("10.77.0.2"));
@@ -95,7 +95,12 @@ fn every_refusal_is_problem_json_and_never_reaches_the_upstream() {
     let s = setup("", "");
     assert_problem(&s.page("/nope"), 404, "no-route");
     assert_problem(&s.page("/postcodes/AB1/extra"), 404, "no-route");
-    let del = wire::http_raw(&s.t, PORT, b"DELETE /postcodes/AB1 HTTP/1.1\r\nHost: x\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n").unwrap();
+    let del = wire::http_raw(
+        &s.t,
+        PORT,
+        b"DELETE /postcodes/AB1 HTTP/1.1\r\nHost: x\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
     assert_problem(&del, 404, "no-route");
     assert_problem(&s.page("/postcodes/a!b"), 400, "bad-parameter");
     assert_problem(&s.page("/postcodes/ABCDEFGHIJKLMNOP"), 400, "bad-parameter");
@@ -131,9 +136,13 @@ fn hostile_targets_cannot_reach_another_host_or_path() {
     let s = setup("", "");
     let raw = |req: &str| wire::http_raw(&s.t, PORT, req.as_bytes()).unwrap();
     // Absolute-form with a foreign host: the path is matched, the host ignored.
-    let a = raw("GET http://evil.example/postcodes/AB1 HTTP/1.1\r\nHost: evil.example\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n");
+    let a = raw(
+        "GET http://evil.example/postcodes/AB1 HTTP/1.1\r\nHost: evil.example\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(a.status, 200, "{}", a.raw);
-    let a = raw("GET /postcodes/AB1 HTTP/1.1\r\nHost: evil.example:8080\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n");
+    let a = raw(
+        "GET /postcodes/AB1 HTTP/1.1\r\nHost: evil.example:8080\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(a.status, 200, "{}", a.raw);
     for bad in [
         "/postcodes/..%2Fadmin",
@@ -363,7 +372,10 @@ fn alert_webhook_fires_once_per_threshold() {
         (h.len() >= 2).then_some(h)
     })
     .expect("webhook did not fire twice");
-    let fractions: Vec<f64> = hooks.iter().map(|h| serde_json::from_str::<serde_json::Value>(&h.body).unwrap()["fraction"].as_f64().unwrap()).collect();
+    let fractions: Vec<f64> = hooks
+        .iter()
+        .map(|h| serde_json::from_str::<serde_json::Value>(&h.body).unwrap()["fraction"].as_f64().unwrap())
+        .collect();
     assert_eq!(fractions, vec![0.5, 1.0]);
     assert!(!hooks.iter().any(|h| h.body.contains("KW9f3a")));
     assert_eq!(d.log().matches("daily budget alert").count(), 2);

@@ -4,11 +4,7 @@
 //! with its position, and pick up a changed key file; the demo's report adds
 //! up; the systemd unit verifies and its capability set is exactly enough.
 
-use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use keyward_tests::{
     daemon::{Daemon, PORT},
@@ -96,7 +92,10 @@ fn metrics_and_cli_views_agree_with_known_traffic() {
     let route = "GET /postcodes/{postcode}";
     assert_eq!(get(&after, "keyward_requests_total", &[("route", route), ("outcome", "forwarded")]), 3.0);
     assert_eq!(get(&after, "keyward_requests_total", &[("route", "-"), ("outcome", "no-route")]), 2.0);
-    assert_eq!(get(&after, "keyward_requests_total", &[("route", "GET /cached/{postcode}"), ("outcome", "cache_hit")]), 1.0);
+    assert_eq!(
+        get(&after, "keyward_requests_total", &[("route", "GET /cached/{postcode}"), ("outcome", "cache_hit")]),
+        1.0
+    );
     assert_eq!(get(&after, "keyward_upstream_responses_total", &[("route", route), ("code", "200")]), 3.0);
     assert_eq!(get(&after, "keyward_upstream_seconds_count", &[]), 4.0);
     assert!((get(&after, "keyward_budget_spent", &[("currency", "GBP")]) - 0.08).abs() < 1e-9);
@@ -113,7 +112,10 @@ fn metrics_and_cli_views_agree_with_known_traffic() {
     let f = st.forwarder.clone().unwrap();
     assert_eq!(f.outcome("forwarded"), 4);
     assert_eq!(f.spent_micros, 80_000);
-    assert_eq!(st.packets("drop", "rate") as f64, get(&after, "keyward_xdp_packets_total", &[("action", "drop"), ("reason", "rate")]));
+    assert_eq!(
+        st.packets("drop", "rate") as f64,
+        get(&after, "keyward_xdp_packets_total", &[("action", "drop"), ("reason", "rate")])
+    );
     let top: serde_json::Value = serde_json::from_str(&d.ok(&["top", "-n", "5", "--json"])).unwrap();
     assert_eq!(top["sources"][0]["source"], "10.210.0.1");
     assert_eq!(top["sources"][0]["drops"].as_f64().unwrap(), 100.0 - passed);
@@ -138,7 +140,8 @@ fn reload_under_load_fails_no_request_and_refuses_a_bad_config() {
     let mut d = Daemon::prepare_with(&t, XDP_OPEN, "");
     let key_file = d.dir.join("upstream.key");
     std::fs::write(&key_file, "first-key-111\n").unwrap();
-    let cfg = fwd::config(&up, "", "").replace("key_env = \"KEYWARD_TEST_KEY\"", &format!("key_file = \"{}\"", key_file.display()));
+    let cfg = fwd::config(&up, "", "")
+        .replace("key_env = \"KEYWARD_TEST_KEY\"", &format!("key_file = \"{}\"", key_file.display()));
     let base = std::fs::read_to_string(&d.config).unwrap();
     let good = format!("{base}\n{cfg}");
     std::fs::write(&d.config, &good).unwrap();
@@ -147,9 +150,7 @@ fn reload_under_load_fails_no_request_and_refuses_a_bad_config() {
     // A client making 150 requests back to back while the config changes.
     let load = {
         let t2 = TopologyRef::of(&t);
-        std::thread::spawn(move || {
-            (0..150).map(|i| t2.get(&format!("/postcodes/LD{i}")).status).collect::<Vec<u16>>()
-        })
+        std::thread::spawn(move || (0..150).map(|i| t2.get(&format!("/postcodes/LD{i}")).status).collect::<Vec<u16>>())
     };
     for (rate, burst) in [(50_000, 60_000), (40_000, 40_000), (100_000, 100_000)] {
         let next = good
@@ -200,7 +201,8 @@ impl TopologyRef {
     }
 
     fn get(&self, path: &str) -> wire::HttpAnswer {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: k\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n");
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: k\r\nOrigin: https://www.example.com\r\nConnection: close\r\n\r\n");
         wire::http_raw_in(&self.client_ns, None, PORT, req.as_bytes()).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 }
@@ -221,7 +223,12 @@ fn the_demo_report_adds_up() {
         .unwrap();
     let text = std::fs::read_to_string(&report).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "demo failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_str(&text).unwrap();
     let n = |k: &str| r[k].as_u64().unwrap();
     assert_eq!(n("forwarded"), n("upstream_calls"), "forwarded calls and calls the paid API saw");
@@ -258,7 +265,8 @@ fn systemd_unit_verifies_and_its_capabilities_are_exactly_enough() {
         let dir = std::env::temp_dir().join(format!("keyward-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("keyward.service");
-        std::fs::write(&f, unit.replace("/usr/local/bin/keyward", &keyward_tests::daemon::bin().display().to_string())).unwrap();
+        std::fs::write(&f, unit.replace("/usr/local/bin/keyward", &keyward_tests::daemon::bin().display().to_string()))
+            .unwrap();
         let o = std::process::Command::new("systemd-analyze").arg("verify").arg(&f).output().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -272,7 +280,8 @@ fn systemd_unit_verifies_and_its_capabilities_are_exactly_enough() {
     let t = Topology::new();
     let run = |set: &[String]| {
         let d = Daemon::prepare(&t, "");
-        let bounding = format!("--bounding-set=-all,{}", set.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
+        let bounding =
+            format!("--bounding-set=-all,{}", set.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
         let mut cmd = std::process::Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", t.server_ns))
             .args(["setpriv", &bounding, "--inh-caps=-all"])

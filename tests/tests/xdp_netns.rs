@@ -22,15 +22,11 @@ const RATE: f64 = 10.0;
 const BURST: u64 = 20;
 
 fn syns(t: &Topology, src: Ipv4Addr, n: usize) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|i| frame::tcp4(t.macs(), src, SERVER_V4, 20_000 + i as u16, PORT))
-        .collect()
+    (0..n).map(|i| frame::tcp4(t.macs(), src, SERVER_V4, 20_000 + i as u16, PORT)).collect()
 }
 
 fn syns6(t: &Topology, src: Ipv6Addr, n: usize) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|i| frame::tcp6(t.macs(), src, SERVER_V6, 20_000 + i as u16, PORT))
-        .collect()
+    (0..n).map(|i| frame::tcp6(t.macs(), src, SERVER_V6, 20_000 + i as u16, PORT)).collect()
 }
 
 fn from(seen: &[frame::Summary], src: IpAddr, proto: u8) -> u64 {
@@ -52,9 +48,7 @@ fn syn_flood_from_one_source_is_dropped_but_its_udp_passes() {
     let src = Ipv4Addr::new(10, 200, 0, 1);
     let mut frames = syns(&t, src, 300);
     // Interleave UDP from the same source to another port: never guarded.
-    let udp: Vec<Vec<u8>> = (0..100)
-        .map(|i| frame::udp4(t.macs(), src, SERVER_V4, 30_000 + i, 9_999, b"x"))
-        .collect();
+    let udp: Vec<Vec<u8>> = (0..100).map(|i| frame::udp4(t.macs(), src, SERVER_V4, 30_000 + i, 9_999, b"x")).collect();
     for (i, u) in udp.into_iter().enumerate() {
         frames.insert(i * 3, u);
     }
@@ -82,14 +76,10 @@ fn rotating_sources_in_one_24_meet_the_aggregate_bucket() {
         return;
     }
     let t = Topology::new();
-    let d = Daemon::start(
-        &t,
-        "aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 10, burst = 30 }",
-    );
+    let d = Daemon::start(&t, "aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 10, burst = 30 }");
     // One SYN from each of 250 addresses in 10.201.0.0/24.
-    let frames: Vec<Vec<u8>> = (1..=250u8)
-        .map(|i| frame::tcp4(t.macs(), Ipv4Addr::new(10, 201, 0, i), SERVER_V4, 20_000, PORT))
-        .collect();
+    let frames: Vec<Vec<u8>> =
+        (1..=250u8).map(|i| frame::tcp4(t.macs(), Ipv4Addr::new(10, 201, 0, i), SERVER_V4, 20_000, PORT)).collect();
     let (seen, took) = wire::deliver(&t, frames);
     let passed = seen.iter().filter(|s| s.proto == TCP).count() as u64;
     let most = 30 + (10.0 * took.as_secs_f64()).ceil() as u64 + 1;
@@ -119,10 +109,7 @@ fn ipv6_sources_share_a_bucket_per_64() {
     frames.extend(syns6(&t, c, 60));
     let (seen, took) = wire::deliver(&t, frames);
     let (pa, pb, pc) = (from(&seen, a.into(), TCP), from(&seen, b.into(), TCP), from(&seen, c.into(), TCP));
-    assert!(
-        pa + pb >= BURST && pa + pb <= ceiling(took),
-        "a and b share one bucket: {pa} + {pb} passed in {took:?}"
-    );
+    assert!(pa + pb >= BURST && pa + pb <= ceiling(took), "a and b share one bucket: {pa} + {pb} passed in {took:?}");
     assert!(pc >= BURST && pc <= ceiling(took), "c has its own bucket: {pc} passed");
 }
 
@@ -146,14 +133,15 @@ fn deny_blocks_connections_and_rm_and_expiry_restore_them() {
     d.ok(&["deny", "add", "10.77.0.2", "--for", "2s"]);
     let added = Instant::now();
     assert!(!wire::connects(&t, PORT, quick), "connected while denied for 2s");
-    let back = wait_for(Duration::from_secs(10), || {
-        wire::connects(&t, PORT, Duration::from_millis(300)).then(Instant::now)
-    })
-    .expect("deny --for 2s never expired");
+    let back =
+        wait_for(Duration::from_secs(10), || wire::connects(&t, PORT, Duration::from_millis(300)).then(Instant::now))
+            .expect("deny --for 2s never expired");
     let after = back - added;
     assert!(after >= Duration::from_millis(1500), "expired after only {after:?}");
     // The daemon's garbage collection removes it from the list too.
-    assert!(wait_for(Duration::from_secs(5), || (!d.ok(&["deny", "ls"]).contains("10.77.0.2")).then_some(())).is_some());
+    assert!(
+        wait_for(Duration::from_secs(5), || (!d.ok(&["deny", "ls"]).contains("10.77.0.2")).then_some(())).is_some()
+    );
     assert!(d.status().packets("drop", "denied") >= 2);
 }
 

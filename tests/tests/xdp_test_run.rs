@@ -24,14 +24,8 @@ const DST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
 
 fn config(xdp_extra: &str) -> Config {
     // Default rates unless the caller sets its own.
-    let rates = if xdp_extra.starts_with("rate_pps") {
-        ""
-    } else {
-        "rate_pps = 10\nburst = 20\n"
-    };
-    let t = format!(
-        "[xdp]\ninterface = \"lo\"\nports = [{PORT}]\n{rates}table_size = 1024\n{xdp_extra}\n"
-    );
+    let rates = if xdp_extra.starts_with("rate_pps") { "" } else { "rate_pps = 10\nburst = 20\n" };
+    let t = format!("[xdp]\ninterface = \"lo\"\nports = [{PORT}]\n{rates}table_size = 1024\n{xdp_extra}\n");
     Config::parse(std::path::Path::new("test.toml"), &t).expect("test config")
 }
 
@@ -42,19 +36,12 @@ struct Harness {
 impl Harness {
     fn new(xdp_extra: &str) -> Harness {
         let cfg = config(xdp_extra);
-        Harness {
-            dp: Dataplane::load(cfg.xdp()).expect("load XDP object"),
-        }
+        Harness { dp: Dataplane::load(cfg.xdp()).expect("load XDP object") }
     }
 
     fn run(&mut self, f: &[u8]) -> u32 {
         let p = self.dp.program().expect("program");
-        p.test_run(TestRunOptions {
-            data_in: Some(f),
-            ..TestRunOptions::default()
-        })
-        .expect("test run")
-        .return_value
+        p.test_run(TestRunOptions { data_in: Some(f), ..TestRunOptions::default() }).expect("test run").return_value
     }
 
     fn count(&self, action: &str, reason: &str) -> u64 {
@@ -338,7 +325,9 @@ fn malformed_frames_pass_and_are_counted() {
     let mut h = Harness::new("rate_pps = 1000000\nburst = 1000000");
     // The kernel refuses test frames shorter than an Ethernet header; the
     // program never sees them.
-    assert!(h.dp.program().unwrap().test_run(TestRunOptions { data_in: Some(&[]), ..TestRunOptions::default() }).is_err());
+    assert!(
+        h.dp.program().unwrap().test_run(TestRunOptions { data_in: Some(&[]), ..TestRunOptions::default() }).is_err()
+    );
 
     // Cut a full frame at every length from the end of Ethernet to one byte
     // short of the TCP header: each is malformed, none aborts.
@@ -361,7 +350,8 @@ fn malformed_frames_pass_and_are_counted() {
     let mut long_ihl = v4.clone();
     long_ihl[14] = 0x4f; // 60-byte header in a 54-byte frame
     h.expect("ihl past the end", &long_ihl, XDP_PASS, "pass", "malformed");
-    let ext_cut = frame::ethernet(Macs::TEST, &[], 0x86dd, &frame::ipv6(src6(1), DST6, &[(0, vec![0u8; 13])], TCP, &[]));
+    let ext_cut =
+        frame::ethernet(Macs::TEST, &[], 0x86dd, &frame::ipv6(src6(1), DST6, &[(0, vec![0u8; 13])], TCP, &[]));
     h.expect("v6 extension header longer than the frame", &ext_cut[..ext_cut.len() - 8], XDP_PASS, "pass", "malformed");
 }
 
@@ -377,13 +367,7 @@ fn cost_per_packet_is_reported() {
     );
     let f = syn(SRC);
     let p = h.dp.program().unwrap();
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(&f),
-            repeat: 100_000,
-            ..TestRunOptions::default()
-        })
-        .unwrap();
+    let r = p.test_run(TestRunOptions { data_in: Some(&f), repeat: 100_000, ..TestRunOptions::default() }).unwrap();
     assert_eq!(r.return_value, XDP_PASS);
     eprintln!("info: keyward_xdp, known source under the limit: {} ns/packet (test run)", r.duration.as_nanos());
 }

@@ -92,7 +92,8 @@ fn main() -> anyhow::Result<()> {
             for t in tier {
                 cmd.args(["--tier", &t.to_string()]);
             }
-            let st = cmd.current_dir(workspace_root()).status().with_context(|| format!("running {}", bin.display()))?;
+            let st =
+                cmd.current_dir(workspace_root()).status().with_context(|| format!("running {}", bin.display()))?;
             if !st.success() {
                 bail!("the benchmark failed ({st})");
             }
@@ -124,10 +125,7 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_default()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(std::path::Path::to_path_buf).unwrap_or_default()
 }
 
 /// Remove test namespaces (`kwt<pid>-…`) left by test processes that were

@@ -9,14 +9,8 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-const PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
-    "iproute2",
-    "util-linux",
-];
+const PACKAGES: &[&str] =
+    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TOOLCHAIN: &str = "debian-bpf";
 
@@ -105,10 +99,7 @@ fn packages() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!(
-            "cargo xtask setup must run as root to install {} with apt-get",
-            missing.join(" ")
-        );
+        bail!("cargo xtask setup must run as root to install {} with apt-get", missing.join(" "));
     }
     eprintln!("==> setup: apt-get install {}", missing.join(" "));
     apt(&["update", "-q"])?;
@@ -156,21 +147,13 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn toolchain_link() -> anyhow::Result<()> {
-    let list = Command::new("rustup")
-        .args(["toolchain", "list"])
-        .output()
-        .context("running rustup")?;
-    if String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(TOOLCHAIN))
-    {
+    let list = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
+    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.split_whitespace().next() == Some(TOOLCHAIN)) {
         return Ok(());
     }
     eprintln!("==> setup: rustup toolchain link {TOOLCHAIN} /usr");
-    let st = Command::new("rustup")
-        .args(["toolchain", "link", TOOLCHAIN, "/usr"])
-        .status()
-        .context("running rustup")?;
+    let st =
+        Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]).status().context("running rustup")?;
     if !st.success() {
         bail!("rustup toolchain link {TOOLCHAIN} /usr failed ({st})");
     }

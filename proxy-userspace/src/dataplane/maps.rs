@@ -9,9 +9,7 @@ use aya::maps::{
     Array, HashMap, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
-use proxy_common::{
-    Action, AllowValue, Bucket, Counter, DenyValue, Reason, SourceKey, maps as names, stat_index,
-};
+use proxy_common::{Action, AllowValue, Bucket, Counter, DenyValue, Reason, SourceKey, maps as names, stat_index};
 
 use super::{Dataplane, DataplaneError};
 use crate::{config::Xdp as XdpConfig, store::List, units::Cidr};
@@ -40,9 +38,7 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError 
 
 impl Dataplane {
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
-        self.ebpf_mut()
-            .map_mut(name)
-            .ok_or(DataplaneError::Missing(name))
+        self.ebpf_mut().map_mut(name).ok_or(DataplaneError::Missing(name))
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
@@ -85,12 +81,7 @@ impl Dataplane {
 
     /// Put `cidr` into the allow or deny trie. `expires_ns` (monotonic, 0 =
     /// never) applies to deny entries.
-    pub fn list_insert(
-        &mut self,
-        list: List,
-        cidr: &Cidr,
-        expires_ns: u64,
-    ) -> Result<(), DataplaneError> {
+    pub fn list_insert(&mut self, list: List, cidr: &Cidr, expires_ns: u64) -> Result<(), DataplaneError> {
         let plen = u32::from(cidr.prefix());
         let r = match (list, cidr.addr()) {
             (List::Allow, IpAddr::V4(a)) => trie::<[u8; 4], AllowValue>(self, names::ALLOW_V4)?
@@ -117,22 +108,23 @@ impl Dataplane {
     pub fn list_remove(&mut self, list: List, cidr: &Cidr) -> Result<(), DataplaneError> {
         let plen = u32::from(cidr.prefix());
         let r = match (list, cidr.addr()) {
-            (List::Allow, IpAddr::V4(a)) => trie::<[u8; 4], AllowValue>(self, names::ALLOW_V4)?
-                .remove(&Key::new(plen, a.octets())),
-            (List::Allow, IpAddr::V6(a)) => trie::<[u8; 16], AllowValue>(self, names::ALLOW_V6)?
-                .remove(&Key::new(plen, a.octets())),
-            (List::Deny, IpAddr::V4(a)) => trie::<[u8; 4], DenyValue>(self, names::DENY_V4)?
-                .remove(&Key::new(plen, a.octets())),
-            (List::Deny, IpAddr::V6(a)) => trie::<[u8; 16], DenyValue>(self, names::DENY_V6)?
-                .remove(&Key::new(plen, a.octets())),
+            (List::Allow, IpAddr::V4(a)) => {
+                trie::<[u8; 4], AllowValue>(self, names::ALLOW_V4)?.remove(&Key::new(plen, a.octets()))
+            }
+            (List::Allow, IpAddr::V6(a)) => {
+                trie::<[u8; 16], AllowValue>(self, names::ALLOW_V6)?.remove(&Key::new(plen, a.octets()))
+            }
+            (List::Deny, IpAddr::V4(a)) => {
+                trie::<[u8; 4], DenyValue>(self, names::DENY_V4)?.remove(&Key::new(plen, a.octets()))
+            }
+            (List::Deny, IpAddr::V6(a)) => {
+                trie::<[u8; 16], DenyValue>(self, names::DENY_V6)?.remove(&Key::new(plen, a.octets()))
+            }
         };
         match r {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => {
-                return Err(DataplaneError::Map {
-                    map: "list",
-                    source: e,
-                });
+                return Err(DataplaneError::Map { map: "list", source: e });
             }
         }
         if self.lists[list_index(list)].remove(cidr) {
@@ -153,9 +145,7 @@ impl Dataplane {
                 if action == Action::Drop && reason.verdict() == Action::Pass {
                     continue;
                 }
-                let per_cpu = stats
-                    .get(&stat_index(action, reason), 0)
-                    .map_err(map_err(names::STATS))?;
+                let per_cpu = stats.get(&stat_index(action, reason), 0).map_err(map_err(names::STATS))?;
                 let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
                     packets: acc.packets.saturating_add(c.packets),
                     bytes: acc.bytes.saturating_add(c.bytes),
@@ -173,8 +163,8 @@ impl Dataplane {
 
     /// Per-source buckets created since load.
     pub fn new_sources(&self) -> Result<u64, DataplaneError> {
-        let m: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(names::NEW_SOURCES)?)
-            .map_err(map_err(names::NEW_SOURCES))?;
+        let m: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(names::NEW_SOURCES)?).map_err(map_err(names::NEW_SOURCES))?;
         let v = m.get(&0, 0).map_err(map_err(names::NEW_SOURCES))?;
         Ok(v.iter().fold(0u64, |a, b| a.saturating_add(*b)))
     }

@@ -160,19 +160,14 @@ impl Dataplane {
     /// Pin every map under `dir` (created; stale pins from a crashed run are
     /// replaced).
     pub fn pin(&mut self, dir: &Path) -> Result<(), DataplaneError> {
-        let pin_err = |what, path: &Path, source| DataplaneError::Pin {
-            what,
-            path: path.to_owned(),
-            source,
-        };
+        let pin_err = |what, path: &Path, source| DataplaneError::Pin { what, path: path.to_owned(), source };
         remove_pins(dir);
         std::fs::create_dir_all(dir).map_err(|e| pin_err("directory", dir, e))?;
         self.pins = Some(dir.to_owned());
         for name in names::ALL {
             let map = self.ebpf.map(name).ok_or(DataplaneError::Missing(name))?;
             let path = dir.join(name);
-            map.pin(&path)
-                .map_err(|e| pin_err("map", &path, io::Error::other(e.to_string())))?;
+            map.pin(&path).map_err(|e| pin_err("map", &path, io::Error::other(e.to_string())))?;
         }
         Ok(())
     }

@@ -37,10 +37,7 @@ pub enum OriginCheck {
 impl Origins {
     /// From `[access]`.
     pub fn new(allowed: &[String], require: bool) -> Origins {
-        let mut o = Origins {
-            require,
-            ..Origins::default()
-        };
+        let mut o = Origins { require, ..Origins::default() };
         for a in allowed {
             let a = a.trim().to_ascii_lowercase();
             if a.starts_with("http://") || a.starts_with("https://") {
@@ -54,17 +51,13 @@ impl Origins {
 
     fn allows(&self, url: &str) -> bool {
         let u = url.trim().to_ascii_lowercase();
-        let at_boundary = |p: &str| {
-            u.strip_prefix(p)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#', ':']))
-        };
+        let at_boundary =
+            |p: &str| u.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#', ':']));
         if self.prefixes.iter().any(|p| at_boundary(p)) {
             return true;
         }
         let Some(host) = host_of(&u) else { return false };
-        self.hosts
-            .iter()
-            .any(|h| host == *h || host.strip_suffix(h.as_str()).is_some_and(|r| r.ends_with('.')))
+        self.hosts.iter().any(|h| host == *h || host.strip_suffix(h.as_str()).is_some_and(|r| r.ends_with('.')))
     }
 
     /// Check `Origin`, else `Referer`.
@@ -115,7 +108,11 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr], from: Forw
     }
     // Every hop, oldest first, from the configured header only.
     let mut hops: Vec<IpAddr> = Vec::new();
-    let forwarded = if from == ForwardedHeader::Forwarded { headers.get_all(http::header::FORWARDED).iter().collect() } else { Vec::new() };
+    let forwarded = if from == ForwardedHeader::Forwarded {
+        headers.get_all(http::header::FORWARDED).iter().collect()
+    } else {
+        Vec::new()
+    };
     for v in forwarded {
         let Ok(v) = v.to_str() else { continue };
         for elem in v.split(',') {
@@ -226,7 +223,10 @@ mod tests {
         let outsider: IpAddr = "198.51.100.9".parse().unwrap();
         assert_eq!(client_ip(outsider, &xff, &trusted, x), outsider);
         let fwd = h(&[("forwarded", "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https")]);
-        assert_eq!(client_ip(peer, &fwd, &trusted, ForwardedHeader::Forwarded), "2001:db8::7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, &fwd, &trusted, ForwardedHeader::Forwarded),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
         // A client-written Forwarded is not read when the proxies write XFF.
         let both = h(&[("forwarded", "for=10.1.1.1"), ("x-forwarded-for", "203.0.113.5")]);
         assert_eq!(client_ip(peer, &both, &trusted, x), "203.0.113.5".parse::<IpAddr>().unwrap());

@@ -38,15 +38,7 @@ fn size(key: &str, c: &Cached) -> usize {
 impl Cache {
     /// A cache holding at most `max_bytes` of answers.
     pub fn new(max_bytes: usize) -> Cache {
-        Cache {
-            inner: Mutex::new(Inner {
-                lru: LruCache::unbounded(),
-                bytes: 0,
-                hits: 0,
-                misses: 0,
-            }),
-            max_bytes,
-        }
+        Cache { inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, hits: 0, misses: 0 }), max_bytes }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -76,12 +68,7 @@ impl Cache {
 
     /// Keep an answer for `ttl_ns`.
     pub fn put(&self, key: String, status: StatusCode, headers: HeaderMap, body: Bytes, now_ns: u64, ttl_ns: u64) {
-        let c = Cached {
-            status,
-            headers,
-            body,
-            expires_ns: now_ns.saturating_add(ttl_ns),
-        };
+        let c = Cached { status, headers, body, expires_ns: now_ns.saturating_add(ttl_ns) };
         let sz = size(&key, &c);
         if sz > self.max_bytes {
             return;
@@ -110,7 +97,6 @@ impl std::fmt::Debug for Cache {
         write!(f, "Cache {{ hits: {h}, misses: {m}, entries: {n}, bytes: {b} }}")
     }
 }
-
 
 #[cfg(test)]
 mod tests {

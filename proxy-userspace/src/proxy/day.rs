@@ -70,17 +70,9 @@ impl Schedule {
         let ts = Timestamp::from_second(now).unwrap_or(Timestamp::UNIX_EPOCH);
         let today = ts.to_zoned(self.tz.clone()).date();
         let at_today = self.reset_on(today);
-        let day = if at_today <= now {
-            today
-        } else {
-            today.yesterday().unwrap_or(today)
-        };
+        let day = if at_today <= now { today } else { today.yesterday().unwrap_or(today) };
         let next = day.tomorrow().unwrap_or(day);
-        Window {
-            day,
-            start: self.reset_on(day),
-            end: self.reset_on(next),
-        }
+        Window { day, start: self.reset_on(day), end: self.reset_on(next) }
     }
 }
 

@@ -13,7 +13,10 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use rustls::{RootCertStore, pki_types::{CertificateDer, pem::PemObject as _}};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, pem::PemObject as _},
+};
 
 use crate::config;
 
@@ -81,10 +84,7 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, UpstreamError> {
         let _ = roots.add(c);
     }
     if let Some(path) = ca_file {
-        let err = |message: String| UpstreamError::CaFile {
-            path: path.display().to_string(),
-            message,
-        };
+        let err = |message: String| UpstreamError::CaFile { path: path.display().to_string(), message };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .map_err(|e| err(e.to_string()))?
             .collect::<Result<_, _>>()
@@ -125,25 +125,14 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .build();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(https);
-        Ok(Upstream {
-            client,
-            scheme,
-            authority,
-            prefix,
-            timeout: u.timeout.0,
-        })
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https);
+        Ok(Upstream { client, scheme, authority, prefix, timeout: u.timeout.0 })
     }
 
     /// The absolute URI of `path` (already encoded) and `query` under the base.
     pub fn uri(&self, path: &str, query: &str) -> Result<Uri, Failure> {
-        let pq = if query.is_empty() {
-            format!("{}{path}", self.prefix)
-        } else {
-            format!("{}{path}?{query}", self.prefix)
-        };
+        let pq =
+            if query.is_empty() { format!("{}{path}", self.prefix) } else { format!("{}{path}?{query}", self.prefix) };
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -156,11 +145,7 @@ impl Upstream {
     pub async fn call(&self, req: Request<Full<Bytes>>) -> Result<Answer, Failure> {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    Failure::NotSent(error_chain(&e))
-                } else {
-                    Failure::Unavailable(error_chain(&e))
-                }
+                if e.is_connect() { Failure::NotSent(error_chain(&e)) } else { Failure::Unavailable(error_chain(&e)) }
             })?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_ANSWER)
@@ -168,15 +153,9 @@ impl Upstream {
                 .await
                 .map_err(|e| Failure::Unavailable(format!("reading the answer: {e}")))?
                 .to_bytes();
-            Ok(Answer {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+            Ok(Answer { status: parts.status, headers: parts.headers, body })
         };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or(Err(Failure::Timeout))
+        tokio::time::timeout(self.timeout, exchange).await.unwrap_or(Err(Failure::Timeout))
     }
 
     /// POST a JSON document (alert webhooks), within the timeout.

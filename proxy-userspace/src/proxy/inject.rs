@@ -63,10 +63,7 @@ impl Secret {
 }
 
 fn read_file(path: &Path) -> Result<String, KeyError> {
-    std::fs::read_to_string(path).map_err(|source| KeyError::File {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| KeyError::File { path: path.display().to_string(), source })
 }
 
 /// Puts the key on requests and scrubs it from answers. `Debug` shows only
@@ -101,8 +98,8 @@ impl Injector {
             Inject::Query { query } => Place::Query(query.clone()),
             Inject::Header { header, value } => {
                 let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| KeyError::Unusable)?;
-                let mut v = HeaderValue::from_str(&value.replace("{key}", &secret.0))
-                    .map_err(|_| KeyError::Unusable)?;
+                let mut v =
+                    HeaderValue::from_str(&value.replace("{key}", &secret.0)).map_err(|_| KeyError::Unusable)?;
                 v.set_sensitive(true);
                 Place::Header(name, v)
             }
@@ -111,7 +108,8 @@ impl Injector {
         // upper and lower case hex, and JSON-escaped (`\/`).
         let k = secret.0.as_bytes();
         let enc: String = form_urlencoded::byte_serialize(k).collect();
-        let pct: String = percent_encoding::utf8_percent_encode(&secret.0, percent_encoding::NON_ALPHANUMERIC).collect();
+        let pct: String =
+            percent_encoding::utf8_percent_encode(&secret.0, percent_encoding::NON_ALPHANUMERIC).collect();
         let lower = lower_hex(&pct);
         let json = secret.0.replace('/', "\\/");
         let mut needles: Vec<Vec<u8>> = Vec::new();
@@ -230,14 +228,19 @@ mod tests {
     fn secret_never_prints() {
         let s = Secret::from_str_for_test(KEY);
         assert_eq!(format!("{s:?}"), REDACTED);
-        let i = Injector::new(&Inject::Header { header: "Authorization".into(), value: "Bearer {key}".into() }, s).unwrap();
+        let i =
+            Injector::new(&Inject::Header { header: "Authorization".into(), value: "Bearer {key}".into() }, s).unwrap();
         let dbg = format!("{i:?}");
         assert!(!dbg.contains("sk_live") && !dbg.contains("115, 107"), "{dbg}");
     }
 
     #[test]
     fn header_mode_strips_then_injects() {
-        let i = Injector::new(&Inject::Header { header: "x-api-key".into(), value: "{key}".into() }, Secret::from_str_for_test(KEY)).unwrap();
+        let i = Injector::new(
+            &Inject::Header { header: "x-api-key".into(), value: "{key}".into() },
+            Secret::from_str_for_test(KEY),
+        )
+        .unwrap();
         let mut h = HeaderMap::new();
         h.append("x-api-key", "client-guess".parse().unwrap());
         h.append("x-api-key", "another".parse().unwrap());

@@ -29,11 +29,7 @@ pub fn format_amount(m: u64) -> String {
     let s = format!("{}.{:06}", m / MICROS, m % MICROS);
     let t = s.trim_end_matches('0');
     let dot = t.find('.').unwrap_or(t.len());
-    if t.len() - dot < 3 {
-        format!("{}.{:02}", m / MICROS, (m % MICROS) / 10_000)
-    } else {
-        t.to_owned()
-    }
+    if t.len() - dot < 3 { format!("{}.{:02}", m / MICROS, (m % MICROS) / 10_000) } else { t.to_owned() }
 }
 
 /// Limits as configured.
@@ -117,20 +113,12 @@ impl Limiter {
         let window = schedule.window(now_unix);
         let counts = match restored {
             Some(c) if c.day == window.id() => c,
-            _ => DayCounts {
-                day: window.id(),
-                ..DayCounts::default()
-            },
+            _ => DayCounts { day: window.id(), ..DayCounts::default() },
         };
         Limiter {
             limits: Mutex::new(std::sync::Arc::new(limits)),
             schedule: Mutex::new(schedule),
-            inner: Mutex::new(Inner {
-                tat: HashMap::new(),
-                counts,
-                window,
-                dirty: true,
-            }),
+            inner: Mutex::new(Inner { tat: HashMap::new(), counts, window, dirty: true }),
         }
     }
 
@@ -151,10 +139,7 @@ impl Limiter {
         if now_unix >= inner.window.end {
             inner.window = lock(&self.schedule).window(now_unix);
             if inner.counts.day != inner.window.id() {
-                inner.counts = DayCounts {
-                    day: inner.window.id(),
-                    ..DayCounts::default()
-                };
+                inner.counts = DayCounts { day: inner.window.id(), ..DayCounts::default() };
                 inner.dirty = true;
             }
         }
@@ -173,9 +158,7 @@ impl Limiter {
             None => {
                 // Seconds until one token is back, rounded up.
                 let wait = tat.saturating_add(p.interval_ns).saturating_sub(now_ns).saturating_sub(p.tolerance_ns);
-                Err(Refusal::Rate {
-                    retry_after: wait.div_ceil(proxy_common::bucket::NS_PER_SEC).max(1),
-                })
+                Err(Refusal::Rate { retry_after: wait.div_ceil(proxy_common::bucket::NS_PER_SEC).max(1) })
             }
         }
     }
@@ -258,11 +241,7 @@ impl Limiter {
         let used = ahead.div_ceil(l.rate.interval_ns.max(1));
         let rate = u64::from(l.burst).saturating_sub(used) as u32;
         let daily = l.per_ip_daily.saturating_sub(inner.counts.per_ip.get(&ip).copied().unwrap_or(0));
-        Remaining {
-            rate,
-            daily,
-            reset: inner.window.end,
-        }
+        Remaining { rate, daily, reset: inner.window.end }
     }
 
     /// Today's counts when they changed since the last call (for persistence).
@@ -291,14 +270,10 @@ impl Limiter {
 fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64, exempt: bool) -> Result<(), Refusal> {
     let used = inner.counts.per_ip.get(&ip).copied().unwrap_or(0);
     if !exempt && used >= l.per_ip_daily {
-        return Err(Refusal::Daily {
-            reset: inner.window.end,
-        });
+        return Err(Refusal::Daily { reset: inner.window.end });
     }
     if inner.counts.spent.saturating_add(cost) > l.budget {
-        return Err(Refusal::Budget {
-            reset: inner.window.end,
-        });
+        return Err(Refusal::Budget { reset: inner.window.end });
     }
     Ok(())
 }

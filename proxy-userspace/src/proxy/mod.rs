@@ -115,7 +115,8 @@ impl Policy {
         let routes = Routes::compile(&cfg.routes).map_err(PolicyError::Route)?;
         let injector = Injector::new(&up.inject, secret)?;
         let l = cfg.limits.get_ref();
-        let budget = limit::micros(l.daily).ok_or_else(|| PolicyError::Limits("daily must be a non-negative amount".into()))?;
+        let budget =
+            limit::micros(l.daily).ok_or_else(|| PolicyError::Limits("daily must be a non-negative amount".into()))?;
         let alert_at = l
             .alert_at
             .iter()
@@ -262,11 +263,7 @@ impl Forwarder {
             .requests
             .iter()
             .flat_map(|(r, per)| {
-                Outcome::ALL
-                    .iter()
-                    .zip(per)
-                    .filter(|(_, n)| **n > 0)
-                    .map(move |(o, n)| ((r.clone(), *o), *n))
+                Outcome::ALL.iter().zip(per).filter(|(_, n)| **n > 0).map(move |(o, n)| ((r.clone(), *o), *n))
             })
             .collect();
         (requests, c.upstream.clone())
@@ -346,7 +343,11 @@ impl Forwarder {
                 return (problem(Outcome::NoRoute, "no such endpoint", None), "-".into(), Outcome::NoRoute);
             }
             let OriginCheck::Allowed(Some(origin)) = cors else {
-                return (problem(Outcome::OriginNotAllowed, "origin not allowed", None), "-".into(), Outcome::OriginNotAllowed);
+                return (
+                    problem(Outcome::OriginNotAllowed, "origin not allowed", None),
+                    "-".into(),
+                    Outcome::OriginNotAllowed,
+                );
             };
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = http::StatusCode::NO_CONTENT;
@@ -376,16 +377,15 @@ impl Forwarder {
                 self.would(&name, Outcome::OriginNotAllowed);
                 None
             }
-            OriginCheck::Refused => return refuse(Outcome::OriginNotAllowed, "the calling page's origin is not allowed", None),
+            OriginCheck::Refused => {
+                return refuse(Outcome::OriginNotAllowed, "the calling page's origin is not allowed", None);
+            }
         };
 
         // The body, bounded.
         let (parts, body) = req.into_parts();
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared =
+            parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > p.max_body) {
             return refuse(Outcome::BodyTooLarge, "request body too large", None);
         }
@@ -497,7 +497,9 @@ impl Forwarder {
                     self.limiter.refund(reservation);
                 }
                 let (o, d) = match f {
-                    Failure::Timeout => (Outcome::UpstreamTimeout, "the upstream service did not answer in time".to_owned()),
+                    Failure::Timeout => {
+                        (Outcome::UpstreamTimeout, "the upstream service did not answer in time".to_owned())
+                    }
                     Failure::NotSent(e) | Failure::Unavailable(e) => {
                         warn!(route = %name, error = %e, "upstream unavailable");
                         (Outcome::UpstreamUnavailable, "the upstream service could not be reached".to_owned())
@@ -539,7 +541,14 @@ impl Forwarder {
 
     /// The answer for a daily refusal (escalating when configured), or
     /// `None` in dry run.
-    fn daily_refusal(&self, p: &Policy, r: Refusal, key: IpAddr, now: i64, route: &str) -> Option<(Response<Body>, Outcome)> {
+    fn daily_refusal(
+        &self,
+        p: &Policy,
+        r: Refusal,
+        key: IpAddr,
+        now: i64,
+        route: &str,
+    ) -> Option<(Response<Body>, Outcome)> {
         if p.dry_run {
             self.would(
                 route,
@@ -562,13 +571,22 @@ impl Forwarder {
                     }
                 }
                 let retry = respond::retry_after_reset(now, reset);
-                Some((problem(Outcome::DailyCapReached, "the daily limit for your address is reached", Some(retry)), Outcome::DailyCapReached))
+                Some((
+                    problem(Outcome::DailyCapReached, "the daily limit for your address is reached", Some(retry)),
+                    Outcome::DailyCapReached,
+                ))
             }
             Refusal::Budget { reset } => {
                 let retry = respond::retry_after_reset(now, reset);
-                Some((problem(Outcome::BudgetExhausted, "the service is unavailable for now", Some(retry)), Outcome::BudgetExhausted))
+                Some((
+                    problem(Outcome::BudgetExhausted, "the service is unavailable for now", Some(retry)),
+                    Outcome::BudgetExhausted,
+                ))
             }
-            Refusal::Rate { retry_after } => Some((problem(Outcome::RateLimited, "per-address rate exceeded", Some(retry_after)), Outcome::RateLimited)),
+            Refusal::Rate { retry_after } => Some((
+                problem(Outcome::RateLimited, "per-address rate exceeded", Some(retry_after)),
+                Outcome::RateLimited,
+            )),
         }
     }
 

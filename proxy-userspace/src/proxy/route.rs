@@ -93,11 +93,8 @@ fn names(segs: &[Segment]) -> Vec<&str> {
 impl Route {
     /// Compile a configured route, or say what is wrong with it.
     pub fn compile(r: &config::Route) -> Result<Route, String> {
-        let method: http::Method = r
-            .method
-            .to_ascii_uppercase()
-            .parse()
-            .map_err(|_| format!("`{}` is not an HTTP method", r.method))?;
+        let method: http::Method =
+            r.method.to_ascii_uppercase().parse().map_err(|_| format!("`{}` is not an HTTP method", r.method))?;
         let path = template(&r.path)?;
         let upstream = template(&r.upstream_path)?;
         let declared = names(&path);
@@ -109,14 +106,14 @@ impl Route {
         let mut params = BTreeMap::new();
         for n in &declared {
             let pattern = r.params.get(*n).map_or(DEFAULT_PATTERN, String::as_str);
-            let re = Regex::new(&format!("^(?:{pattern})$"))
-                .map_err(|e| format!("params.{n}: bad pattern: {e}"))?;
+            let re = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("params.{n}: bad pattern: {e}"))?;
             params.insert((*n).to_owned(), re);
         }
         if let Some(extra) = r.params.keys().find(|k| !declared.contains(&k.as_str())) {
             return Err(format!("params.{extra} names no {{{extra}}} in path"));
         }
-        let cost = super::limit::micros(r.cost).ok_or_else(|| format!("cost {} must be a non-negative amount", r.cost))?;
+        let cost =
+            super::limit::micros(r.cost).ok_or_else(|| format!("cost {} must be a non-negative amount", r.cost))?;
         Ok(Route {
             name: format!("{} {}", method, r.path),
             method,
@@ -144,9 +141,8 @@ impl Route {
         let mut values = BTreeMap::new();
         for (s, r) in self.path.iter().zip(raw) {
             if let Segment::Param(n) = s {
-                let v = percent_decode_str(r)
-                    .decode_utf8()
-                    .map_err(|_| Miss::BadParameter(format!("{n}: not UTF-8")))?;
+                let v =
+                    percent_decode_str(r).decode_utf8().map_err(|_| Miss::BadParameter(format!("{n}: not UTF-8")))?;
                 if v.len() > MAX_VALUE || v.chars().any(char::is_control) || v == "." || v == ".." {
                     return Err(Miss::BadParameter(format!("{n}: not an acceptable value")));
                 }
@@ -190,9 +186,7 @@ pub struct Routes {
 impl Routes {
     /// Compile every route.
     pub fn compile(rs: &[toml::Spanned<config::Route>]) -> Result<Routes, String> {
-        Ok(Routes {
-            routes: rs.iter().map(|r| Route::compile(r.get_ref())).collect::<Result<_, _>>()?,
-        })
+        Ok(Routes { routes: rs.iter().map(|r| Route::compile(r.get_ref())).collect::<Result<_, _>>()? })
     }
 
     /// The route for `method` and `path`. `Err(NoRoute)` when none matches.
@@ -243,7 +237,12 @@ mod tests {
 
     #[test]
     fn maps_parameters_and_filters_query() {
-        let r = route("/postcodes/{postcode}", "/v2/lookup/{postcode}", &[("postcode", "^[A-Za-z0-9 ]{2,10}$")], &["filter"]);
+        let r = route(
+            "/postcodes/{postcode}",
+            "/v2/lookup/{postcode}",
+            &[("postcode", "^[A-Za-z0-9 ]{2,10}$")],
+            &["filter"],
+        );
         let m = map(&r, "/postcodes/SW1A%201AA", Some("filter=a,b&evil=1&api_key=stolen")).unwrap();
         assert_eq!(m.path, "/v2/lookup/SW1A%201AA");
         assert_eq!(m.query, vec![("filter".to_owned(), "a,b".to_owned())]);
@@ -276,9 +275,7 @@ mod tests {
 
     #[test]
     fn finding_routes() {
-        let rs = Routes {
-            routes: vec![route("/postcodes/{p}", "/x/{p}", &[], &[])],
-        };
+        let rs = Routes { routes: vec![route("/postcodes/{p}", "/x/{p}", &[], &[])] };
         assert!(rs.find(&http::Method::GET, "/postcodes/AB1").is_ok());
         assert_eq!(rs.find(&http::Method::POST, "/postcodes/AB1").unwrap_err(), Miss::NoRoute);
         assert_eq!(rs.find(&http::Method::GET, "/postcodes/AB1/extra").unwrap_err(), Miss::NoRoute);

@@ -25,13 +25,13 @@ const KW: u16 = 18443;
 const NGX: u16 = 18444;
 const KEY: &str = "bench-key-0123456789";
 
-
 /// A process we started, stopped by pid on drop.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
         let _ = crate::wait_for(Duration::from_secs(5), || self.0.try_wait().ok().flatten());
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -65,9 +65,10 @@ fn wait_port(ns: &str, port: u16) {
 
 /// wrk for `secs` seconds from CPU0; returns (requests, non-2xx/3xx).
 fn wrk(ns: &str, url: &str, secs: u32) -> (u64, u64) {
-    let out = in_ns(ns, 0, &["wrk", "-t1", "-c50", &format!("-d{secs}s"), "-H", "Origin: https://www.example.com", url])
-        .output()
-        .expect("wrk");
+    let out =
+        in_ns(ns, 0, &["wrk", "-t1", "-c50", &format!("-d{secs}s"), "-H", "Origin: https://www.example.com", url])
+            .output()
+            .expect("wrk");
     let text = String::from_utf8_lossy(&out.stdout);
     let requests = text
         .lines()
@@ -146,7 +147,9 @@ fn open_loop(ns: &str, port: u16, path: &str, rate: u32, secs: u32) -> (f64, f64
                 }
             }
             lat.sort_by(|a, b| a.total_cmp(b));
-            let q = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+            let q = |p: f64| {
+                lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
+            };
             (q(0.50), q(0.99))
         })
     })
@@ -167,18 +170,26 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     std::fs::write(dir.join("up.key"), &key_pem).unwrap();
     std::fs::write(dir.join("ca.crt"), &ca_pem).unwrap();
 
-    let up = nginx_conf(&dir, "upstream", &format!(
-        "  server {{ listen 127.0.0.1:{UP}; location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }} }}\n  server {{ listen 127.0.0.1:{UP_TLS} ssl; ssl_certificate {d}/up.crt; ssl_certificate_key {d}/up.key; location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }} }}",
-        d = dir.display()
-    ));
+    let up = nginx_conf(
+        &dir,
+        "upstream",
+        &format!(
+            "  server {{ listen 127.0.0.1:{UP}; location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }} }}\n  server {{ listen 127.0.0.1:{UP_TLS} ssl; ssl_certificate {d}/up.crt; ssl_certificate_key {d}/up.key; location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }} }}",
+            d = dir.display()
+        ),
+    );
     let _up = Proc(in_ns(&ns, 0, &["nginx", "-c"]).arg(&up).stderr(Stdio::null()).spawn().expect("nginx upstream"));
     wait_port(&ns, UP);
 
     // nginx as the equivalent proxy: per-IP limit_req, key injected, keep-alive upstream, quiet logs.
-    let ngx = nginx_conf(&dir, "proxy", &format!(
-        "  limit_req_zone $binary_remote_addr zone=ip:10m rate=100000r/s;\n  limit_req_zone $binary_remote_addr zone=tight:10m rate=100r/s;\n  limit_req_status 429;\n  limit_req_log_level warn;\n  upstream up {{ server 127.0.0.1:{UP}; keepalive 64; }}\n  upstream uptls {{ server 127.0.0.1:{UP_TLS}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{NGX};\n    proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Api-Key {KEY};\n    location /postcodes/ {{ limit_req zone=ip burst=100000 nodelay; proxy_pass http://up; }}\n    location /tight/ {{ limit_req zone=tight burst=10 nodelay; proxy_pass http://up/postcodes/; }}\n    location /broke/ {{ return 503; }}\n    location /tls/ {{ limit_req zone=ip burst=100000 nodelay; proxy_ssl_trusted_certificate {d}/ca.crt; proxy_ssl_verify on; proxy_ssl_name localhost; proxy_ssl_session_reuse on; proxy_pass https://uptls/postcodes/; }}\n  }}",
-        d = dir.display()
-    ));
+    let ngx = nginx_conf(
+        &dir,
+        "proxy",
+        &format!(
+            "  limit_req_zone $binary_remote_addr zone=ip:10m rate=100000r/s;\n  limit_req_zone $binary_remote_addr zone=tight:10m rate=100r/s;\n  limit_req_status 429;\n  limit_req_log_level warn;\n  upstream up {{ server 127.0.0.1:{UP}; keepalive 64; }}\n  upstream uptls {{ server 127.0.0.1:{UP_TLS}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{NGX};\n    proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Api-Key {KEY};\n    location /postcodes/ {{ limit_req zone=ip burst=100000 nodelay; proxy_pass http://up; }}\n    location /tight/ {{ limit_req zone=tight burst=10 nodelay; proxy_pass http://up/postcodes/; }}\n    location /broke/ {{ return 503; }}\n    location /tls/ {{ limit_req zone=ip burst=100000 nodelay; proxy_ssl_trusted_certificate {d}/ca.crt; proxy_ssl_verify on; proxy_ssl_name localhost; proxy_ssl_session_reuse on; proxy_pass https://uptls/postcodes/; }}\n  }}",
+            d = dir.display()
+        ),
+    );
     let _ngx = Proc(in_ns(&ns, 1, &["nginx", "-c"]).arg(&ngx).stderr(Stdio::null()).spawn().expect("nginx proxy"));
     wait_port(&ns, NGX);
 
@@ -188,12 +199,16 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
             "metrics = \"\"\n\n[listen]\naddr = \"127.0.0.1:{KW}\"\n\n[upstream]\nbase_url = \"{base}\"\ntimeout = \"5s\"\nkey_env = \"KEYWARD_TEST_KEY\"\ninject = {{ header = \"X-Api-Key\", value = \"{{key}}\" }}\n{extra_up}\n\n[[route]]\nmethod = \"GET\"\npath = \"/postcodes/{{p}}\"\nupstream_path = \"/postcodes/{{p}}\"\ncost = 0.0001\n\n[access]\nallowed_origins = [\"https://www.example.com\"]\nrequire_origin = true\n\n[limits]\nper_ip_daily = 4000000000\ndeny_on_daily_cap = false\n{limits}\n"
         );
         let d = daemon::Daemon::prepare_with(&t, "rate_pps = 100000000\nburst = 100000000", &rest);
-        let child = in_ns(&t.server_ns, 1, &[daemon::bin().to_str().unwrap_or("keyward"), "run", "-c", d.config.to_str().unwrap_or("")])
-            .env("KEYWARD_TEST_KEY", KEY)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("keyward");
+        let child = in_ns(
+            &t.server_ns,
+            1,
+            &[daemon::bin().to_str().unwrap_or("keyward"), "run", "-c", d.config.to_str().unwrap_or("")],
+        )
+        .env("KEYWARD_TEST_KEY", KEY)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("keyward");
         wait_port(&t.server_ns, KW);
         (Proc(child), d)
     };
@@ -204,8 +219,22 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     // (name, keyward limits, keyward base, keyward extra, nginx path, measure direct too)
     let paths: [(&str, String, String, String, &str, bool); 4] = [
         ("pass", open.into(), plain.clone(), String::new(), "/postcodes/AB1", true),
-        ("per-IP 429", "per_ip_rate = 100\nper_ip_burst = 10\ndaily = 1000000.0".into(), plain.clone(), String::new(), "/tight/AB1", false),
-        ("budget exhausted (503)", "per_ip_rate = 4000000\nper_ip_burst = 4000000\ndaily = 0.0".into(), plain, String::new(), "/broke/AB1", false),
+        (
+            "per-IP 429",
+            "per_ip_rate = 100\nper_ip_burst = 10\ndaily = 1000000.0".into(),
+            plain.clone(),
+            String::new(),
+            "/tight/AB1",
+            false,
+        ),
+        (
+            "budget exhausted (503)",
+            "per_ip_rate = 4000000\nper_ip_burst = 4000000\ndaily = 0.0".into(),
+            plain,
+            String::new(),
+            "/broke/AB1",
+            false,
+        ),
         ("pass, HTTPS upstream", open.into(), tls, ca, "/tls/AB1", false),
     ];
     let mut us: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
@@ -233,14 +262,17 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
             let n = measure(NGX, ngx_path);
             eprintln!(
                 "   round {} {name:<24} keyward {:>7.0} req/s {:>5.1} µs/req · nginx {:>7.0} req/s {:>5.1} µs/req",
-                round + 1, k.1, k.0, n.1, n.0
+                round + 1,
+                k.1,
+                k.0,
+                n.1,
+                n.0
             );
             record(i, 0, k);
             record(i, 1, n);
             if *direct {
                 record(i, 2, measure(UP, "/postcodes/AB1"));
             }
-
         }
     }
     let mut rows = Vec::new();
@@ -251,7 +283,8 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
         let add = |v: &Vec<(f64, f64)>, pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
             v.iter().zip(direct_p).map(|(a, d)| pick(a) - pick(d)).collect()
         };
-        let (k50, k99, n50, n99) = (add(&lat[i][0], |x| x.0), add(&lat[i][0], |x| x.1), add(&lat[i][1], |x| x.0), add(&lat[i][1], |x| x.1));
+        let (k50, k99, n50, n99) =
+            (add(&lat[i][0], |x| x.0), add(&lat[i][0], |x| x.1), add(&lat[i][1], |x| x.0), add(&lat[i][1], |x| x.1));
         rows.push(vec![
             (*name).to_owned(),
             fmt(&rps[i][0], 0),
@@ -272,9 +305,24 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     let direct_rps = stats(&rps[0][2]).0;
     let md = format!(
         "{}\nDirect to the upstream: {direct_rps:.0} req/s; open loop at {rate} req/s for the latency columns (µs added over direct, p50 / p99).\n",
-        table(&["path", "keyward req/s", "keyward CPU1 µs/req", "nginx req/s", "nginx CPU1 µs/req", "keyward ÷ nginx µs/req", "keyward added p50 / p99 µs", "nginx added p50 / p99 µs"], &rows)
+        table(
+            &[
+                "path",
+                "keyward req/s",
+                "keyward CPU1 µs/req",
+                "nginx req/s",
+                "nginx CPU1 µs/req",
+                "keyward ÷ nginx µs/req",
+                "keyward added p50 / p99 µs",
+                "nginx added p50 / p99 µs"
+            ],
+            &rows
+        )
     );
-    (json!({ "rounds": rounds, "seconds": secs, "open_loop_rate": rate, "paths": out, "direct_rps": summary(&rps[0][2]) }), md)
+    (
+        json!({ "rounds": rounds, "seconds": secs, "open_loop_rate": rate, "paths": out, "direct_rps": summary(&rps[0][2]) }),
+        md,
+    )
 }
 
 struct DirGuard(PathBuf);
@@ -294,6 +342,7 @@ fn certs() -> (String, String, String) {
     let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
     let key = KeyPair::generate().expect("key");
     let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
-    let cert = CertificateParams::new(vec!["localhost".to_owned()]).expect("params").signed_by(&key, &issuer).expect("cert");
+    let cert =
+        CertificateParams::new(vec!["localhost".to_owned()]).expect("params").signed_by(&key, &issuer).expect("cert");
     (cert.pem(), key.serialize_pem(), ca_cert.pem())
 }

@@ -9,7 +9,10 @@ use std::{net::IpAddr, time::Instant};
 use keyward::{
     config::Config,
     dataplane::Dataplane,
-    proxy::{day::Schedule, limit::{Limiter, Limits}},
+    proxy::{
+        day::Schedule,
+        limit::{Limiter, Limits},
+    },
 };
 use serde_json::{Value, json};
 
@@ -24,7 +27,8 @@ fn maps() -> Vec<(u64, u64)> {
         if !t.contains("map_type:") {
             continue;
         }
-        let field = |k: &str| t.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or(0u64);
+        let field =
+            |k: &str| t.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or(0u64);
         out.push((field("max_entries:"), field("memlock:")));
     }
     out
@@ -49,9 +53,18 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
     let total: u64 = ours.iter().map(|(_, m)| m).sum();
     drop(dp);
     let per = sources as f64 / f64::from(size);
-    rows.push(vec![format!("kernel: per-source table of {size}"), format!("{:.1} MiB", sources as f64 / 1048576.0), format!("{per:.0} B per source")]);
-    rows.push(vec!["kernel: all of keyward's maps".into(), format!("{:.1} MiB", total as f64 / 1048576.0), format!("a 1M-source table takes {:.0} MiB", per)]);
-    doc["kernel"] = json!({ "table_size": size, "sources_map_bytes": sources, "bytes_per_source": per, "all_maps_bytes": total });
+    rows.push(vec![
+        format!("kernel: per-source table of {size}"),
+        format!("{:.1} MiB", sources as f64 / 1048576.0),
+        format!("{per:.0} B per source"),
+    ]);
+    rows.push(vec![
+        "kernel: all of keyward's maps".into(),
+        format!("{:.1} MiB", total as f64 / 1048576.0),
+        format!("a 1M-source table takes {:.0} MiB", per),
+    ]);
+    doc["kernel"] =
+        json!({ "table_size": size, "sources_map_bytes": sources, "bytes_per_source": per, "all_maps_bytes": total });
 
     // The forwarder's memory per tracked client.
     let counts: &[u32] = if quick { &[10_000, 100_000] } else { &[10_000, 100_000, 1_000_000] };
@@ -59,7 +72,14 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
     for &n in counts {
         let base = allocated();
         let l = Limiter::new(
-            Limits { rate: proxy_common::bucket::Params::new(5, 10), burst: 10, per_ip_daily: 200, budget: u64::MAX, alert_at: vec![], dry_run: false },
+            Limits {
+                rate: proxy_common::bucket::Params::new(5, 10),
+                burst: 10,
+                per_ip_daily: 200,
+                budget: u64::MAX,
+                alert_at: vec![],
+                dry_run: false,
+            },
             Schedule::new("00:00", "UTC").expect("schedule"),
             1_795_420_800,
             None,
@@ -72,7 +92,11 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
             }
         }
         let grew = allocated().saturating_sub(base) as u64;
-        rows.push(vec![format!("forwarder: {n} clients tracked today"), format!("{:.1} MiB", grew as f64 / 1048576.0), format!("{:.0} B per client", grew as f64 / f64::from(n))]);
+        rows.push(vec![
+            format!("forwarder: {n} clients tracked today"),
+            format!("{:.1} MiB", grew as f64 / 1048576.0),
+            format!("{:.0} B per client", grew as f64 / f64::from(n)),
+        ]);
         rss.push(json!({ "clients": n, "heap_bytes": grew }));
         drop(l);
     }
@@ -92,7 +116,11 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
         reload.push(t0.elapsed().as_secs_f64() * 1e3);
         d.stop();
     }
-    rows.push(vec!["daemon start to first answer (table of 4096)".into(), format!("{} ms", fmt(&start, 0)), String::new()]);
+    rows.push(vec![
+        "daemon start to first answer (table of 4096)".into(),
+        format!("{} ms", fmt(&start, 0)),
+        String::new(),
+    ]);
     rows.push(vec!["reload round trip (`keyward reload`)".into(), format!("{} ms", fmt(&reload, 1)), String::new()]);
     doc["startup_ms"] = summary(&start);
     doc["reload_ms"] = summary(&reload);

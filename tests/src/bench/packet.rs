@@ -25,7 +25,6 @@ use crate::{
 
 const PORT: u16 = 443;
 
-
 fn pin_self(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     let _ = set.set(cpu);
@@ -89,7 +88,8 @@ impl Generator {
                         aya::maps::Array::try_from(ebpf.map_mut("BENCH_CONF").expect("BENCH_CONF")).expect("array");
                     conf.set(0, sources, 0).expect("set sources");
                 }
-                let prog: &Xdp = ebpf.program(if spoof { "bench_tx_spoof" } else { "bench_tx" }).unwrap().try_into().unwrap();
+                let prog: &Xdp =
+                    ebpf.program(if spoof { "bench_tx_spoof" } else { "bench_tx" }).unwrap().try_into().unwrap();
                 let start = Instant::now();
                 let mut left = count;
                 while left > 0 {
@@ -203,7 +203,10 @@ fn setup(t: &Topology, v: Variant) -> Receiver {
                 "table netdev kwb {{\n  set persrc {{\n    type ipv4_addr\n    size 65536\n    flags dynamic,timeout\n    timeout 10s\n  }}\n  chain ingress {{\n    type filter hook ingress device \"{}\" priority 0; policy accept;\n    counter\n    ip protocol tcp update @persrc {{ ip saddr limit rate over 200/second burst 400 packets }} drop\n  }}\n}}",
                 t.server_if
             );
-            let out = sh(&t.server_ns, &format!("ethtool -K {} gro on >/dev/null; nft -f - <<'EOF'\n{rules}\nEOF", t.server_if));
+            let out = sh(
+                &t.server_ns,
+                &format!("ethtool -K {} gro on >/dev/null; nft -f - <<'EOF'\n{rules}\nEOF", t.server_if),
+            );
             assert!(!out.contains("Error"), "nft: {out}");
             Receiver::Netfilter
         }
@@ -227,7 +230,8 @@ fn setup(t: &Topology, v: Variant) -> Receiver {
 fn seen(t: &Topology, v: Variant, r: &Receiver) -> u64 {
     match r {
         Receiver::Drop(e) => {
-            let m: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(e.map("BENCH_COUNT").unwrap()).unwrap();
+            let m: aya::maps::PerCpuArray<_, u64> =
+                aya::maps::PerCpuArray::try_from(e.map("BENCH_COUNT").unwrap()).unwrap();
             m.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
         }
         Receiver::Keyward(d) => d.counters().map(|c| c.iter().map(|x| x.packets).sum()).unwrap_or(0),
@@ -287,7 +291,14 @@ pub fn run(rounds: usize, packets: u32) -> (Value, String) {
             let n = seen(&t, *v, &r).saturating_sub(before).max(1);
             ns[i].push((busy1 - busy0) as f64 / n as f64);
             mpps[i].push(n as f64 / took.as_secs_f64() / 1e6);
-            eprintln!("   round {} {:<40} {:>7.0} ns/pkt  {:>5.2} Mpps ({} seen)", round + 1, v.name(), ns[i][round], mpps[i][round], n);
+            eprintln!(
+                "   round {} {:<40} {:>7.0} ns/pkt  {:>5.2} Mpps ({} seen)",
+                round + 1,
+                v.name(),
+                ns[i][round],
+                mpps[i][round],
+                n
+            );
             teardown(&t, *v, r);
         }
     }

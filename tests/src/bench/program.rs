@@ -29,9 +29,7 @@ fn syn(src: Ipv4Addr) -> Vec<u8> {
 
 /// ns per run over `repeat` runs of one frame.
 fn repeat_ns(p: &Xdp, f: &[u8], repeat: u32) -> f64 {
-    let r = p
-        .test_run(TestRunOptions { data_in: Some(f), repeat, ..TestRunOptions::default() })
-        .expect("test run");
+    let r = p.test_run(TestRunOptions { data_in: Some(f), repeat, ..TestRunOptions::default() }).expect("test run");
     r.duration.as_nanos() as f64
 }
 
@@ -39,9 +37,8 @@ fn repeat_ns(p: &Xdp, f: &[u8], repeat: u32) -> f64 {
 fn each_ns(p: &Xdp, frames: &[Vec<u8>]) -> f64 {
     let mut total = 0f64;
     for f in frames {
-        let r = p
-            .test_run(TestRunOptions { data_in: Some(f), repeat: 1, ..TestRunOptions::default() })
-            .expect("test run");
+        let r =
+            p.test_run(TestRunOptions { data_in: Some(f), repeat: 1, ..TestRunOptions::default() }).expect("test run");
         total += r.duration.as_nanos() as f64;
     }
     total / frames.len() as f64
@@ -87,8 +84,16 @@ pub fn run(rounds: usize, repeat: u32, each: usize) -> (Value, String) {
     let mut sc: Vec<Scenario> = Vec::new();
     let udp = frame::udp4(Macs::TEST, SRC, DST, 40_000, 53, b"q");
     sc.push(Scenario { name: "unguarded (UDP to another port)".into(), dp: dp(open, 1024), kind: Kind::Repeat(udp) });
-    sc.push(Scenario { name: "known source, under the limit".into(), dp: dp(open, 1024), kind: Kind::Repeat(syn(SRC)) });
-    sc.push(Scenario { name: "known source, over the limit".into(), dp: dp("rate_pps = 1\nburst = 1", 1024), kind: Kind::Repeat(syn(SRC)) });
+    sc.push(Scenario {
+        name: "known source, under the limit".into(),
+        dp: dp(open, 1024),
+        kind: Kind::Repeat(syn(SRC)),
+    });
+    sc.push(Scenario {
+        name: "known source, over the limit".into(),
+        dp: dp("rate_pps = 1\nburst = 1", 1024),
+        kind: Kind::Repeat(syn(SRC)),
+    });
     for n in [16usize, 10_000, 100_000] {
         let mut d = dp(open, 1024);
         fill(&mut d, List::Allow, n, SRC, &mut rng);
@@ -104,7 +109,11 @@ pub fn run(rounds: usize, repeat: u32, each: usize) -> (Value, String) {
     });
     // New sources: distinct addresses, one run each.
     let fresh: Vec<Vec<u8>> = (0..each).map(|i| syn(Ipv4Addr::from(0x0b00_0000u32 + i as u32))).collect();
-    sc.push(Scenario { name: "new source, empty table".into(), dp: dp(open, 4_194_304), kind: Kind::Each(fresh.clone()) });
+    sc.push(Scenario {
+        name: "new source, empty table".into(),
+        dp: dp(open, 4_194_304),
+        kind: Kind::Each(fresh.clone()),
+    });
     let mut full = dp(open, 4096);
     // Fill the table with other sources first, so every new one evicts.
     {

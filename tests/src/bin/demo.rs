@@ -98,7 +98,10 @@ fn call(t: &Topology, src: Ipv4Addr, path: &str, headers: &[(&str, &str)]) -> St
 fn play(report_path: Option<&str>) {
     say("Setting up: two network namespaces joined by a veth pair");
     let t = Topology::new();
-    println!("   server {} ({}, {SERVER_V4}): the stand-in paid API on 127.0.0.1 and keyward", t.server_ns, t.server_if);
+    println!(
+        "   server {} ({}, {SERVER_V4}): the stand-in paid API on 127.0.0.1 and keyward",
+        t.server_ns, t.server_if
+    );
     println!("   client {} ({}): visitors, scripts, a copycat site, a scraper, a flood", t.client_ns, t.client_if);
     let visitors: Vec<Ipv4Addr> = (11..=20).map(|i| Ipv4Addr::new(10, 77, 0, i)).collect();
     let scripted = Ipv4Addr::new(10, 77, 0, 30);
