@@ -170,16 +170,21 @@ impl Cli {
     }
 }
 
+use crate::proxy::{inject::KeyError, policy::LoadError};
+
 /// `check`.
 pub fn check(path: &Path) -> Result<(), CliError> {
-    let c = Config::load(path)?;
-    let mut warning = None;
-    if c.listen.is_some() {
-        // Everything the daemon would build: upstream URL and TLS roots,
-        // routes, injection, schedule, webhook, and the key if reachable.
-        warning =
-            crate::proxy::Policy::validate(&c).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-    }
+    // Everything the daemon would build (upstream URL and TLS roots, routes,
+    // injection, schedule, webhook), through the same builder; the key only
+    // as a warning, since the service's environment is not this shell's.
+    let loaded = crate::proxy::policy::Loaded::read(path)?;
+    let c = loaded.config.clone();
+    let warning = match loaded.with_key(path) {
+        Ok(_) => None,
+        Err(LoadError::Key { source: e @ (KeyError::Env(_) | KeyError::File { .. }), .. }) => Some(e.to_string()),
+        Err(LoadError::Config(e)) => return Err(e.into()),
+        Err(e) => return Err(CliError::Usage(e.to_string())),
+    };
     println!("# {}: valid. Effective configuration:", path.display());
     if let Some(w) = warning {
         println!("# warning: {w} (here; the service may have it)");

@@ -32,6 +32,23 @@ pub enum ConfigError {
     },
     #[error("{path}:{line}:{col}: {message}")]
     Invalid { path: PathBuf, line: usize, col: usize, message: String },
+    /// Not about one place in the file.
+    #[error("{path}: {message}")]
+    Unplaced { path: PathBuf, message: String },
+}
+
+impl ConfigError {
+    /// An error about the bytes `span` of `text` (the file at `path`), or
+    /// about the file as a whole when there is no span.
+    pub fn at(path: &Path, text: &str, span: Option<std::ops::Range<usize>>, message: String) -> ConfigError {
+        match span {
+            Some(s) => {
+                let (line, col) = line_col(text, s.start);
+                ConfigError::Invalid { path: path.to_owned(), line, col, message }
+            }
+            None => ConfigError::Unplaced { path: path.to_owned(), message },
+        }
+    }
 }
 
 /// The whole configuration file.
@@ -427,19 +444,6 @@ impl Config {
                 ),
             ));
         }
-        for r in &cfg.routes {
-            crate::proxy::route::Route::compile(r.get_ref())
-                .map_err(|e| invalid(Some(r.span()), format!("[[route]] {e}")))?;
-            let m = r.get_ref().method.to_ascii_uppercase();
-            if r.get_ref().cache_ttl.is_some() && m != "GET" && m != "HEAD" {
-                return Err(invalid(
-                    Some(r.span()),
-                    format!(
-                        "[[route]] cache_ttl on a {m} route would serve one client's answer to another; cache GET routes only"
-                    ),
-                ));
-            }
-        }
         if cfg.store.redis_url.is_some() {
             return Err(invalid(
                 None,
@@ -451,15 +455,6 @@ impl Config {
                 Some(cfg.access.span()),
                 "[access] require_token: signed page tokens are not available in this version; set it to false".into(),
             ));
-        }
-        let l = cfg.limits.get_ref();
-        let lim = |m: String| invalid(Some(cfg.limits.span()), format!("[limits] {m}"));
-        crate::proxy::day::Schedule::new(&l.reset_at, &l.timezone).map_err(|e| lim(e.to_string()))?;
-        if crate::proxy::limit::micros(l.daily).is_none() {
-            return Err(lim("daily must be a non-negative amount".into()));
-        }
-        if l.alert_at.iter().any(|f| !(0.0..=1.0).contains(f)) {
-            return Err(lim("alert_at fractions must be between 0 and 1".into()));
         }
         if let Some(u) = &cfg.upstream {
             if u.key_env.is_some() == u.key_file.is_some() {

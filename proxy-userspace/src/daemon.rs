@@ -27,7 +27,7 @@ use crate::{
     config::Config,
     dataplane::Dataplane,
     paths,
-    proxy::{self, Escalation, Forwarder, Policy},
+    proxy::{self, Escalation, Forwarder},
     store::{Embedded, Entry, List, ListStore},
     units::Cidr,
 };
@@ -236,7 +236,10 @@ impl State {
     /// Re-read the config file. Refused (and nothing changes) when it is
     /// invalid or changes what cannot change live.
     pub fn reload(&mut self) -> Result<(), String> {
-        let new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        let (new, policy) = proxy::policy::Loaded::read(&self.config_path)
+            .map_err(|e| e.to_string())?
+            .with_key(&self.config_path)
+            .map_err(|e| e.to_string())?;
         let (old, next) = (self.config.xdp(), new.xdp());
         for (what, changed) in [
             ("xdp.interface", old.interface != next.interface),
@@ -259,10 +262,7 @@ impl State {
         }
         // Build everything before changing anything: a refused reload leaves
         // both halves as they were.
-        let policy = match &self.forwarder {
-            Some(_) => Some(Policy::build(&new).map_err(|e| format!("{}: {e}", self.config_path.display()))?),
-            None => None,
-        };
+        let policy = if self.forwarder.is_some() { policy } else { None };
         self.dp.apply(next).map_err(|e| e.to_string())?;
         if let (Some(f), Some(p)) = (&self.forwarder, policy) {
             f.reconfigure(p);
@@ -394,7 +394,7 @@ mod erased {
 
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let (config, policy) = proxy::policy::Loaded::read(config_path)?.with_key(config_path)?;
     unblock_signals();
     let x = config.xdp().clone();
     check_privileges()?;
@@ -408,10 +408,6 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // Everything that can refuse is done before XDP is attached: the
     // forwarder's policy (and key), and every listening socket.
-    let policy = match &config.listen {
-        Some(_) => Some(Policy::build(&config)?),
-        None => None,
-    };
     // One worker per CPU we may run on (taskset/cgroup cpusets), not per CPU
     // of the host: extra workers on a pinned core only add context switches.
     let workers = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))

@@ -138,6 +138,28 @@ pub fn problem(outcome: Outcome, detail: &str, retry_after: Option<u64>) -> Resp
     r
 }
 
+/// The answer to a CORS preflight for `methods` from an allowed `origin`.
+pub fn preflight(methods: &str, origin: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(methods) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+    }
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    allow_origin(h, origin);
+    r
+}
+
+/// Let the allowed `origin` read the answer.
+pub fn allow_origin(h: &mut http::HeaderMap, origin: &str) {
+    if let Ok(v) = HeaderValue::from_str(origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
 /// Seconds until `reset`, plus up to a minute of jitter; never before the reset.
 pub fn retry_after_reset(now_unix: i64, reset: i64) -> u64 {
     let base = u64::try_from(reset.saturating_sub(now_unix)).unwrap_or(0).max(1);
