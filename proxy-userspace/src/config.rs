@@ -347,6 +347,58 @@ pub struct Limits {
     pub alert_at: Vec<f64>,
     pub alert_webhook: String,
     pub deny_on_daily_cap: bool,
+    /// Billable calls a day shared by the addresses of one network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_prefix_daily: Option<PrefixDaily>,
+    /// Release the budget over the day instead of all at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pace: Option<Pace>,
+}
+
+/// `[limits] per_prefix_daily`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixDaily {
+    #[serde(default = "default_prefix_v4")]
+    pub v4_prefix: PrefixV4,
+    #[serde(default = "default_prefix_v6")]
+    pub v6_prefix: PrefixV6,
+    pub calls: NonZeroU32,
+}
+
+fn default_prefix_v4() -> PrefixV4 {
+    PrefixV4(24)
+}
+
+fn default_prefix_v6() -> PrefixV6 {
+    PrefixV6(48)
+}
+
+/// `[limits] pace`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pace {
+    /// The share of the day's budget that may be spent at once (0 to 1);
+    /// the rest is released evenly over the day.
+    pub burst: Fraction,
+}
+
+/// A number from 0 to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Fraction(pub f64);
+
+impl TryFrom<f64> for Fraction {
+    type Error = String;
+    fn try_from(f: f64) -> Result<Self, String> {
+        if (0.0..=1.0).contains(&f) { Ok(Fraction(f)) } else { Err(format!("{f} is not a fraction from 0 to 1")) }
+    }
+}
+
+impl From<Fraction> for f64 {
+    fn from(f: Fraction) -> f64 {
+        f.0
+    }
 }
 
 impl Default for Limits {
@@ -364,6 +416,8 @@ impl Default for Limits {
             alert_at: vec![0.9, 1.0],
             alert_webhook: String::new(),
             deny_on_daily_cap: true,
+            per_prefix_daily: None,
+            pace: None,
         }
     }
 }

@@ -153,6 +153,12 @@ impl Embedded {
             for ip in &c.escalated {
                 t.insert(format!("esc/{ip}").as_str(), 1)?;
             }
+            for (net, n) in &c.per_prefix {
+                t.insert(format!("net/{net}").as_str(), u64::from(*n))?;
+            }
+            for net in &c.escalated_prefixes {
+                t.insert(format!("escnet/{net}").as_str(), 1)?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -177,6 +183,10 @@ impl Embedded {
                         c.alerted.insert(i);
                     } else if let Some(ip) = k.strip_prefix("esc/").and_then(|i| i.parse().ok()) {
                         c.escalated.insert(ip);
+                    } else if let Some(net) = k.strip_prefix("net/").and_then(|i| i.parse().ok()) {
+                        c.per_prefix.insert(net, u32::try_from(v).unwrap_or(u32::MAX));
+                    } else if let Some(net) = k.strip_prefix("escnet/").and_then(|i| i.parse().ok()) {
+                        c.escalated_prefixes.insert(net);
                     }
                 }
             }
@@ -227,6 +237,8 @@ mod tests {
         c.per_ip.insert("2001:db8::".parse().unwrap(), 2);
         c.alerted.insert(1);
         c.escalated.insert("192.0.2.1".parse().unwrap());
+        c.per_prefix.insert("192.0.2.0/24".parse().unwrap(), 9);
+        c.escalated_prefixes.insert("2001:db8::/48".parse().unwrap());
         {
             let s = Embedded::open(&d).unwrap();
             assert_eq!(s.load_day().unwrap(), None);

@@ -429,3 +429,50 @@ fn a_bad_timezone_is_refused_at_the_limits_table() {
     assert!(err.contains("Mars/Olympus"), "{err}");
     assert!(err.starts_with("k.toml:") && !err.starts_with("k.toml:1:1"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_inside_one_network_bills_at_most_the_prefix_cap() {
+    let mut h = Harness::start("per_prefix_daily = { v4_prefix = 24, v6_prefix = 48, calls = 5 }").await;
+    let mut billed = 0;
+    for i in 1..=60 {
+        let (status, head, body) = h.get("/lookup/AB12CD", &format!("203.0.113.{i}"), SHOP).await;
+        match status {
+            200 => billed += 1,
+            429 => {
+                assert!(body.contains("prefix-daily"), "{body}");
+                assert!(head.contains("\"prefix-daily\";q=5"), "{head}");
+            }
+            s => panic!("unexpected {s}: {body}"),
+        }
+        h.clock.advance_secs(1);
+    }
+    assert_eq!(billed, 5);
+    assert_eq!(h.api.calls().len(), 5);
+    let e = h.escalations.try_recv().expect("the network escalated");
+    assert_eq!(e.cidr.to_string(), "203.0.113.0/24");
+    assert!(h.escalations.try_recv().is_err(), "escalated once");
+    // Visitors elsewhere are served.
+    assert_eq!(h.get("/lookup/AB12CD", "198.51.100.1", SHOP).await.0, 200);
+    // The trusted proxy's own network is never escalated.
+    let mut h = Harness::start("per_prefix_daily = { calls = 1 }").await;
+    assert_eq!(h.get("/lookup/AB12CD", "127.0.0.9", SHOP).await.0, 200);
+    assert_eq!(h.get("/lookup/AB12CD", "127.0.0.10", SHOP).await.0, 429);
+    assert!(h.escalations.try_recv().is_err(), "a trusted proxy's network was escalated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacing_refuses_with_its_own_type_until_the_next_release() {
+    // 0.20 a day, 0.04 at once: at noon 0.04 + 0.08 = 0.12 is released.
+    let h = Harness::start("pace = { burst = 0.2 }").await;
+    for i in 0..6 {
+        assert_eq!(h.get("/lookup/AB12CD", &format!("192.0.2.{}", i + 1), SHOP).await.0, 200);
+    }
+    let (status, head, body) = h.get("/lookup/AB12CD", "192.0.2.50", SHOP).await;
+    assert_eq!((status, problem_type(&body).as_str()), (503, "budget-paced"), "{body}");
+    // 0.02 more is released every 0.02 / 0.16 × 86400 s = 10800 s.
+    let retry: u64 = head.split("retry-after: ").nth(1).unwrap().split("\r\n").next().unwrap().parse().unwrap();
+    assert_eq!(retry, 10_800);
+    h.clock.advance_secs(retry);
+    assert_eq!(h.get("/lookup/AB12CD", "192.0.2.50", SHOP).await.0, 200);
+    assert_eq!(h.spent(), 140_000);
+}

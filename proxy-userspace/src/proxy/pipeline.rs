@@ -108,7 +108,8 @@ impl Forwarder {
         self.counts.request(route, outcome);
         let now = self.clock.unix_secs() as i64;
         let rem = self.limiter.remaining(key, self.clock.monotonic_ns(), now);
-        respond::rate_headers(&mut resp, p.limits.burst, p.limits.per_ip_daily, &rem, now);
+        let prefix_daily = p.limits.prefix.map(|c| c.calls);
+        respond::rate_headers(&mut resp, p.limits.burst, p.limits.per_ip_daily, prefix_daily, &rem, now);
         resp
     }
 
@@ -232,9 +233,40 @@ impl Forwarder {
                 Refused::new(Outcome::DailyCapReached, "the daily limit for your address is reached")
                     .retry(respond::retry_after_reset(call.now, reset))
             }
+            Refusal::PrefixDaily { reset, network } => {
+                if !call.policy.dry_run {
+                    self.escalate_network(call, network, reset);
+                }
+                Refused::new(Outcome::PrefixCapReached, "the daily limit for your network is reached")
+                    .retry(respond::retry_after_reset(call.now, reset))
+            }
             Refusal::Budget { reset } => Refused::new(Outcome::BudgetExhausted, "the service is unavailable for now")
                 .retry(respond::retry_after_reset(call.now, reset)),
+            Refusal::Paced { retry_after } => {
+                Refused::new(Outcome::BudgetPaced, "the service is busy; the budget is released over the day")
+                    .retry(retry_after)
+            }
         }
+    }
+
+    /// Push a network over its daily cap into the XDP deny list until the
+    /// reset, once a day; never a network that holds a trusted proxy or an
+    /// allow-listed one.
+    fn escalate_network(&self, call: &Call<'_>, network: crate::units::Cidr, reset: i64) {
+        let p = call.policy;
+        let protected = p.trusted.iter().any(|t| t.overlaps(&network))
+            || self
+                .allow
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .any(|a| a.overlaps(&network));
+        if !p.deny_on_daily_cap || protected || !self.limiter.mark_escalated_prefix(network) {
+            return;
+        }
+        let until_unix = u64::try_from(reset).unwrap_or(0);
+        warn!(cidr = %network, until_unix, "network daily cap exhausted: denying in XDP until the reset");
+        let _ = self.escalate.send(Escalation { cidr: network, until_unix });
     }
 
     /// Push the client into the XDP deny list until the reset, once a day.

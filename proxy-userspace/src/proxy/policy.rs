@@ -126,6 +126,15 @@ fn compile_limits(cfg: &Config) -> Result<(Limits, Schedule), Located> {
         budget,
         alert_at,
         dry_run: l.dry_run,
+        prefix: l.per_prefix_daily.as_ref().map(|p| limit::PrefixCap {
+            v4: p.v4_prefix.0,
+            v6: p.v6_prefix.0,
+            calls: p.calls.get(),
+        }),
+        pace: l.pace.as_ref().map(|p| limit::Pace {
+            burst: u64::try_from((u128::from(budget) * (p.burst.0 * 1e6).round() as u128) / 1_000_000)
+                .unwrap_or(budget),
+        }),
     };
     Ok((limits, schedule))
 }

@@ -30,14 +30,16 @@ pub enum Outcome {
     RequestTimeout,
     RateLimited,
     DailyCapReached,
+    PrefixCapReached,
     BudgetExhausted,
+    BudgetPaced,
     UpstreamTimeout,
     UpstreamUnavailable,
 }
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 16] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
@@ -49,7 +51,9 @@ impl Outcome {
         Outcome::RequestTimeout,
         Outcome::RateLimited,
         Outcome::DailyCapReached,
+        Outcome::PrefixCapReached,
         Outcome::BudgetExhausted,
+        Outcome::BudgetPaced,
         Outcome::UpstreamTimeout,
         Outcome::UpstreamUnavailable,
     ];
@@ -68,7 +72,9 @@ impl Outcome {
             Outcome::RequestTimeout => "request-timeout",
             Outcome::RateLimited => "rate-limited",
             Outcome::DailyCapReached => "daily-cap-reached",
+            Outcome::PrefixCapReached => "prefix-cap-reached",
             Outcome::BudgetExhausted => "budget-exhausted",
+            Outcome::BudgetPaced => "budget-paced",
             Outcome::UpstreamTimeout => "upstream-timeout",
             Outcome::UpstreamUnavailable => "upstream-unavailable",
         }
@@ -83,8 +89,10 @@ impl Outcome {
             Outcome::OriginNotAllowed | Outcome::TokenRequired => StatusCode::FORBIDDEN,
             Outcome::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Outcome::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Outcome::RateLimited | Outcome::DailyCapReached => StatusCode::TOO_MANY_REQUESTS,
-            Outcome::BudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::RateLimited | Outcome::DailyCapReached | Outcome::PrefixCapReached => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Outcome::BudgetExhausted | Outcome::BudgetPaced => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Outcome::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         }
@@ -100,7 +108,9 @@ impl Outcome {
             Outcome::RequestTimeout => "The request body did not arrive in time",
             Outcome::RateLimited => "Too many requests from your address",
             Outcome::DailyCapReached => "Daily limit for your address reached",
+            Outcome::PrefixCapReached => "Daily limit for your network reached",
             Outcome::BudgetExhausted => "Service temporarily unavailable",
+            Outcome::BudgetPaced => "Service busy; try again later",
             Outcome::UpstreamTimeout => "The upstream service timed out",
             Outcome::UpstreamUnavailable => "The upstream service is unavailable",
             Outcome::Forwarded | Outcome::CacheHit | Outcome::Preflight => "",
@@ -116,6 +126,7 @@ pub fn problem(outcome: Outcome, detail: &str, retry_after: Option<u64>) -> Resp
     let (ty, violated) = match outcome {
         Outcome::RateLimited => (QUOTA_EXCEEDED.to_owned(), Some("ip-rate")),
         Outcome::DailyCapReached => (QUOTA_EXCEEDED.to_owned(), Some("ip-daily")),
+        Outcome::PrefixCapReached => (QUOTA_EXCEEDED.to_owned(), Some("prefix-daily")),
         o => (format!("urn:keyward:problem:{}", o.name()), None),
     };
     let status = outcome.status();
@@ -173,11 +184,23 @@ fn jitter(max: u64) -> u64 {
     h.finish() % (max + 1)
 }
 
-/// Add the per-IP policies to an answer.
-pub fn rate_headers(r: &mut Response<Body>, burst: u32, daily: u32, rem: &Remaining, now_unix: i64) {
-    let policy = format!("\"ip-rate\";q={burst};w=1, \"ip-daily\";q={daily};w=86400");
+/// Add the per-client policies to an answer: the address's rate and daily
+/// cap, and its network's daily cap when one is set (`prefix_daily`).
+pub fn rate_headers(
+    r: &mut Response<Body>,
+    burst: u32,
+    daily: u32,
+    prefix_daily: Option<u32>,
+    rem: &Remaining,
+    now_unix: i64,
+) {
     let t = u64::try_from(rem.reset.saturating_sub(now_unix)).unwrap_or(0);
-    let state = format!("\"ip-rate\";r={};t=1, \"ip-daily\";r={};t={t}", rem.rate, rem.daily);
+    let mut policy = format!("\"ip-rate\";q={burst};w=1, \"ip-daily\";q={daily};w=86400");
+    let mut state = format!("\"ip-rate\";r={};t=1, \"ip-daily\";r={};t={t}", rem.rate, rem.daily);
+    if let (Some(q), Some(left)) = (prefix_daily, rem.prefix) {
+        policy.push_str(&format!(", \"prefix-daily\";q={q};w=86400"));
+        state.push_str(&format!(", \"prefix-daily\";r={left};t={t}"));
+    }
     let h = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&policy) {
         h.insert("ratelimit-policy", v);
@@ -228,8 +251,11 @@ mod tests {
     #[test]
     fn ratelimit_fields() {
         let mut r = problem(Outcome::RateLimited, "", Some(1));
-        rate_headers(&mut r, 10, 200, &Remaining { rate: 0, daily: 143, reset: 41_000 }, 0);
+        rate_headers(&mut r, 10, 200, None, &Remaining { rate: 0, daily: 143, prefix: None, reset: 41_000 }, 0);
         assert_eq!(r.headers()["ratelimit-policy"], "\"ip-rate\";q=10;w=1, \"ip-daily\";q=200;w=86400");
         assert_eq!(r.headers()["ratelimit"], "\"ip-rate\";r=0;t=1, \"ip-daily\";r=143;t=41000");
+        rate_headers(&mut r, 10, 200, Some(50), &Remaining { rate: 0, daily: 143, prefix: Some(7), reset: 41_000 }, 0);
+        assert!(r.headers()["ratelimit-policy"].to_str().unwrap().ends_with(", \"prefix-daily\";q=50;w=86400"));
+        assert!(r.headers()["ratelimit"].to_str().unwrap().ends_with(", \"prefix-daily\";r=7;t=41000"));
     }
 }
