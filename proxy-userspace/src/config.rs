@@ -330,6 +330,12 @@ pub struct Access {
     pub require_origin: bool,
     #[serde(default)]
     pub require_token: bool,
+    /// Only calls from these countries (ISO 3166-1 alpha-2), placed by `geo_db`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    /// A MaxMind-format country database (`.mmdb`) the operator supplies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geo_db: Option<PathBuf>,
 }
 
 /// `[limits]`. Keys left out take the defaults shown in the example config.

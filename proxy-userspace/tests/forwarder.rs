@@ -109,12 +109,14 @@ struct Harness {
     _dir: TempDir,
 }
 
-/// A directory removed on drop.
+/// A directory (or file) removed on drop.
 struct TempDir(std::path::PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::fs::remove_dir_all(&self.0).is_err() {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
@@ -172,6 +174,11 @@ timezone = "UTC"
 
 impl Harness {
     async fn start(extra_limits: &str) -> Harness {
+        Harness::start_with("", extra_limits).await
+    }
+
+    /// With extra `[access]` keys too.
+    async fn start_with(extra_access: &str, extra_limits: &str) -> Harness {
         let api = StandIn::start().await;
         let dir = std::env::temp_dir().join(format!("kw-fwd-{}-{}", std::process::id(), next_id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -179,7 +186,8 @@ impl Harness {
         let key_file = dir.0.join("key");
         std::fs::write(&key_file, KEY).unwrap();
         let path = dir.0.join("keyward.toml");
-        let text = config(api.addr, &key_file, extra_limits);
+        let text = config(api.addr, &key_file, extra_limits)
+            .replace("require_origin = true\n", &format!("require_origin = true\n{extra_access}\n"));
         let (_cfg, policy) = Loaded::parse(&path, &text).unwrap().with_key(&path).unwrap();
         let clock = Arc::new(FakeClock::at(NOON));
         let Handles { forwarder, escalations } = Forwarder::new(policy.unwrap(), clock.clone(), None);
@@ -475,4 +483,43 @@ async fn pacing_refuses_with_its_own_type_until_the_next_release() {
     h.clock.advance_secs(retry);
     assert_eq!(h.get("/lookup/AB12CD", "192.0.2.50", SHOP).await.0, 200);
     assert_eq!(h.spent(), 140_000);
+}
+
+/// A small MaxMind-format country database.
+fn mmdb(networks: &[(&str, &str)]) -> Vec<u8> {
+    use maxminddb_writer::{Database, metadata::IpVersion, paths::IpAddrWithMask};
+    let mut db = Database::default();
+    db.metadata.ip_version = IpVersion::V6;
+    db.metadata.binary_format_major_version = 2;
+    db.metadata.database_type = "keyward-test-Country".into();
+    for (net, code) in networks {
+        let (a, len) = net.split_once('/').unwrap();
+        let (a, len): (std::net::Ipv4Addr, u8) = (a.parse().unwrap(), len.parse().unwrap());
+        let data = db.insert_value(serde_json::json!({ "country": { "iso_code": code } })).unwrap();
+        db.insert_node(IpAddrWithMask::new(std::net::IpAddr::V6(a.to_ipv6_compatible()), len + 96), data);
+    }
+    db.write_to(Vec::new()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_listed_countries_are_served_and_a_reload_reads_a_new_database() {
+    let db = std::env::temp_dir().join(format!("kw-fwd-geo-{}-{}.mmdb", std::process::id(), next_id()));
+    let _rm = TempDir(db.clone());
+    std::fs::write(&db, mmdb(&[("198.51.100.0/24", "GB"), ("203.0.113.0/24", "FR")])).unwrap();
+    let access = format!("countries = [\"GB\"]\ngeo_db = \"{}\"", db.display());
+    let h = Harness::start_with(&access, "").await;
+    assert_eq!(h.get("/lookup/AB12CD", "198.51.100.7", SHOP).await.0, 200);
+    for client in ["203.0.113.7", "192.0.2.7"] {
+        let (status, _, body) = h.get("/lookup/AB12CD", client, SHOP).await;
+        assert_eq!((status, problem_type(&body).as_str()), (403, "country-not-allowed"), "{client}");
+    }
+    assert_eq!(h.api.calls().len(), 1);
+    // A new database file, picked up when the policy is rebuilt (reload).
+    std::fs::write(&db, mmdb(&[("198.51.100.0/24", "GB"), ("203.0.113.0/24", "GB")])).unwrap();
+    let path = h._dir.0.join("keyward.toml");
+    let text = config(h.api.addr, &h._dir.0.join("key"), "")
+        .replace("require_origin = true\n", &format!("require_origin = true\n{access}\n"));
+    let (_c, p) = Loaded::parse(&path, &text).unwrap().with_key(&path).unwrap();
+    h.fwd.reconfigure(p.unwrap());
+    assert_eq!(h.get("/lookup/AB12CD", "203.0.113.7", SHOP).await.0, 200);
 }

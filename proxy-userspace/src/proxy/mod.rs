@@ -19,6 +19,7 @@ pub mod cache;
 pub mod counts;
 pub mod day;
 pub mod forward;
+pub mod geo;
 pub mod inject;
 pub mod limit;
 mod pipeline;

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! preflight            CORS preflights answered here, never forwarded
-//! admit                route → parameters → origin → declared body size
+//! admit                route → parameters → origin → country → declared body size
 //!                      → per-IP bucket → per-IP daily cap and budget
 //! lookup_cache         a fresh cached answer costs nothing
 //! read_body            bounded in size and time; only for a call that will
@@ -34,6 +34,7 @@ use super::{
     access::{self, OriginCheck},
     alert,
     forward::{self, Answer, Failure},
+    geo::Placed,
     limit::{Refusal, Reservation},
     policy::Policy,
     respond::{self, Body, Outcome, problem},
@@ -160,6 +161,7 @@ impl Forwarder {
         };
         let checks = || -> Result<(), Refused> {
             call.origin = self.check_origin(&call, cors)?;
+            self.check_country(&call)?;
             check_declared_size(&call, parts)?;
             self.check_rate(&call)?;
             self.check_daily(&call)
@@ -197,6 +199,20 @@ impl Forwarder {
             OriginCheck::Refused => self
                 .enforce(call, Refused::new(Outcome::OriginNotAllowed, "the calling page's origin is not allowed"))
                 .map(|()| None),
+        }
+    }
+
+    /// Only calls from the listed countries (allow-listed clients skip it).
+    fn check_country(&self, call: &Call<'_>) -> Result<(), Refused> {
+        let Some(countries) = &call.policy.countries else { return Ok(()) };
+        if call.exempt {
+            return Ok(());
+        }
+        match countries.place(call.client) {
+            Placed::Allowed => Ok(()),
+            Placed::Refused(_) => {
+                self.enforce(call, Refused::new(Outcome::CountryNotAllowed, "calls from your country are not served"))
+            }
         }
     }
 

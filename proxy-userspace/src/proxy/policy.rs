@@ -17,6 +17,7 @@ use super::{
     access::Origins,
     day::Schedule,
     forward::{self, Upstream},
+    geo::Countries,
     inject::{self, Injector, Placement, Secret},
     limit::{self, Limits},
     route::Routes,
@@ -43,6 +44,8 @@ pub enum PolicyError {
     Limits(String),
     #[error("[upstream] client_ip_header `{0}` is not a header name")]
     Header(String),
+    #[error(transparent)]
+    Geo(#[from] super::geo::GeoError),
 }
 
 /// A [`PolicyError`] and the byte range of the config it is about.
@@ -68,6 +71,7 @@ impl<T, E: Into<PolicyError>> At<T> for Result<T, E> {
 pub struct Compiled {
     routes: Routes,
     origins: Origins,
+    countries: Option<Countries>,
     placement: Placement,
     upstream: Upstream,
     trusted: Vec<Cidr>,
@@ -88,6 +92,7 @@ pub struct Compiled {
 pub struct Policy {
     pub(super) routes: Routes,
     pub(super) origins: Origins,
+    pub(super) countries: Option<Countries>,
     pub(super) injector: Injector,
     pub(super) upstream: Upstream,
     pub(super) trusted: Vec<Cidr>,
@@ -169,6 +174,7 @@ impl Compiled {
         Ok(Some(Compiled {
             routes,
             origins: Origins::new(&access.allowed_origins, access.require_origin),
+            countries: Countries::load(&access.countries, access.geo_db.as_deref()).at(span(&cfg.access))?,
             placement: Placement::new(&up.inject).at(None)?,
             upstream: Upstream::new(up).at(None)?,
             trusted: listen.trusted_proxies.clone(),
@@ -190,6 +196,7 @@ impl Compiled {
         Ok(Policy {
             routes: self.routes,
             origins: self.origins,
+            countries: self.countries,
             injector: Injector::new(self.placement, secret)?,
             upstream: self.upstream,
             trusted: self.trusted,

@@ -25,6 +25,7 @@ pub enum Outcome {
     NoRoute,
     BadParameter,
     OriginNotAllowed,
+    CountryNotAllowed,
     TokenRequired,
     BodyTooLarge,
     RequestTimeout,
@@ -39,13 +40,14 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 16] = [
+    pub const ALL: [Outcome; 17] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
         Outcome::NoRoute,
         Outcome::BadParameter,
         Outcome::OriginNotAllowed,
+        Outcome::CountryNotAllowed,
         Outcome::TokenRequired,
         Outcome::BodyTooLarge,
         Outcome::RequestTimeout,
@@ -67,6 +69,7 @@ impl Outcome {
             Outcome::NoRoute => "no-route",
             Outcome::BadParameter => "bad-parameter",
             Outcome::OriginNotAllowed => "origin-not-allowed",
+            Outcome::CountryNotAllowed => "country-not-allowed",
             Outcome::TokenRequired => "token-required",
             Outcome::BodyTooLarge => "body-too-large",
             Outcome::RequestTimeout => "request-timeout",
@@ -86,7 +89,7 @@ impl Outcome {
             Outcome::Preflight => StatusCode::NO_CONTENT,
             Outcome::NoRoute => StatusCode::NOT_FOUND,
             Outcome::BadParameter => StatusCode::BAD_REQUEST,
-            Outcome::OriginNotAllowed | Outcome::TokenRequired => StatusCode::FORBIDDEN,
+            Outcome::OriginNotAllowed | Outcome::CountryNotAllowed | Outcome::TokenRequired => StatusCode::FORBIDDEN,
             Outcome::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Outcome::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Outcome::RateLimited | Outcome::DailyCapReached | Outcome::PrefixCapReached => {
@@ -103,6 +106,7 @@ impl Outcome {
             Outcome::NoRoute => "No such endpoint",
             Outcome::BadParameter => "A parameter was refused",
             Outcome::OriginNotAllowed => "This page is not allowed to call this endpoint",
+            Outcome::CountryNotAllowed => "This service is not offered where you are",
             Outcome::TokenRequired => "A valid page token is required",
             Outcome::BodyTooLarge => "Request body too large",
             Outcome::RequestTimeout => "The request body did not arrive in time",
