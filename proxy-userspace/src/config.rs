@@ -336,6 +336,12 @@ pub struct Access {
     /// A MaxMind-format country database (`.mmdb`) the operator supplies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub geo_db: Option<PathBuf>,
+    /// `[access.token]`: page-load tokens.
+    #[serde(default)]
+    pub token: crate::token::config::TokenConfig,
+    /// `[access] pow`: proof-of-work before a token is minted.
+    #[serde(default)]
+    pub pow: crate::token::config::PowConfig,
 }
 
 /// `[limits]`. Keys left out take the defaults shown in the example config.
@@ -510,11 +516,12 @@ impl Config {
                 "[store] redis_url: the shared Redis backend is not available in this version; remove it (the embedded store is used)".into(),
             ));
         }
-        if cfg.access.get_ref().require_token {
-            return Err(invalid(
-                Some(cfg.access.span()),
-                "[access] require_token: signed page tokens are not available in this version; set it to false".into(),
-            ));
+        let access = cfg.access.get_ref();
+        let here = || Some(cfg.access.span());
+        access.token.validate().map_err(|m| invalid(here(), format!("[access.token] {m}")))?;
+        access.pow.validate().map_err(|m| invalid(here(), format!("[access] pow: {m}")))?;
+        if access.require_token && access.token.keys_file.is_none() {
+            return Err(invalid(here(), "[access] require_token needs [access.token] keys_file".into()));
         }
         if let Some(u) = &cfg.upstream {
             if u.key_env.is_some() == u.key_file.is_some() {

@@ -18,6 +18,7 @@ pub mod alert;
 pub mod cache;
 pub mod counts;
 pub mod day;
+pub mod endpoint;
 pub mod forward;
 pub mod geo;
 pub mod inject;
@@ -70,6 +71,10 @@ pub struct Forwarder {
     upstream_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Last second each outcome was logged at info (log sampling).
     logged: Mutex<HashMap<Outcome, u64>>,
+    /// Token counts and spent challenges (outlive reloads).
+    token_state: endpoint::TokenState,
+    /// Tokens as the current policy sets them up.
+    token_rt: RwLock<Option<Arc<endpoint::TokenRuntime>>>,
 }
 
 /// What the caller gets back to wire the forwarder into the daemon.
@@ -84,6 +89,8 @@ impl Forwarder {
         let now = clock.unix_secs() as i64;
         let limiter = Limiter::new(policy.limits.clone(), policy.schedule.clone(), now, restored);
         let (tx, rx) = mpsc::unbounded_channel();
+        let token_state = endpoint::TokenState::default();
+        let token_rt = RwLock::new(endpoint::TokenRuntime::build(&policy, &token_state, clock.clone()));
         let forwarder = Arc::new(Forwarder {
             policy: RwLock::new(Arc::new(policy)),
             limiter,
@@ -96,6 +103,8 @@ impl Forwarder {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
             ),
             logged: Mutex::new(HashMap::new()),
+            token_state,
+            token_rt,
         });
         Handles { forwarder, escalations: rx }
     }
@@ -103,11 +112,22 @@ impl Forwarder {
     /// Swap in a new policy (reload). Counters and cache stay.
     pub fn reconfigure(&self, p: Policy) {
         self.limiter.reconfigure(p.limits.clone(), p.schedule.clone());
+        let rt = endpoint::TokenRuntime::build(&p, &self.token_state, self.clock.clone());
+        *self.token_rt.write().unwrap_or_else(std::sync::PoisonError::into_inner) = rt;
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
     }
 
     fn policy(&self) -> Arc<Policy> {
         self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn token_runtime(&self) -> Option<Arc<endpoint::TokenRuntime>> {
+        self.token_rt.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Per-token call counts (for persistence and status).
+    pub fn token_allowance(&self) -> &Arc<crate::token::allowance::Allowance> {
+        &self.token_state.allowance
     }
 
     /// Replace the allow list the forwarder honours.

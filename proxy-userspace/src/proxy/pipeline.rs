@@ -4,15 +4,17 @@
 //! called from [`Forwarder::admit`] or [`Forwarder::forward`].
 //!
 //! ```text
+//! own_path             keyward's own /.keyward/ paths (script, tokens)
 //! preflight            CORS preflights answered here, never forwarded
-//! admit                route → parameters → origin → country → declared body size
-//!                      → per-IP bucket → per-IP daily cap and budget
+//! admit                route → parameters → origin → country → page token
+//!                      → declared body size → per-IP bucket → daily caps
+//!                      (address, network), budget and pace
 //! lookup_cache         a fresh cached answer costs nothing
 //! read_body            bounded in size and time; only for a call that will
 //!                      be forwarded, and never for GET or HEAD routes
 //! upstream_request     the fixed upstream URL, client copies of the key
 //!                      stripped, the key injected
-//! reserve              the call's cost and per-IP count taken
+//! reserve              the token's call, the cost and the daily counts taken
 //! exchange → settle    the call; charge kept or given back, alerts
 //! finish               key scrubbed, answer cached, CORS
 //! ```
@@ -40,6 +42,7 @@ use super::{
     respond::{self, Body, Outcome, problem},
     route::{Mapped, Miss, Route},
 };
+use crate::token::{TokenError, codec::Claims};
 
 /// How long a request body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,11 +56,11 @@ pub struct Refused {
 }
 
 impl Refused {
-    fn new(outcome: Outcome, detail: impl Into<Cow<'static, str>>) -> Refused {
+    pub(super) fn new(outcome: Outcome, detail: impl Into<Cow<'static, str>>) -> Refused {
         Refused { outcome, detail: detail.into(), retry_after: None }
     }
 
-    fn retry(mut self, secs: u64) -> Refused {
+    pub(super) fn retry(mut self, secs: u64) -> Refused {
         self.retry_after = Some(secs);
         self
     }
@@ -87,6 +90,8 @@ struct Call<'p> {
     exempt: bool,
     /// The allowed Origin to echo in CORS headers.
     origin: Option<String>,
+    /// The call's page token, verified (its allowance is taken in `reserve`).
+    token: Option<Claims>,
     now: i64,
     now_ns: u64,
 }
@@ -123,6 +128,10 @@ impl Forwarder {
         key: IpAddr,
     ) -> (Option<&'p Route>, Result<Answered, Refused>) {
         let cors = p.origins.check(req.headers());
+        if req.uri().path().starts_with(super::endpoint::PREFIX) {
+            let own = self.own_path(p, req, cors, client, key).await;
+            return (None, own.map(|(response, outcome)| Answered { response, outcome }));
+        }
         if let Some(answer) = preflight(p, &req, &cors) {
             return (None, answer);
         }
@@ -156,12 +165,14 @@ impl Forwarder {
             key,
             exempt: self.allowed(client),
             origin: None,
+            token: None,
             now: self.clock.unix_secs() as i64,
             now_ns: self.clock.monotonic_ns(),
         };
         let checks = || -> Result<(), Refused> {
             call.origin = self.check_origin(&call, cors)?;
             self.check_country(&call)?;
+            call.token = self.check_token(&call, parts)?;
             check_declared_size(&call, parts)?;
             self.check_rate(&call)?;
             self.check_daily(&call)
@@ -212,6 +223,41 @@ impl Forwarder {
             Placed::Allowed => Ok(()),
             Placed::Refused(_) => {
                 self.enforce(call, Refused::new(Outcome::CountryNotAllowed, "calls from your country are not served"))
+            }
+        }
+    }
+
+    /// With `require_token`: a valid page token for this Origin and client
+    /// network, not yet used up. Checked before any limit is charged.
+    fn check_token(&self, call: &Call<'_>, parts: &Parts) -> Result<Option<Claims>, Refused> {
+        let Some(rt) = self.token_runtime().filter(|rt| rt.required) else { return Ok(None) };
+        let token = crate::token::token_from_request(&parts.headers, parts.uri.query());
+        let origin = call.origin.as_deref().unwrap_or_default();
+        let verdict = match token.as_deref().filter(|t| !t.is_empty()) {
+            None => Err(TokenError::Missing),
+            Some(t) => rt.tokens.verify(t, origin, call.client).and_then(|c| {
+                let used = self.token_state.allowance.used(c.nonce);
+                if used >= c.max_calls { Err(TokenError::Exhausted) } else { Ok(c) }
+            }),
+        };
+        match verdict {
+            Ok(c) => Ok(Some(c)),
+            Err(e) => {
+                let o = match e {
+                    TokenError::Missing => Outcome::TokenRequired,
+                    TokenError::Expired => Outcome::TokenExpired,
+                    TokenError::Exhausted => Outcome::TokenExhausted,
+                    _ => Outcome::TokenInvalid,
+                };
+                let r = Refused::new(o, e.to_string());
+                self.enforce(
+                    call,
+                    match e.retry_after() {
+                        Some(s) => r.retry(s),
+                        None => r,
+                    },
+                )
+                .map(|()| None)
             }
         }
     }
@@ -314,7 +360,24 @@ impl Forwarder {
     /// Take the call's cost and per-IP count (given back by `settle` if the
     /// answer is not billable).
     fn reserve(&self, call: &Call<'_>) -> Result<Reservation, Refused> {
-        self.limiter.reserve(call.key, call.route.cost, call.now, call.exempt).map_err(|r| self.refusal(call, r))
+        if let Some(c) = &call.token {
+            let now = u64::try_from(call.now).unwrap_or(0);
+            self.token_state
+                .allowance
+                .take(c.nonce, c.max_calls, c.expires_at, now)
+                .map_err(|e| Refused::new(Outcome::TokenExhausted, e.to_string()))?;
+        }
+        self.limiter.reserve(call.key, call.route.cost, call.now, call.exempt).map_err(|r| {
+            self.give_back_token(call);
+            self.refusal(call, r)
+        })
+    }
+
+    /// Give back the call taken from the token's allowance.
+    fn give_back_token(&self, call: &Call<'_>) {
+        if let Some(c) = &call.token {
+            self.token_state.allowance.refund(c.nonce);
+        }
     }
 
     /// Call the upstream and settle the reservation.
@@ -360,6 +423,7 @@ impl Forwarder {
             }
         } else {
             self.limiter.refund(reservation);
+            self.give_back_token(call);
         }
     }
 

@@ -46,6 +46,19 @@ pub enum PolicyError {
     Header(String),
     #[error(transparent)]
     Geo(#[from] super::geo::GeoError),
+    #[error("[access.token] {0}")]
+    TokenKeys(#[from] crate::token::keys::KeyFileError),
+}
+
+/// Page tokens as configured: the key ring (loaded when the policy is
+/// built, so a reload picks up a rotated file) and the settings.
+#[derive(Debug, Clone)]
+pub struct TokenPolicy {
+    pub keys: std::sync::Arc<crate::token::keys::KeyRing>,
+    pub cfg: crate::token::config::TokenConfig,
+    pub pow: crate::token::config::PowConfig,
+    /// Route calls need a valid token.
+    pub required: bool,
 }
 
 /// A [`PolicyError`] and the byte range of the config it is about.
@@ -72,6 +85,7 @@ pub struct Compiled {
     routes: Routes,
     origins: Origins,
     countries: Option<Countries>,
+    tokens: Option<TokenPolicy>,
     placement: Placement,
     upstream: Upstream,
     trusted: Vec<Cidr>,
@@ -93,6 +107,7 @@ pub struct Policy {
     pub(super) routes: Routes,
     pub(super) origins: Origins,
     pub(super) countries: Option<Countries>,
+    pub(super) tokens: Option<TokenPolicy>,
     pub(super) injector: Injector,
     pub(super) upstream: Upstream,
     pub(super) trusted: Vec<Cidr>,
@@ -175,6 +190,15 @@ impl Compiled {
             routes,
             origins: Origins::new(&access.allowed_origins, access.require_origin),
             countries: Countries::load(&access.countries, access.geo_db.as_deref()).at(span(&cfg.access))?,
+            tokens: match &access.token.keys_file {
+                Some(f) => Some(TokenPolicy {
+                    keys: std::sync::Arc::new(crate::token::keys::KeyRing::load(f).at(span(&cfg.access))?),
+                    cfg: access.token.clone(),
+                    pow: access.pow.clone(),
+                    required: access.require_token,
+                }),
+                None => None,
+            },
             placement: Placement::new(&up.inject).at(None)?,
             upstream: Upstream::new(up).at(None)?,
             trusted: listen.trusted_proxies.clone(),
@@ -197,6 +221,7 @@ impl Compiled {
             routes: self.routes,
             origins: self.origins,
             countries: self.countries,
+            tokens: self.tokens,
             injector: Injector::new(self.placement, secret)?,
             upstream: self.upstream,
             trusted: self.trusted,

@@ -27,6 +27,15 @@ pub enum Outcome {
     OriginNotAllowed,
     CountryNotAllowed,
     TokenRequired,
+    TokenInvalid,
+    TokenExpired,
+    TokenExhausted,
+    TokenMinted,
+    ChallengeIssued,
+    ChallengeInvalid,
+    ChallengeExpired,
+    ChallengeSpent,
+    Script,
     BodyTooLarge,
     RequestTimeout,
     RateLimited,
@@ -40,7 +49,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 17] = [
+    pub const ALL: [Outcome; 26] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
@@ -49,6 +58,15 @@ impl Outcome {
         Outcome::OriginNotAllowed,
         Outcome::CountryNotAllowed,
         Outcome::TokenRequired,
+        Outcome::TokenInvalid,
+        Outcome::TokenExpired,
+        Outcome::TokenExhausted,
+        Outcome::TokenMinted,
+        Outcome::ChallengeIssued,
+        Outcome::ChallengeInvalid,
+        Outcome::ChallengeExpired,
+        Outcome::ChallengeSpent,
+        Outcome::Script,
         Outcome::BodyTooLarge,
         Outcome::RequestTimeout,
         Outcome::RateLimited,
@@ -71,6 +89,15 @@ impl Outcome {
             Outcome::OriginNotAllowed => "origin-not-allowed",
             Outcome::CountryNotAllowed => "country-not-allowed",
             Outcome::TokenRequired => "token-required",
+            Outcome::TokenInvalid => "token-invalid",
+            Outcome::TokenExpired => "token-expired",
+            Outcome::TokenExhausted => "token-exhausted",
+            Outcome::TokenMinted => "token_minted",
+            Outcome::ChallengeIssued => "challenge_issued",
+            Outcome::ChallengeInvalid => "challenge-invalid",
+            Outcome::ChallengeExpired => "challenge-expired",
+            Outcome::ChallengeSpent => "challenge-spent",
+            Outcome::Script => "script",
             Outcome::BodyTooLarge => "body-too-large",
             Outcome::RequestTimeout => "request-timeout",
             Outcome::RateLimited => "rate-limited",
@@ -85,11 +112,23 @@ impl Outcome {
 
     fn status(self) -> StatusCode {
         match self {
-            Outcome::Forwarded | Outcome::CacheHit => StatusCode::OK,
+            Outcome::Forwarded
+            | Outcome::CacheHit
+            | Outcome::TokenMinted
+            | Outcome::ChallengeIssued
+            | Outcome::Script => StatusCode::OK,
             Outcome::Preflight => StatusCode::NO_CONTENT,
             Outcome::NoRoute => StatusCode::NOT_FOUND,
             Outcome::BadParameter => StatusCode::BAD_REQUEST,
-            Outcome::OriginNotAllowed | Outcome::CountryNotAllowed | Outcome::TokenRequired => StatusCode::FORBIDDEN,
+            Outcome::OriginNotAllowed
+            | Outcome::CountryNotAllowed
+            | Outcome::TokenRequired
+            | Outcome::TokenInvalid
+            | Outcome::TokenExpired
+            | Outcome::TokenExhausted
+            | Outcome::ChallengeInvalid
+            | Outcome::ChallengeExpired
+            | Outcome::ChallengeSpent => StatusCode::FORBIDDEN,
             Outcome::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Outcome::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Outcome::RateLimited | Outcome::DailyCapReached | Outcome::PrefixCapReached => {
@@ -108,6 +147,12 @@ impl Outcome {
             Outcome::OriginNotAllowed => "This page is not allowed to call this endpoint",
             Outcome::CountryNotAllowed => "This service is not offered where you are",
             Outcome::TokenRequired => "A valid page token is required",
+            Outcome::TokenInvalid => "The page token is not valid here",
+            Outcome::TokenExpired => "The page token has expired",
+            Outcome::TokenExhausted => "The page token's calls are used up",
+            Outcome::ChallengeInvalid => "The proof-of-work was not accepted",
+            Outcome::ChallengeExpired => "The proof-of-work challenge has expired",
+            Outcome::ChallengeSpent => "The proof-of-work challenge was already used",
             Outcome::BodyTooLarge => "Request body too large",
             Outcome::RequestTimeout => "The request body did not arrive in time",
             Outcome::RateLimited => "Too many requests from your address",
@@ -117,7 +162,12 @@ impl Outcome {
             Outcome::BudgetPaced => "Service busy; try again later",
             Outcome::UpstreamTimeout => "The upstream service timed out",
             Outcome::UpstreamUnavailable => "The upstream service is unavailable",
-            Outcome::Forwarded | Outcome::CacheHit | Outcome::Preflight => "",
+            Outcome::Forwarded
+            | Outcome::CacheHit
+            | Outcome::Preflight
+            | Outcome::TokenMinted
+            | Outcome::ChallengeIssued
+            | Outcome::Script => "",
         }
     }
 }
@@ -161,7 +211,7 @@ pub fn preflight(methods: &str, origin: &str) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(methods) {
         h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
     }
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type, keyward-token"));
     h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     allow_origin(h, origin);
     r
