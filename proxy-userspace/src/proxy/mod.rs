@@ -12,6 +12,7 @@ pub mod day;
 pub mod forward;
 pub mod inject;
 pub mod limit;
+pub mod metrics;
 pub mod respond;
 pub mod route;
 
