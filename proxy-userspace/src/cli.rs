@@ -11,7 +11,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    admin::{self, AdminError, ListShow, Request, Status, Top},
+    admin::{self, CallError, ListShow, Request, Status, Top},
     config::Config,
     paths,
     store::List,
@@ -135,7 +135,7 @@ pub enum ListAction {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
-    Admin(#[from] AdminError),
+    Admin(#[from] CallError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -146,7 +146,7 @@ impl CliError {
     /// 2 when the daemon could not be reached, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Admin(AdminError::Unreachable { .. }) => 2,
+            CliError::Admin(CallError::Unreachable { .. }) => 2,
             _ => 1,
         }
     }
@@ -279,14 +279,12 @@ fn list_verb(
     action: &ListAction,
     call: &dyn Fn(&Request) -> Result<serde_json::Value, CliError>,
 ) -> Result<(), CliError> {
-    let name = match list {
-        List::Allow => "allow",
-        List::Deny => "deny",
-    };
+    let name = list.name();
     match action {
         ListAction::Add { cidr, for_ } => {
-            // Validate here too, so a typo is refused even with no daemon.
-            let c: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
+            // Parsed here, once: a typo is refused even with no daemon, and
+            // the daemon gets a CIDR and a duration, not text.
+            let c = parse_cidr(cidr)?;
             let for_secs = match for_ {
                 None => None,
                 Some(_) if list == List::Allow => {
@@ -297,7 +295,7 @@ fn list_verb(
                     Some(s.0.as_secs().max(1))
                 }
             };
-            call(&Request::ListAdd { list, cidr: c.to_string(), for_secs })?;
+            call(&Request::ListAdd { list, cidr: c, lasting: for_secs.map(std::time::Duration::from_secs) })?;
             match for_secs {
                 Some(s) => println!("{name} {c} (expires in {s}s)"),
                 None => println!("{name} {c}"),
@@ -305,8 +303,8 @@ fn list_verb(
             Ok(())
         }
         ListAction::Rm { cidr } => {
-            let c: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
-            call(&Request::ListRemove { list, cidr: c.to_string() })?;
+            let c = parse_cidr(cidr)?;
+            call(&Request::ListRemove { list, cidr: c })?;
             println!("removed {c} from {name}");
             Ok(())
         }
@@ -332,6 +330,11 @@ fn list_verb(
             Ok(())
         }
     }
+}
+
+/// A CIDR from the command line, or the reason it is not one.
+fn parse_cidr(s: &str) -> Result<Cidr, CliError> {
+    s.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))
 }
 
 /// Decode a daemon answer.

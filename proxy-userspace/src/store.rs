@@ -24,6 +24,14 @@ pub enum List {
 }
 
 impl List {
+    /// The operator's name for the list (`allow`, `deny`), as the CLI verbs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            List::Allow => "allow",
+            List::Deny => "deny",
+        }
+    }
+
     fn table(self) -> TableDefinition<'static, &'static str, u64> {
         match self {
             List::Allow => TableDefinition::new("allow"),

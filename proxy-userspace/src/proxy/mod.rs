@@ -23,6 +23,7 @@ pub mod forward;
 pub mod geo;
 pub mod inject;
 pub mod limit;
+pub mod metrics;
 mod pipeline;
 pub mod policy;
 pub mod respond;
