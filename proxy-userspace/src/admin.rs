@@ -189,6 +189,25 @@ pub struct Status {
     /// The forwarder, when `[listen]` is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarder: Option<ForwarderStatus>,
+    /// How reservations are kept, and what this run found at start.
+    #[serde(default)]
+    pub run: RunStatus,
+}
+
+/// How reservations are kept, and what this run found at start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunStatus {
+    /// `[store] durability`: `immediate` (every reservation on disk before
+    /// its call leaves) or `lose-up-to-1s`.
+    pub durability: String,
+    /// When a run last stopped cleanly, before this one (Unix seconds).
+    pub last_clean_shutdown_unix: Option<u64>,
+    /// The run before this one did not stop cleanly (a crash, `kill -9`).
+    pub previous_run_crashed: bool,
+    /// Reservations found in the journal at start, newer than the last snapshot.
+    pub recovered_reservations: u64,
+    /// Of those, with no settled answer recorded: counted as spent.
+    pub recovered_unsettled: u64,
 }
 
 /// Today's money and requests.

@@ -368,9 +368,16 @@ fn print_status(s: &Status) {
         ("dry run", if s.dry_run { "yes: nothing is dropped".into() } else { "no".into() }),
         ("sources", format!("{} tracked of {}, {} created", s.tracked_sources, s.table_size, s.new_sources)),
         ("lists", format!("{} allow, {} deny", s.allow_entries, s.deny_entries)),
+        ("store", run_line(&s.run)),
     ];
     for (k, v) in kv {
         println!("  {k:<11} {v}");
+    }
+    if s.run.previous_run_crashed {
+        println!(
+            "  {:<11} the previous run did not stop cleanly: {} reservations recovered, {} without a settled answer (counted as spent)",
+            "recovered", s.run.recovered_reservations, s.run.recovered_unsettled
+        );
     }
     println!();
     let rows: Vec<Vec<String>> = s
@@ -410,6 +417,18 @@ fn print_status(s: &Status) {
             print_table(&["ROUTE", "OUTCOME", "REQUESTS"], &rows);
         }
     }
+}
+
+/// The durability in force and the last clean shutdown.
+fn run_line(r: &admin::RunStatus) -> String {
+    let mode = match r.durability.as_str() {
+        "immediate" => "reservations on disk before each call leaves",
+        "lose-up-to-1s" => "counters saved every second (a crash may lose up to 1s of spend)",
+        _ => "-",
+    };
+    let last = r.last_clean_shutdown_unix.and_then(|t| jiff::Timestamp::from_second(i64::try_from(t).ok()?).ok());
+    let last = last.map_or_else(|| "never".to_owned(), |t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string());
+    format!("{mode}; last clean shutdown {last}")
 }
 
 /// "3h12m" until Unix second `t`.

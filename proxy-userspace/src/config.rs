@@ -442,11 +442,38 @@ pub struct Store {
     pub path: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// When a billable call's reservation reaches the disk.
+    #[serde(default)]
+    pub durability: Durability,
 }
 
 impl Default for Store {
     fn default() -> Self {
-        Store { path: default_store_path(), redis_url: None }
+        Store { path: default_store_path(), redis_url: None, durability: Durability::default() }
+    }
+}
+
+/// `[store] durability`: named for what each choice risks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum Durability {
+    /// Every reservation is on disk before its call leaves: a crash never
+    /// overspends (the default).
+    #[default]
+    #[serde(rename = "immediate")]
+    Immediate,
+    /// Counters are saved once a second: a crash forgets up to a second of
+    /// spend, per-IP counts and token calls, and so may overspend by that much.
+    #[serde(rename = "lose-up-to-1s")]
+    LoseUpTo1s,
+}
+
+impl Durability {
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Immediate => "immediate",
+            Durability::LoseUpTo1s => "lose-up-to-1s",
+        }
     }
 }
 

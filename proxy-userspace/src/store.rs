@@ -1,17 +1,28 @@
 //! Persistent state behind one trait, so the embedded default (redb, a single
 //! file under `store.path`) can be joined by a shared Redis backend without
 //! the daemon changing: the allow and deny lists, with deny expiries as
-//! wall-clock Unix seconds (monotonic clocks do not survive a reboot), and
-//! today's counters (spend, per-IP counts, alerts raised, escalations),
-//! flushed every second so a crash loses at most about a second of counts.
+//! wall-clock Unix seconds (monotonic clocks do not survive a reboot),
+//! today's counters (spend, per-IP counts, alerts raised, escalations, page
+//! token counts), snapshotted every second, and the reservation journal
+//! ([`crate::journal`]) that makes every reservation durable before its call
+//! leaves: a snapshot drops the journal's records it includes in the same
+//! transaction, and a start replays the rest. Also when a run last stopped
+//! cleanly.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{proxy::limit::DayCounts, units::Cidr};
+use crate::{
+    journal::{self, Journal},
+    proxy::limit::DayCounts,
+    token::allowance::AllowanceEntry,
+    units::Cidr,
+};
 
 const DAY: TableDefinition<'static, &'static str, u64> = TableDefinition::new("day");
+/// `running` (1 while a run has not stopped cleanly) and `clean_shutdown_unix`.
+const META: TableDefinition<'static, &'static str, u64> = TableDefinition::new("meta");
 
 /// A list the operator manages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -59,6 +70,24 @@ impl<E: Into<redb::Error>> From<E> for StoreError {
     }
 }
 
+/// What a start finds the previous run left behind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The counters as of the last durable write: the last snapshot plus the
+    /// journal's newer reservations (whatever day they are for).
+    pub day: Option<DayCounts>,
+    /// Page token call counts, the same way.
+    pub tokens: Vec<AllowanceEntry>,
+    /// Reservations found in the journal newer than the snapshot.
+    pub replayed: u64,
+    /// Of those, with no settled answer recorded: counted as spent.
+    pub unsettled: u64,
+    /// When a run last stopped cleanly (Unix seconds).
+    pub last_clean_shutdown_unix: Option<u64>,
+    /// The previous run did not stop cleanly (a crash, `kill -9`, power loss).
+    pub crashed: bool,
+}
+
 /// What the daemon needs from persistent storage.
 pub trait ListStore: Send + Sync {
     /// Insert or replace an entry.
@@ -67,15 +96,21 @@ pub trait ListStore: Send + Sync {
     fn remove(&self, list: List, cidr: &Cidr) -> Result<bool, StoreError>;
     /// All entries of a list, in CIDR text order.
     fn entries(&self, list: List) -> Result<Vec<Entry>, StoreError>;
-    /// Replace the persisted counters of the day with `c`.
-    fn save_day(&self, c: &DayCounts) -> Result<(), StoreError>;
-    /// The persisted counters, whatever day they are for.
-    fn load_day(&self) -> Result<Option<DayCounts>, StoreError>;
+    /// Replace the persisted counters with `c` and the token counts with
+    /// `tokens`, and drop the journal's records up to `c.seq` (which `c`
+    /// includes), in one durable transaction.
+    fn save_day(&self, c: &DayCounts, tokens: &[AllowanceEntry]) -> Result<(), StoreError>;
+    /// What the previous run left: its counters as of its last durable
+    /// write, and how it stopped.
+    fn recover(&self) -> Result<Recovered, StoreError>;
+    /// Note that a run is serving (`true`), or that it stopped cleanly at
+    /// `now_unix` after its last [`ListStore::save_day`] (`false`).
+    fn mark_running(&self, running: bool, now_unix: u64) -> Result<(), StoreError>;
 }
 
 /// The embedded store: one redb file.
 pub struct Embedded {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl Embedded {
@@ -90,8 +125,43 @@ impl Embedded {
             tx.open_table(l.table())?;
         }
         tx.open_table(DAY)?;
+        tx.open_table(META)?;
+        tx.open_table(journal::TABLE)?;
         tx.commit()?;
-        Ok(Embedded { db })
+        Ok(Embedded { db: Arc::new(db) })
+    }
+
+    /// The redb database (for tests that read it directly).
+    #[cfg(test)]
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Start the journal's writer on this store.
+    pub fn journal(&self) -> Result<Journal, StoreError> {
+        Journal::start(self.db.clone()).map_err(|e| StoreError(format!("cannot start the journal writer: {e}")))
+    }
+
+    /// The snapshot plus the journal's newer records, and the run markers.
+    fn replay(&self) -> Result<Recovered, StoreError> {
+        let (day, tokens) = self.read_day()?;
+        let tx = self.db.begin_read()?;
+        let mut records = Vec::new();
+        for row in tx.open_table(journal::TABLE)?.iter()? {
+            let (k, v) = row?;
+            records.push((k.value(), v.value().to_vec()));
+        }
+        let r = journal::replay(day, tokens, records).map_err(|e| StoreError(e.to_string()))?;
+        let meta = tx.open_table(META)?;
+        let get = |k: &str| -> Result<Option<u64>, StoreError> { Ok(meta.get(k)?.map(|v| v.value())) };
+        Ok(Recovered {
+            day: r.counts,
+            tokens: r.tokens,
+            replayed: r.replayed,
+            unsettled: r.unsettled,
+            last_clean_shutdown_unix: get("clean_shutdown_unix")?,
+            crashed: get("running")? == Some(1),
+        })
     }
 }
 
@@ -135,23 +205,42 @@ impl ListStore for Embedded {
         Ok(out)
     }
 
-    fn save_day(&self, c: &DayCounts) -> Result<(), StoreError> {
-        self.write_day(c)
+    fn save_day(&self, c: &DayCounts, tokens: &[AllowanceEntry]) -> Result<(), StoreError> {
+        self.write_day(c, tokens)
     }
 
-    fn load_day(&self) -> Result<Option<DayCounts>, StoreError> {
-        self.read_day()
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        self.replay()
+    }
+
+    fn mark_running(&self, running: bool, now_unix: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(META)?;
+            t.insert("running", u64::from(running))?;
+            if !running {
+                t.insert("clean_shutdown_unix", now_unix)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 
 impl Embedded {
-    fn write_day(&self, c: &DayCounts) -> Result<(), StoreError> {
+    fn write_day(&self, c: &DayCounts, tokens: &[AllowanceEntry]) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         tx.delete_table(DAY)?;
         {
+            tx.open_table(journal::TABLE)?.retain_in(..=(c.seq, u8::MAX), |_, _| false)?;
             let mut t = tx.open_table(DAY)?;
             t.insert("day", c.day)?;
             t.insert("spent", c.spent)?;
+            t.insert("seq", c.seq)?;
+            for e in tokens {
+                let (k, v) = e.to_kv();
+                t.insert(format!("tok/{k}").as_str(), v)?;
+            }
             for (ip, n) in &c.per_ip {
                 t.insert(format!("ip/{ip}").as_str(), u64::from(*n))?;
             }
@@ -172,10 +261,11 @@ impl Embedded {
         Ok(())
     }
 
-    fn read_day(&self) -> Result<Option<DayCounts>, StoreError> {
+    fn read_day(&self) -> Result<(Option<DayCounts>, Vec<AllowanceEntry>), StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(DAY)?;
         let mut c = DayCounts::default();
+        let mut tokens = Vec::new();
         let mut seen = false;
         for row in t.iter()? {
             let (k, v) = row?;
@@ -184,6 +274,7 @@ impl Embedded {
             match k {
                 "day" => c.day = v,
                 "spent" => c.spent = v,
+                "seq" => c.seq = v,
                 _ => {
                     if let Some(ip) = k.strip_prefix("ip/").and_then(|i| i.parse().ok()) {
                         c.per_ip.insert(ip, u32::try_from(v).unwrap_or(u32::MAX));
@@ -195,11 +286,13 @@ impl Embedded {
                         c.per_prefix.insert(net, u32::try_from(v).unwrap_or(u32::MAX));
                     } else if let Some(net) = k.strip_prefix("escnet/").and_then(|i| i.parse().ok()) {
                         c.escalated_prefixes.insert(net);
+                    } else if let Some(e) = k.strip_prefix("tok/").and_then(|n| AllowanceEntry::from_kv(n, v)) {
+                        tokens.push(e);
                     }
                 }
             }
         }
-        Ok(seen.then_some(c))
+        Ok((seen.then_some(c), tokens))
     }
 }
 
@@ -247,14 +340,17 @@ mod tests {
         c.escalated.insert("192.0.2.1".parse().unwrap());
         c.per_prefix.insert("192.0.2.0/24".parse().unwrap(), 9);
         c.escalated_prefixes.insert("2001:db8::/48".parse().unwrap());
+        let tokens = vec![AllowanceEntry { nonce: crate::token::codec::Nonce([7; 12]), used: 3, expires_unix: 99 }];
         {
             let s = Embedded::open(&d).unwrap();
-            assert_eq!(s.load_day().unwrap(), None);
-            s.save_day(&c).unwrap();
+            assert_eq!(s.recover().unwrap(), Recovered::default());
+            s.save_day(&c, &[]).unwrap();
             c.per_ip.remove(&"2001:db8::".parse().unwrap());
-            s.save_day(&c).unwrap();
+            c.seq = 12;
+            s.save_day(&c, &tokens).unwrap();
         }
-        assert_eq!(Embedded::open(&d).unwrap().load_day().unwrap(), Some(c));
+        let r = Embedded::open(&d).unwrap().recover().unwrap();
+        assert_eq!((r.day, r.tokens), (Some(c), tokens));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -36,13 +36,14 @@ use self::{
     state::{State, lock},
 };
 use crate::{
+    admin::RunStatus,
     clock::{Clock, SystemClock},
-    config::Config,
+    config::{Config, Durability},
     dataplane::{Dataplane, sample::SourceSample},
     metrics::ListGauges,
     paths,
     proxy::{self, Escalation, Forwarder, Policy},
-    store::{Embedded, ListStore},
+    store::{Embedded, ListStore, Recovered},
 };
 
 /// How long in-flight forwarder requests may take to finish on shutdown.
@@ -160,19 +161,31 @@ impl Daemon {
         policy: Option<Policy>,
         slot: &str,
     ) -> anyhow::Result<Daemon> {
-        let store: Arc<dyn ListStore> = Arc::new(Embedded::open(&config.store.path)?);
+        let embedded = Embedded::open(&config.store.path)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         // Everything that can refuse is done before XDP is attached: the
         // forwarder's policy (and key, built by `run`), and every listening socket.
         let listeners = Listeners::bind(rt, &config)?;
+        let recovered = embedded.recover()?;
+        let run = log_recovered(&recovered, config.store.durability);
         let (forwarder, escalations) = match policy {
             Some(p) => {
-                let h = Forwarder::new(p, clock.clone(), store.load_day()?);
+                let journal = match config.store.durability {
+                    Durability::Immediate => Some(embedded.journal()?),
+                    Durability::LoseUpTo1s => None,
+                };
+                let h = Forwarder::with_journal(p, clock.clone(), recovered.day, journal);
+                h.forwarder.token_allowance().restore(recovered.tokens, clock.unix_secs());
                 (Some(h.forwarder), Some(h.escalations))
             }
             None => (None, None),
         };
-        let state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone())?;
+        let store: Arc<dyn ListStore> = Arc::new(embedded);
+        let mut state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone())?;
+        state.run = run;
+        if let Err(e) = state.store.mark_running(true, clock.unix_secs()) {
+            warn!(error = %e, "noting the start in the store");
+        }
         let (reader, sample, lists) = (state.reader.clone(), state.sample.clone(), state.lists.clone());
         let admin = Arc::new(Admin::new(Arc::new(Mutex::new(state)), reader.clone()));
 
@@ -233,6 +246,32 @@ impl Daemon {
     }
 }
 
+/// Say what the previous run left: how it stopped, and the reservations
+/// replayed from the journal (those never settled are counted as spent).
+fn log_recovered(r: &Recovered, durability: Durability) -> RunStatus {
+    let spent = r.day.as_ref().map_or(0, |d| d.spent);
+    let when = r.last_clean_shutdown_unix.map_or_else(|| "never".to_owned(), |t| t.to_string());
+    if r.crashed {
+        warn!(
+            recovered = r.replayed,
+            unsettled = r.unsettled,
+            spent_micros = spent,
+            last_clean_shutdown_unix = %when,
+            "the previous run did not stop cleanly: {} reservations recovered without a settled answer (counted as spent)",
+            r.unsettled
+        );
+    } else {
+        info!(recovered = r.replayed, unsettled = r.unsettled, spent_micros = spent, last_clean_shutdown_unix = %when, "store opened");
+    }
+    RunStatus {
+        durability: durability.name().into(),
+        last_clean_shutdown_unix: r.last_clean_shutdown_unix,
+        previous_run_crashed: r.crashed,
+        recovered_reservations: r.replayed,
+        recovered_unsettled: r.unsettled,
+    }
+}
+
 /// The next escalation, or never when there is no forwarder.
 async fn recv(r: &mut Option<UnboundedReceiver<Escalation>>) -> Option<Escalation> {
     match r {
@@ -266,6 +305,7 @@ fn attach(
         lists: ListGauges::default(),
         reader,
         sample: Arc::new(SourceSample::default()),
+        run: RunStatus::default(),
     };
     state.restore_lists()?;
     state.dp.attach(&x.interface, x.mode)?;

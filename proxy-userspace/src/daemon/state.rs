@@ -14,7 +14,7 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
-    admin::{AdminError, ListShow},
+    admin::{AdminError, ListShow, RunStatus},
     clock::Clock,
     config::Config,
     dataplane::{Dataplane, maps::MapReader, sample::SourceSample},
@@ -25,7 +25,8 @@ use crate::{
 };
 
 /// The daemon's mutable state. Dropping it saves today's counters one last
-/// time, then detaches XDP and removes the pins (the [`Dataplane`]'s drop).
+/// time and notes the clean shutdown, then detaches XDP and removes the pins
+/// (the [`Dataplane`]'s drop).
 pub struct State {
     pub(super) config_path: PathBuf,
     pub(super) config: Config,
@@ -38,6 +39,8 @@ pub struct State {
     pub(super) lists: ListGauges,
     pub(super) reader: Arc<MapReader>,
     pub(super) sample: Arc<SourceSample>,
+    /// How reservations are kept, and what the start found.
+    pub(super) run: RunStatus,
 }
 
 /// Lock the state; a panic elsewhere does not take the daemon down with it.
@@ -129,16 +132,24 @@ impl State {
         }
     }
 
-    /// Persist the forwarder's counters when they changed, and forget
-    /// per-IP token buckets that have refilled (bounding their memory).
-    pub fn flush(&mut self) {
-        if let Some(f) = &self.forwarder {
-            f.limiter().sweep(self.clock.monotonic_ns());
-            if let Some(c) = f.limiter().take_dirty() {
-                match self.store.save_day(&c) {
-                    Ok(()) => self.saved_spend = c.spent,
-                    Err(e) => warn!(error = %e, "saving today's counters"),
-                }
+    /// Persist the forwarder's counters when they changed (with the token
+    /// counts, taken after them: a call in flight at that instant may be
+    /// counted twice after a crash, never forgotten), and forget per-IP
+    /// token buckets that have refilled (bounding their memory). False when
+    /// they could not be saved.
+    pub fn flush(&mut self) -> bool {
+        let Some(f) = &self.forwarder else { return true };
+        f.limiter().sweep(self.clock.monotonic_ns());
+        let Some(c) = f.limiter().take_dirty() else { return true };
+        let tokens = f.token_allowance().snapshot(self.clock.unix_secs());
+        match self.store.save_day(&c, &tokens) {
+            Ok(()) => {
+                self.saved_spend = c.spent;
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "saving today's counters");
+                false
             }
         }
     }
@@ -210,7 +221,11 @@ impl State {
 
 impl Drop for State {
     fn drop(&mut self) {
-        self.flush();
+        if self.flush()
+            && let Err(e) = self.store.mark_running(false, self.clock.unix_secs())
+        {
+            warn!(error = %e, "noting the clean shutdown");
+        }
     }
 }
 
@@ -223,6 +238,7 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ("xdp.mode", x.mode != y.mode),
         ("xdp.table_size", x.table_size != y.table_size),
         ("store.path", old.store.path != new.store.path),
+        ("store.durability", old.store.durability != new.store.durability),
         ("admin.socket", old.admin.socket != new.admin.socket),
         ("listen", listen(old) != listen(new)),
     ]

@@ -42,6 +42,7 @@ impl State {
             top_sources: self.sample.top(),
             sources_sampled_unix_ms: self.sample.taken_unix_ms(),
             forwarder: self.forwarder.as_ref().map(|f| self.forwarder_status(f)),
+            run: self.run.clone(),
         })
     }
 

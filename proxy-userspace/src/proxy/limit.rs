@@ -4,7 +4,10 @@
 //! daily budget in micro-units of the currency. A call that may be billed
 //! reserves its cost and its per-IP count before it is forwarded and gives
 //! them back when the upstream answer is not billable, so concurrent calls
-//! can never overshoot the budget.
+//! can never overshoot the budget. Each reservation and each refund gets the
+//! next sequence number under the same lock that changes the counts, so a
+//! snapshot of the counts names exactly what it includes (its watermark,
+//! see [`crate::journal`]).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -124,6 +127,9 @@ pub struct DayCounts {
     pub per_prefix: HashMap<Cidr, u32>,
     /// Networks already pushed into the XDP deny list today.
     pub escalated_prefixes: HashSet<Cidr>,
+    /// The sequence number of the last reservation or refund these counts
+    /// include (the journal's watermark); it keeps growing across days.
+    pub seq: u64,
 }
 
 /// What a reservation took; give it back unless billed.
@@ -133,6 +139,34 @@ pub struct Reservation {
     network: Option<Cidr>,
     cost: u64,
     day: u64,
+    seq: u64,
+}
+
+impl Reservation {
+    /// Its sequence number (unique, increasing, across days and restarts).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The day it was taken on.
+    pub fn day(&self) -> u64 {
+        self.day
+    }
+
+    /// The per-IP identity it was counted under.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// The network it was counted under (prefix cap).
+    pub fn network(&self) -> Option<Cidr> {
+        self.network
+    }
+
+    /// What it holds of the budget, in micro-units.
+    pub fn cost(&self) -> u64 {
+        self.cost
+    }
 }
 
 /// Per-IP state of the moment, for the RateLimit header.
@@ -176,7 +210,8 @@ impl Limiter {
         let window = schedule.window(now_unix);
         let counts = match restored {
             Some(c) if c.day == window.id() => c,
-            _ => DayCounts { day: window.id(), ..DayCounts::default() },
+            // Another day's counts are dropped, not their sequence number.
+            c => DayCounts { day: window.id(), seq: c.map_or(0, |c| c.seq), ..DayCounts::default() },
         };
         Limiter {
             limits: Mutex::new(std::sync::Arc::new(limits)),
@@ -202,7 +237,7 @@ impl Limiter {
         if now_unix >= inner.window.end {
             inner.window = lock(&self.schedule).window(now_unix);
             if inner.counts.day != inner.window.id() {
-                inner.counts = DayCounts { day: inner.window.id(), ..DayCounts::default() };
+                inner.counts = DayCounts { day: inner.window.id(), seq: inner.counts.seq, ..DayCounts::default() };
                 inner.dirty = true;
             }
         }
@@ -251,15 +286,20 @@ impl Limiter {
         if let Some(n) = network {
             *inner.counts.per_prefix.entry(n).or_insert(0) += 1;
         }
+        inner.counts.seq += 1;
         inner.dirty = true;
-        Ok(Reservation { ip, network, cost, day })
+        Ok(Reservation { ip, network, cost, day, seq: inner.counts.seq })
     }
 
     /// The upstream answer was not billable (or never came): give it back.
-    pub fn refund(&self, r: Reservation) {
+    /// Returns the refund's own sequence number (for the journal).
+    pub fn refund(&self, r: Reservation) -> u64 {
         let mut inner = lock(&self.inner);
+        inner.counts.seq += 1;
+        let seq = inner.counts.seq;
+        inner.dirty = true;
         if inner.counts.day != r.day {
-            return; // the day rolled over; the new day owes nothing
+            return seq; // the day rolled over; the new day owes nothing
         }
         inner.counts.spent = inner.counts.spent.saturating_sub(r.cost);
         if let Some(n) = inner.counts.per_ip.get_mut(&r.ip) {
@@ -268,7 +308,7 @@ impl Limiter {
         if let Some(n) = r.network.and_then(|net| inner.counts.per_prefix.get_mut(&net)) {
             *n = n.saturating_sub(1);
         }
-        inner.dirty = true;
+        seq
     }
 
     /// The call was billed: keep the reservation, and return any alert

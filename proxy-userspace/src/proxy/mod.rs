@@ -8,6 +8,7 @@
 //! Map: `pipeline` (the phases) · `policy` (config → compiled policy, the one
 //! home of validation) · `access` (origins, client address) · `route`
 //! (allow-list, parameters) · `limit` (per-IP bucket, daily caps, budget) ·
+//! `durable` (reservations on disk before the call leaves) ·
 //! `day` (the daily window) · `cache` · `inject` (the key in, the key
 //! scrubbed out) · `forward` (the upstream client) · `respond` (outcomes as
 //! answers) · `counts` (request counting) · `alert` (budget alerts) ·
@@ -18,6 +19,7 @@ pub mod alert;
 pub mod cache;
 pub mod counts;
 pub mod day;
+mod durable;
 pub mod endpoint;
 pub mod forward;
 pub mod geo;
@@ -76,6 +78,9 @@ pub struct Forwarder {
     token_state: endpoint::TokenState,
     /// Tokens as the current policy sets them up.
     token_rt: RwLock<Option<Arc<endpoint::TokenRuntime>>>,
+    /// Where reservations are made durable before their call leaves
+    /// (`None`: only the periodic snapshot, `durability = "lose-up-to-1s"`).
+    journal: Option<crate::journal::Journal>,
 }
 
 /// What the caller gets back to wire the forwarder into the daemon.
@@ -87,6 +92,17 @@ pub struct Handles {
 impl Forwarder {
     /// A forwarder for `policy`, starting from today's persisted counts.
     pub fn new(policy: Policy, clock: Arc<dyn Clock>, restored: Option<limit::DayCounts>) -> Handles {
+        Forwarder::with_journal(policy, clock, restored, None)
+    }
+
+    /// Like [`Forwarder::new`], each reservation made durable in `journal`
+    /// before its call leaves.
+    pub fn with_journal(
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+        restored: Option<limit::DayCounts>,
+        journal: Option<crate::journal::Journal>,
+    ) -> Handles {
         let now = clock.unix_secs() as i64;
         let limiter = Limiter::new(policy.limits.clone(), policy.schedule.clone(), now, restored);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -106,6 +122,7 @@ impl Forwarder {
             logged: Mutex::new(HashMap::new()),
             token_state,
             token_rt,
+            journal,
         });
         Handles { forwarder, escalations: rx }
     }

@@ -14,7 +14,8 @@
 //!                      be forwarded, and never for GET or HEAD routes
 //! upstream_request     the fixed upstream URL, client copies of the key
 //!                      stripped, the key injected
-//! reserve              the token's call, the cost and the daily counts taken
+//! reserve              the token's call, the cost and the daily counts taken,
+//!                      on disk before the call leaves (see `durable`)
 //! exchange → settle    the call; charge kept or given back, alerts
 //! finish               key scrubbed, answer cached, CORS
 //! ```
@@ -189,7 +190,7 @@ impl Forwarder {
         }
         let body = read_body(call, parts, body).await?;
         let up = upstream_request(call, parts, body)?;
-        let reservation = self.reserve(call)?;
+        let reservation = self.reserve(call).await?;
         let answer = self.exchange(call, up, reservation).await?;
         Ok(Answered { response: self.finish(call, answer, cache_key), outcome: Outcome::Forwarded })
     }
@@ -358,8 +359,8 @@ impl Forwarder {
     }
 
     /// Take the call's cost and per-IP count (given back by `settle` if the
-    /// answer is not billable).
-    fn reserve(&self, call: &Call<'_>) -> Result<Reservation, Refused> {
+    /// answer is not billable), durable before the call leaves.
+    async fn reserve(&self, call: &Call<'_>) -> Result<Reservation, Refused> {
         if let Some(c) = &call.token {
             let now = u64::try_from(call.now).unwrap_or(0);
             self.token_state
@@ -367,10 +368,11 @@ impl Forwarder {
                 .take(c.nonce, c.max_calls, c.expires_at, now)
                 .map_err(|e| Refused::new(Outcome::TokenExhausted, e.to_string()))?;
         }
-        self.limiter.reserve(call.key, call.route.cost, call.now, call.exempt).map_err(|r| {
+        let r = self.limiter.reserve(call.key, call.route.cost, call.now, call.exempt).map_err(|r| {
             self.give_back_token(call);
             self.refusal(call, r)
-        })
+        })?;
+        self.durable(call.token.as_ref(), r).await
     }
 
     /// Give back the call taken from the token's allowance.
@@ -418,12 +420,12 @@ impl Forwarder {
     /// Keep a billed call's charge (raising alerts), or give it back.
     fn settle(&self, call: &Call<'_>, reservation: Reservation, billed: bool) {
         if billed {
+            self.journal_billed(&reservation);
             for a in self.limiter.commit(reservation) {
                 alert::raise(call.policy, &a);
             }
         } else {
-            self.limiter.refund(reservation);
-            self.give_back_token(call);
+            self.give_back(call.token.as_ref(), reservation);
         }
     }
 

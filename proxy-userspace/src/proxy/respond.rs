@@ -45,11 +45,13 @@ pub enum Outcome {
     BudgetPaced,
     UpstreamTimeout,
     UpstreamUnavailable,
+    /// The call's reservation could not be saved (the store is failing).
+    StoreUnavailable,
 }
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 26] = [
+    pub const ALL: [Outcome; 27] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
@@ -76,6 +78,7 @@ impl Outcome {
         Outcome::BudgetPaced,
         Outcome::UpstreamTimeout,
         Outcome::UpstreamUnavailable,
+        Outcome::StoreUnavailable,
     ];
 
     /// Metric label and type suffix.
@@ -107,6 +110,7 @@ impl Outcome {
             Outcome::BudgetPaced => "budget-paced",
             Outcome::UpstreamTimeout => "upstream-timeout",
             Outcome::UpstreamUnavailable => "upstream-unavailable",
+            Outcome::StoreUnavailable => "store-unavailable",
         }
     }
 
@@ -134,7 +138,9 @@ impl Outcome {
             Outcome::RateLimited | Outcome::DailyCapReached | Outcome::PrefixCapReached => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Outcome::BudgetExhausted | Outcome::BudgetPaced => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::BudgetExhausted | Outcome::BudgetPaced | Outcome::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Outcome::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Outcome::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         }
@@ -162,6 +168,7 @@ impl Outcome {
             Outcome::BudgetPaced => "Service busy; try again later",
             Outcome::UpstreamTimeout => "The upstream service timed out",
             Outcome::UpstreamUnavailable => "The upstream service is unavailable",
+            Outcome::StoreUnavailable => "Service temporarily unavailable",
             Outcome::Forwarded
             | Outcome::CacheHit
             | Outcome::Preflight

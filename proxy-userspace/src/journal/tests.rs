@@ -1,0 +1,292 @@
+//! The journal: replay against a snapshot's watermark, snapshots dropping
+//! what they include, group commit (commits counted), a failing disk, and a
+//! crash at any point against the limiter's own counts.
+
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use proxy_common::bucket::Params;
+use redb::{StorageBackend, backends::InMemoryBackend};
+
+use super::*;
+use crate::{
+    proxy::{
+        day::Schedule,
+        limit::{Limiter, Limits, PrefixCap},
+    },
+    store::{Embedded, ListStore},
+};
+
+const T0: i64 = 1_795_420_800; // 2026-11-23T08:00:00Z
+const DAY: u64 = 20261123;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn reserved(day: u64, who: &str, cost: u64) -> Reserved {
+    Reserved { day, ip: ip(who), network: Some(Cidr::covering(ip(who), 24)), cost, token: None }
+}
+
+fn rec(r: &Record) -> ((u64, u8), Vec<u8>) {
+    (r.key(), r.value())
+}
+
+struct TmpDir(std::path::PathBuf);
+
+impl TmpDir {
+    fn new(name: &str) -> TmpDir {
+        let d = std::env::temp_dir().join(format!("keyward-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        TmpDir(d)
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn refund(of: u64, what: Reserved) -> Refund {
+    Refund { of, what }
+}
+
+#[test]
+fn replay_adds_what_is_newer_than_the_snapshot_and_counts_the_unsettled() {
+    let net: Cidr = "192.0.2.0/24".parse().unwrap();
+    let mut snap = DayCounts { day: DAY, spent: 20_000, seq: 3, ..DayCounts::default() };
+    snap.per_ip.insert(ip("192.0.2.9"), 1);
+    snap.per_prefix.insert(net, 1);
+    let nonce = Nonce([5; 12]);
+    let token = Some(TokenCall { nonce, expires_unix: 99 });
+    let with_token = Reserved { token, ..reserved(DAY, "192.0.2.1", 20_000) };
+    let (a, b) = (reserved(DAY, "192.0.2.9", 20_000), reserved(DAY, "192.0.2.8", 20_000));
+    let records = [
+        Record::Reserved(1, a.clone()), // 1 to 3 are in the snapshot
+        Record::Reserved(2, b.clone()),
+        Record::Refunded(3, refund(2, b)),
+        Record::Reserved(4, reserved(DAY, "192.0.2.1", 20_000)),
+        Record::Billed(4),
+        Record::Reserved(5, reserved(DAY, "192.0.2.2", 20_000)),
+        Record::Refunded(6, refund(5, reserved(DAY, "192.0.2.2", 20_000))),
+        Record::Reserved(7, with_token.clone()), // never settled
+        Record::Reserved(8, with_token.clone()),
+        Record::Refunded(9, refund(8, with_token)),
+        Record::Refunded(10, refund(1, a)), // of a reservation in the snapshot
+        Record::Refunded(11, refund(99, reserved(DAY, "192.0.2.7", 20_000))), // of one never on disk
+    ];
+    let tokens = vec![AllowanceEntry { nonce, used: 2, expires_unix: 99 }];
+    let r = replay(Some(snap), tokens, records.iter().map(rec)).unwrap();
+    let c = r.counts.unwrap();
+    assert_eq!(c.spent, 20_000 + 2 * 20_000 - 20_000, "4 billed, 7 unsettled, 1 given back");
+    assert_eq!(c.per_ip.get(&ip("192.0.2.1")), Some(&2));
+    assert_eq!(c.per_ip.get(&ip("192.0.2.2")), Some(&0), "given back");
+    assert_eq!(c.per_ip.get(&ip("192.0.2.9")), Some(&0), "given back after the snapshot");
+    assert_eq!(c.per_ip.get(&ip("192.0.2.7")), None, "never taken, never given");
+    assert_eq!(c.per_prefix.get(&net), Some(&2));
+    assert_eq!(c.seq, 11, "numbering continues after the journal");
+    assert_eq!((r.replayed, r.unsettled), (4, 1));
+    // Token calls are added back, never given back on replay.
+    assert_eq!(r.tokens, vec![AllowanceEntry { nonce, used: 4, expires_unix: 99 }]);
+}
+
+#[test]
+fn replay_follows_the_day_and_refuses_an_unreadable_record() {
+    let snap = DayCounts { day: DAY, spent: 40_000, seq: 1, ..DayCounts::default() };
+    let records =
+        [Record::Reserved(2, reserved(DAY, "192.0.2.1", 1)), Record::Reserved(3, reserved(DAY + 1, "192.0.2.1", 7))];
+    let r = replay(Some(snap), Vec::new(), records.iter().map(rec)).unwrap();
+    let c = r.counts.unwrap();
+    assert_eq!((c.day, c.spent, c.seq), (DAY + 1, 7, 3));
+    // With no snapshot at all, the journal alone.
+    let r = replay(None, Vec::new(), records.iter().map(rec)).unwrap();
+    assert_eq!(r.counts.map(|c| (c.day, c.spent)), Some((DAY + 1, 7)));
+    let bad = [((9, Kind::Reserved as u8), b"{".to_vec())];
+    assert_eq!(replay(None, Vec::new(), bad).unwrap_err().seq, 9);
+}
+
+#[tokio::test]
+async fn a_snapshot_drops_the_records_it_includes_in_one_transaction() {
+    let dir = TmpDir::new("snapshot");
+    let store = Embedded::open(&dir.0).unwrap();
+    let j = store.journal().unwrap();
+    for seq in 1..=4 {
+        j.append(Record::Reserved(seq, reserved(DAY, "192.0.2.1", 10))).await.unwrap();
+    }
+    let mut c = DayCounts { day: DAY, spent: 20, seq: 2, ..DayCounts::default() };
+    c.per_ip.insert(ip("192.0.2.1"), 2);
+    store.save_day(&c, &[]).unwrap();
+    j.append(Record::Billed(2)).await.unwrap(); // late, and no longer needed
+    drop(j);
+    let r = store.recover().unwrap();
+    assert_eq!((r.replayed, r.unsettled), (2, 2));
+    let d = r.day.unwrap();
+    assert_eq!((d.spent, d.per_ip[&ip("192.0.2.1")], d.seq), (40, 4, 4));
+    // Only the records after the watermark (and the late one) are left.
+    let read = records_of(store.database());
+    assert_eq!(read.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![(2, 1), (3, 0), (4, 0)]);
+}
+
+#[tokio::test]
+async fn concurrent_waiters_share_commits() {
+    let db = Arc::new(redb::Database::builder().create_with_backend(InMemoryBackend::new()).unwrap());
+    let j = Journal::start(db.clone()).unwrap();
+    // Hold the write lock so that every record below is queued while the
+    // writer waits for it: then one or two commits take them all.
+    let blocker = db.begin_write().unwrap();
+    let waiting: Vec<_> = (1..=200).map(|s| j.append(Record::Reserved(s, reserved(DAY, "192.0.2.1", 1)))).collect();
+    j.append_lazy(Record::Billed(1));
+    drop(blocker);
+    for w in waiting {
+        w.await.unwrap();
+    }
+    assert!(j.commits() <= 2, "{} commits for 200 waiters", j.commits());
+    drop(j);
+    let r = replay(None, Vec::new(), records_of(&db)).unwrap();
+    assert_eq!((r.replayed, r.unsettled, r.counts.unwrap().spent), (200, 199, 200));
+}
+
+fn records_of(db: &redb::Database) -> Vec<((u64, u8), Vec<u8>)> {
+    use redb::{ReadableDatabase as _, ReadableTable as _};
+    let tx = db.begin_read().unwrap();
+    let t = tx.open_table(TABLE).unwrap();
+    t.iter().unwrap().map(|r| r.unwrap()).map(|(k, v)| (k.value(), v.value().to_vec())).collect()
+}
+
+/// Memory that refuses to sync while `fail` is set (a disk gone bad).
+#[derive(Debug, Default)]
+struct Flaky {
+    mem: InMemoryBackend,
+    fail: Arc<AtomicBool>,
+}
+
+impl StorageBackend for Flaky {
+    fn len(&self) -> Result<u64, io::Error> {
+        self.mem.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        self.mem.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        self.mem.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), io::Error> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected: disk full"));
+        }
+        self.mem.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        self.mem.write(offset, data)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_fails_its_waiters() {
+    let fail = Arc::new(AtomicBool::new(false));
+    let backend = Flaky { fail: fail.clone(), ..Flaky::default() };
+    let db = Arc::new(redb::Database::builder().create_with_backend(backend).unwrap());
+    let j = Journal::start(db).unwrap();
+    j.append(Record::Reserved(1, reserved(DAY, "192.0.2.1", 1))).await.unwrap();
+    fail.store(true, Ordering::SeqCst);
+    let e = j.append(Record::Reserved(2, reserved(DAY, "192.0.2.1", 1))).await.unwrap_err();
+    assert!(matches!(e, JournalError::Store(_)), "{e}");
+}
+
+#[tokio::test]
+async fn a_stopped_journal_refuses() {
+    let db = Arc::new(redb::Database::builder().create_with_backend(InMemoryBackend::new()).unwrap());
+    let mut j = Journal::start(db).unwrap();
+    drop(j.tx.take());
+    let e = j.append(Record::Billed(1)).await.unwrap_err();
+    assert!(matches!(e, JournalError::Stopped));
+}
+
+/// A tiny deterministic PRNG (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+fn limiter(restored: Option<DayCounts>) -> Limiter {
+    let limits = Limits {
+        rate: Params::new(5, 10),
+        burst: 10,
+        per_ip_daily: 1000,
+        budget: 1_000_000,
+        alert_at: Vec::new(),
+        dry_run: false,
+        prefix: Some(PrefixCap { v4: 24, v6: 48, calls: 1000 }),
+        pace: None,
+    };
+    Limiter::new(limits, Schedule::new("00:00", "UTC").unwrap(), T0, restored)
+}
+
+/// The daemon's way, against a crash after any step: reservations durable
+/// before use, settlements lazy (some lost), snapshots now and then. After
+/// the crash the recovered counts are never below what was kept, and equal
+/// it when no settlement was lost.
+#[tokio::test]
+async fn a_crash_at_any_point_never_forgets_a_kept_reservation() {
+    for (round, lose_settlements) in [(1u64, false), (2, true), (3, false), (4, true)] {
+        let dir = TmpDir::new(&format!("crash{round}"));
+        let store = Embedded::open(&dir.0).unwrap();
+        let l = limiter(None);
+        let j = store.journal().unwrap();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ round);
+        let mut held = Vec::new();
+        let mut lost_refunds = 0;
+        for _ in 0..(50 + rng.below(150)) {
+            match rng.below(10) {
+                0..=4 => {
+                    let who = ip(&format!("192.0.2.{}", rng.below(4)));
+                    let r = l.reserve(who, 1000 + rng.below(9) * 1000, T0, false).unwrap();
+                    j.append(Record::Reserved(r.seq(), Reserved::of(&r, None))).await.unwrap();
+                    held.push(r);
+                }
+                5..=7 if !held.is_empty() => {
+                    let r = held.swap_remove(rng.below(held.len() as u64) as usize);
+                    let (cost, lose) = (r.cost(), lose_settlements && rng.below(2) == 0);
+                    let record = if rng.below(2) == 0 {
+                        let given = refund(r.seq(), Reserved::of(&r, None));
+                        lost_refunds += if lose { cost } else { 0 };
+                        Record::Refunded(l.refund(r), given)
+                    } else {
+                        let seq = r.seq();
+                        l.commit(r);
+                        Record::Billed(seq)
+                    };
+                    if !lose {
+                        j.append_lazy(record);
+                    }
+                }
+                _ => {
+                    if let Some(c) = l.take_dirty() {
+                        store.save_day(&c, &[]).unwrap();
+                    }
+                }
+            }
+        }
+        drop(j); // the crash: what the writer had queued is on disk or not, nothing else
+        let (kept, _) = l.today(T0);
+        let got = store.recover().unwrap().day.unwrap();
+        assert!(got.spent >= kept.spent, "round {round}: recovered {} < kept {}", got.spent, kept.spent);
+        if !lose_settlements {
+            assert_eq!((got.spent, &got.per_ip, &got.per_prefix), (kept.spent, &kept.per_ip, &kept.per_prefix));
+        }
+        assert!(got.spent <= kept.spent + lost_refunds, "round {round}: more than the lost refunds");
+        assert!(got.seq >= kept.seq);
+        // A limiter restarted on them goes on numbering after them.
+        let again = limiter(Some(got.clone()));
+        assert_eq!(again.reserve(ip("192.0.2.1"), 1, T0, false).unwrap().seq(), got.seq + 1);
+    }
+}
