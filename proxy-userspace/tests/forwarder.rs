@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU16, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -20,6 +20,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use keyward::{
     clock::fake::FakeClock,
+    journal::Journal,
     proxy::{Escalation, Forwarder, Handles, policy::Loaded},
 };
 use tokio::{
@@ -179,6 +180,11 @@ impl Harness {
 
     /// With extra `[access]` keys too.
     async fn start_with(extra_access: &str, extra_limits: &str) -> Harness {
+        Harness::start_journaled(extra_access, extra_limits, None).await
+    }
+
+    /// With reservations made durable in `journal` before each call leaves.
+    async fn start_journaled(extra_access: &str, extra_limits: &str, journal: Option<Journal>) -> Harness {
         let api = StandIn::start().await;
         let dir = std::env::temp_dir().join(format!("kw-fwd-{}-{}", std::process::id(), next_id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -190,7 +196,7 @@ impl Harness {
             .replace("require_origin = true\n", &format!("require_origin = true\n{extra_access}\n"));
         let (_cfg, policy) = Loaded::parse(&path, &text).unwrap().with_key(&path).unwrap();
         let clock = Arc::new(FakeClock::at(NOON));
-        let Handles { forwarder, escalations } = Forwarder::new(policy.unwrap(), clock.clone(), None);
+        let Handles { forwarder, escalations } = Forwarder::with_journal(policy.unwrap(), clock.clone(), None, journal);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stop_rx) = watch::channel(false);
@@ -354,6 +360,51 @@ async fn upstream_timeout_stays_charged_and_unreachable_is_refunded() {
     let (status, _, body) = h.get("/lookup/AB12CD", "192.0.2.2", SHOP).await;
     assert_eq!((status, problem_type(&body).as_str()), (502, "upstream-unavailable"));
     assert_eq!(h.spent(), 20_000, "a call that never left is given back");
+}
+
+/// Memory that refuses to sync while `fail` is set (a disk gone bad).
+#[derive(Debug, Default)]
+struct Flaky {
+    mem: redb::backends::InMemoryBackend,
+    fail: Arc<AtomicBool>,
+}
+
+impl redb::StorageBackend for Flaky {
+    fn len(&self) -> std::io::Result<u64> {
+        self.mem.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.mem.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.mem.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected: disk full"));
+        }
+        self.mem.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.mem.write(offset, data)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_that_cannot_be_saved_is_refused_and_given_back() {
+    let fail = Arc::new(AtomicBool::new(false));
+    let backend = Flaky { fail: fail.clone(), ..Flaky::default() };
+    let db = Arc::new(redb::Database::builder().create_with_backend(backend).unwrap());
+    let h = Harness::start_journaled("", "", Some(Journal::start(db).unwrap())).await;
+    let (status, head, body) = h.get("/lookup/AB12CD", "198.51.100.7", SHOP).await;
+    assert_eq!(status, 200, "{head}{body}");
+    fail.store(true, Ordering::SeqCst);
+    let (status, head, body) = h.get("/lookup/AB12CE", "198.51.100.7", SHOP).await;
+    assert_eq!(status, 503, "{head}{body}");
+    assert_eq!(problem_type(&body), "store-unavailable");
+    assert_eq!(h.api.calls().len(), 1, "the call never left");
+    assert_eq!(h.spent(), 20_000, "its cost was given back");
+    assert!(head.contains("\"ip-daily\";r=3;"), "its daily count was given back: {head}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
