@@ -5,8 +5,10 @@
 //! request, then open-loop latency at a fixed rate measured here with
 //! coordinated omission corrected (each request timed from when it was
 //! due). Paths: pass, per-IP 429, exhausted budget (keyward's 503; nginx
-//! serves a static 503, its nearest equivalent), and pass over an HTTPS
-//! upstream.
+//! serves a static 503, its nearest equivalent), pass over an HTTPS
+//! upstream, and pass with `[store] durability = "lose-up-to-1s"` (the
+//! periodic flush instead of every reservation on disk before its call
+//! leaves, the default: the pair shows what durability costs per call).
 
 use std::{
     path::{Path, PathBuf},
@@ -194,11 +196,14 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     wait_port(&ns, NGX);
 
     // keyward for one path: started pinned to CPU1, measured, stopped.
-    let start_kw = |limits: &str, base: &str, extra_up: &str| -> (Proc, daemon::Daemon) {
+    let start_kw = |limits: &str, base: &str, extra_up: &str, durability: &str| -> (Proc, daemon::Daemon) {
         let rest = format!(
             "metrics = \"\"\n\n[listen]\naddr = \"127.0.0.1:{KW}\"\n\n[upstream]\nbase_url = \"{base}\"\ntimeout = \"5s\"\nkey_env = \"KEYWARD_TEST_KEY\"\ninject = {{ header = \"X-Api-Key\", value = \"{{key}}\" }}\n{extra_up}\n\n[[route]]\nmethod = \"GET\"\npath = \"/postcodes/{{p}}\"\nupstream_path = \"/postcodes/{{p}}\"\ncost = 0.0001\n\n[access]\nallowed_origins = [\"https://www.example.com\"]\nrequire_origin = true\n\n[limits]\nper_ip_daily = 4000000000\ndeny_on_daily_cap = false\n{limits}\n"
         );
         let d = daemon::Daemon::prepare_with(&t, "rate_pps = 100000000\nburst = 100000000", &rest);
+        let text = std::fs::read_to_string(&d.config).expect("bench config");
+        let text = text.replacen("[store]\n", &format!("[store]\ndurability = \"{durability}\"\n"), 1);
+        std::fs::write(&d.config, text).expect("bench config");
         let child = in_ns(
             &t.server_ns,
             1,
@@ -216,9 +221,9 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     let tls = format!("https://localhost:{UP_TLS}");
     let ca = format!("ca_file = \"{}\"", dir.join("ca.crt").display());
     let open = "per_ip_rate = 4000000\nper_ip_burst = 4000000\ndaily = 1000000.0";
-    // (name, keyward limits, keyward base, keyward extra, nginx path, measure direct too)
-    let paths: [(&str, String, String, String, &str, bool); 4] = [
-        ("pass", open.into(), plain.clone(), String::new(), "/postcodes/AB1", true),
+    // (name, keyward limits, keyward base, keyward extra, nginx path, measure direct too, durability)
+    let paths: [(&str, String, String, String, &str, bool, &str); 5] = [
+        ("pass", open.into(), plain.clone(), String::new(), "/postcodes/AB1", true, "immediate"),
         (
             "per-IP 429",
             "per_ip_rate = 100\nper_ip_burst = 10\ndaily = 1000000.0".into(),
@@ -226,16 +231,19 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
             String::new(),
             "/tight/AB1",
             false,
+            "immediate",
         ),
         (
             "budget exhausted (503)",
             "per_ip_rate = 4000000\nper_ip_burst = 4000000\ndaily = 0.0".into(),
-            plain,
+            plain.clone(),
             String::new(),
             "/broke/AB1",
             false,
+            "immediate",
         ),
-        ("pass, HTTPS upstream", open.into(), tls, ca, "/tls/AB1", false),
+        ("pass, HTTPS upstream", open.into(), tls, ca, "/tls/AB1", false, "immediate"),
+        ("pass, durability lose-up-to-1s", open.into(), plain, String::new(), "/postcodes/AB1", false, "lose-up-to-1s"),
     ];
     let mut us: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
     let mut rps: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
@@ -254,9 +262,9 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
         lat[i][j].push(m.2);
     };
     for round in 0..rounds {
-        for (i, (name, limits, base, extra, ngx_path, direct)) in paths.iter().enumerate() {
+        for (i, (name, limits, base, extra, ngx_path, direct, durability)) in paths.iter().enumerate() {
             let k = {
-                let _k = start_kw(limits, base, extra);
+                let _k = start_kw(limits, base, extra, durability);
                 measure(KW, "/postcodes/AB1")
             };
             let n = measure(NGX, ngx_path);
