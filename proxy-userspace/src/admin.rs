@@ -220,7 +220,9 @@ pub struct ForwarderStatus {
     pub budget: String,
     pub spent_micros: u64,
     pub budget_micros: u64,
-    /// Spend as last written to the store (a crash loses at most the difference).
+    /// Spend in the last snapshot written to the store (with `durability =
+    /// "immediate"` the journal holds the rest; with `"lose-up-to-1s"` a
+    /// crash loses the difference).
     pub saved_micros: u64,
     pub reset_unix: i64,
     pub day: u64,

@@ -7,8 +7,9 @@
 //! record and await a oneshot; each commit covers every record queued while
 //! the previous commit was on its way to disk (group commit), so concurrent
 //! calls share one fsync. Settlements (billed, or given back) are queued the
-//! same way but nobody waits for them: a lost one counts the call as spent,
-//! never the reverse.
+//! same way but nobody waits for them, and they never cost a commit of
+//! their own: they go with the next reservation's (or are made moot by the
+//! next snapshot). A lost one counts the call as spent, never the reverse.
 //!
 //! Reservations and refunds are numbered by the limiter under the lock that
 //! changes the counts. The counters are snapshotted every second (see
@@ -171,7 +172,7 @@ impl Journal {
         }
     }
 
-    /// Append `r` with the next commit, without waiting for it.
+    /// Append `r` with the next commit made for a waiter, without waiting.
     pub fn append_lazy(&self, r: Record) {
         let _ = self.send(&r, None);
     }
@@ -196,21 +197,40 @@ impl Drop for Journal {
     }
 }
 
-/// The writer: wait for a record, take everything queued behind it, commit
-/// once, answer every waiter; until every handle is gone.
+/// The writer: take every record queued, and commit once a caller waits on
+/// one of them (settlements alone wait for the next reservation's commit,
+/// or for the snapshot that makes them moot), answering every waiter; when
+/// every handle is gone, commit what is left and stop.
 fn run(db: &Database, rx: &mpsc::Receiver<Op>, commits: &AtomicU64) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-        let result = write(db, &batch).map_err(|e| JournalError::Store(e.to_string()));
-        commits.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, records = batch.len(), "journal commit failed: the calls waiting on it are refused");
+    let mut batch: Vec<Op> = Vec::new();
+    let mut waited = false;
+    while let Ok(op) = rx.recv() {
+        waited |= op.done.is_some();
+        batch.push(op);
+        for op in rx.try_iter().take(MAX_BATCH.saturating_sub(batch.len())) {
+            waited |= op.done.is_some();
+            batch.push(op);
         }
-        for op in batch {
-            if let Some(done) = op.done {
-                let _ = done.send(result.clone());
-            }
+        if waited || batch.len() >= MAX_BATCH {
+            commit(db, std::mem::take(&mut batch), commits);
+            waited = false;
+        }
+    }
+    if !batch.is_empty() {
+        commit(db, batch, commits);
+    }
+}
+
+/// One commit of `batch`; every waiter gets its outcome.
+fn commit(db: &Database, batch: Vec<Op>, commits: &AtomicU64) {
+    let result = write(db, &batch).map_err(|e| JournalError::Store(e.to_string()));
+    commits.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, records = batch.len(), "journal commit failed: the calls waiting on it are refused");
+    }
+    for op in batch {
+        if let Some(done) = op.done {
+            let _ = done.send(result.clone());
         }
     }
 }

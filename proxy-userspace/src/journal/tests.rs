@@ -185,6 +185,20 @@ impl StorageBackend for Flaky {
 }
 
 #[tokio::test]
+async fn settlements_ride_with_the_next_reservation() {
+    let db = Arc::new(redb::Database::builder().create_with_backend(InMemoryBackend::new()).unwrap());
+    let j = Journal::start(db.clone()).unwrap();
+    j.append_lazy(Record::Billed(1));
+    j.append_lazy(Record::Billed(2));
+    j.append(Record::Reserved(3, reserved(DAY, "192.0.2.1", 1))).await.unwrap();
+    assert_eq!(j.commits(), 1, "settlements never commit on their own");
+    assert_eq!(records_of(&db).len(), 3);
+    j.append_lazy(Record::Billed(3));
+    drop(j);
+    assert_eq!(records_of(&db).len(), 4, "a clean stop commits what is left");
+}
+
+#[tokio::test]
 async fn a_failed_commit_fails_its_waiters() {
     let fail = Arc::new(AtomicBool::new(false));
     let backend = Flaky { fail: fail.clone(), ..Flaky::default() };

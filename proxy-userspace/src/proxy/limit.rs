@@ -609,6 +609,26 @@ mod tests {
     }
 
     #[test]
+    fn reservations_and_refunds_are_numbered_across_days_and_restarts() {
+        let l = limiter(5, 10.0, false);
+        let a = ip("192.0.2.1");
+        let r = l.reserve(a, 1, T0, false).unwrap();
+        assert_eq!(r.seq(), 1);
+        assert_eq!(l.refund(r), 2, "a refund takes its own number");
+        let tomorrow = T0 + 86_400;
+        assert_eq!(l.reserve(a, 1, tomorrow, false).unwrap().seq(), 3, "the day rolls, the numbers go on");
+        let saved = l.take_dirty().unwrap();
+        assert_eq!(saved.seq, 3, "a snapshot names the last number it includes");
+        let limits = (*l.limits()).clone();
+        let later = Limiter::new(limits, Schedule::new("00:00", "UTC").unwrap(), tomorrow + 86_400, Some(saved));
+        assert_eq!(
+            later.reserve(a, 1, tomorrow + 86_400, false).unwrap().seq(),
+            4,
+            "another day's counts, not numbers"
+        );
+    }
+
+    #[test]
     fn restart_keeps_todays_counts_but_not_yesterdays() {
         let l = limiter(5, 10.0, false);
         let a = ip("192.0.2.1");

@@ -2,7 +2,8 @@
 //! to CPU1 in a namespace of their own, in front of the same stand-in
 //! upstream (nginx `return 200`, pinned to CPU0). Per round and path:
 //! closed-loop throughput with `wrk` (pinned to CPU0) and CPU1 µs per
-//! request, then open-loop latency at a fixed rate measured here with
+//! request (and keyward's own user + system CPU per request, which other
+//! work on a shared CPU1 does not inflate), then open-loop latency at a fixed rate measured here with
 //! coordinated omission corrected (each request timed from when it was
 //! due). Paths: pass, per-IP 429, exhausted budget (keyward's 503; nginx
 //! serves a static 503, its nearest equivalent), pass over an HTTPS
@@ -248,14 +249,19 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     let mut us: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
     let mut rps: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
     let mut lat: Vec<[Vec<(f64, f64)>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
-    let measure = |port: u16, path: &str| {
+    // Also the CPU of process `pid` per request when given.
+    let measure = |port: u16, path: &str, pid: Option<u32>| {
         let url = format!("http://127.0.0.1:{port}{path}");
+        let o0 = pid.map(proc_cpu_ns);
         let b0 = cpu1_busy_ns();
         let (reqs, _bad) = wrk(&ns, &url, secs);
         let b1 = cpu1_busy_ns();
-        let cpu = (b1 - b0) as f64 / 1e3 / reqs.max(1) as f64;
-        (cpu, reqs as f64 / f64::from(secs), open_loop(&ns, port, path, rate, secs.min(3)))
+        let per_req = |ns: u64| ns as f64 / 1e3 / reqs.max(1) as f64;
+        let own = pid.map(proc_cpu_ns).zip(o0).map_or(f64::NAN, |(o1, o0)| per_req(o1.saturating_sub(o0)));
+        let cpu = per_req(b1 - b0);
+        ((cpu, reqs as f64 / f64::from(secs), open_loop(&ns, port, path, rate, secs.min(3))), own)
     };
+    let mut own: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut record = |i: usize, j: usize, m: (f64, f64, (f64, f64))| {
         us[i][j].push(m.0);
         rps[i][j].push(m.1);
@@ -263,13 +269,14 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     };
     for round in 0..rounds {
         for (i, (name, limits, base, extra, ngx_path, direct, durability)) in paths.iter().enumerate() {
-            let k = {
-                let _k = start_kw(limits, base, extra, durability);
-                measure(KW, "/postcodes/AB1")
+            let (k, k_own) = {
+                let kw = start_kw(limits, base, extra, durability);
+                measure(KW, "/postcodes/AB1", Some(kw.0.0.id()))
             };
-            let n = measure(NGX, ngx_path);
+            own[i].push(k_own);
+            let (n, _) = measure(NGX, ngx_path, None);
             eprintln!(
-                "   round {} {name:<24} keyward {:>7.0} req/s {:>5.1} µs/req · nginx {:>7.0} req/s {:>5.1} µs/req",
+                "   round {} {name:<24} keyward {:>7.0} req/s {:>5.1} µs/req ({k_own:.1} own) · nginx {:>7.0} req/s {:>5.1} µs/req",
                 round + 1,
                 k.1,
                 k.0,
@@ -279,7 +286,7 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
             record(i, 0, k);
             record(i, 1, n);
             if *direct {
-                record(i, 2, measure(UP, "/postcodes/AB1"));
+                record(i, 2, measure(UP, "/postcodes/AB1", None).0);
             }
         }
     }
@@ -297,6 +304,7 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
             (*name).to_owned(),
             fmt(&rps[i][0], 0),
             fmt(&us[i][0], 1),
+            fmt(&own[i], 1),
             fmt(&rps[i][1], 0),
             fmt(&us[i][1], 1),
             fmt(&r_us, 2),
@@ -305,7 +313,7 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
         ]);
         out.push(json!({
             "path": name,
-            "keyward": { "rps": summary(&rps[i][0]), "cpu_us_per_req": summary(&us[i][0]), "added_p50_us": summary(&k50), "added_p99_us": summary(&k99) },
+            "keyward": { "rps": summary(&rps[i][0]), "cpu_us_per_req": summary(&us[i][0]), "own_cpu_us_per_req": summary(&own[i]), "added_p50_us": summary(&k50), "added_p99_us": summary(&k99) },
             "nginx": { "rps": summary(&rps[i][1]), "cpu_us_per_req": summary(&us[i][1]), "added_p50_us": summary(&n50), "added_p99_us": summary(&n99) },
             "keyward_over_nginx_cpu_per_req": summary(&r_us),
         }));
@@ -318,6 +326,7 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
                 "path",
                 "keyward req/s",
                 "keyward CPU1 µs/req",
+                "keyward own µs/req",
                 "nginx req/s",
                 "nginx CPU1 µs/req",
                 "keyward ÷ nginx µs/req",
@@ -331,6 +340,18 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
         json!({ "rounds": rounds, "seconds": secs, "open_loop_rate": rate, "paths": out, "direct_rps": summary(&rps[0][2]) }),
         md,
     )
+}
+
+/// User + system CPU of process `pid` (all its threads) so far, in ns
+/// (USER_HZ = 100).
+fn proc_cpu_ns(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (in parentheses, may hold spaces): state is
+    // field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) * 10_000_000
 }
 
 struct DirGuard(PathBuf);
