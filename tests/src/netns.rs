@@ -84,6 +84,13 @@ impl Topology {
         ip(&["-n", &self.client_ns, "addr", "add", &format!("{addr}/24"), "dev", &self.client_if]);
     }
 
+    /// Give the client an address in another network (`addr/32`), routed
+    /// both ways over the veth: a client from elsewhere on the internet.
+    pub fn add_client_network(&self, addr: Ipv4Addr) {
+        ip(&["-n", &self.client_ns, "addr", "add", &format!("{addr}/32"), "dev", &self.client_if]);
+        ip(&["-n", &self.server_ns, "route", "add", &format!("{addr}/32"), "dev", &self.server_if]);
+    }
+
     /// MACs for frames sent from the client to the server.
     pub fn macs(&self) -> Macs {
         Macs { src: CLIENT_MAC, dst: SERVER_MAC }
