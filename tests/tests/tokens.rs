@@ -192,3 +192,20 @@ fn cpu_seconds() -> f64 {
     let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
     t(u.user_time()) + t(u.system_time())
 }
+
+#[test]
+fn token_allowances_survive_a_restart() {
+    if !privileged() {
+        return;
+    }
+    let mut s = setup("", "max_calls = 3");
+    let token = s.mint(None)["token"].as_str().unwrap().to_owned();
+    assert_eq!(s.call(None, Some(&token)).status, 200);
+    assert_eq!(s.call(None, Some(&token)).status, 200);
+    assert!(s.d.stop().success());
+    s.d.spawn();
+    assert_eq!(s.call(None, Some(&token)).status, 200, "the token's key is shared across restarts");
+    let a = s.call(None, Some(&token));
+    assert_eq!((a.status, problem(&a).as_str()), (403, "token-exhausted"), "a restart gave the token its calls back");
+    assert_eq!(s.up.calls().len(), 3);
+}
