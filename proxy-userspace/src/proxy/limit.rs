@@ -160,6 +160,15 @@ pub struct Limiter {
     inner: Mutex<Inner>,
 }
 
+/// How fast the budget is going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Velocity {
+    /// What may have been spent by now (pacing), in micro-units.
+    pub released: u64,
+    /// When the budget runs out at today's average spend rate (Unix s).
+    pub runs_out: Option<i64>,
+}
+
 /// An alert threshold crossed by a charge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alert {
@@ -339,6 +348,23 @@ impl Limiter {
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
         (inner.counts.clone(), inner.window)
+    }
+
+    /// Spend velocity: what the pace has released by `now` (the budget without
+    /// pacing), and when the budget runs out if spending goes on at today's
+    /// average rate (`None` before any spend, or when it lasts the day).
+    pub fn velocity(&self, now_unix: i64) -> Velocity {
+        let l = self.limits();
+        let (counts, w) = self.today(now_unix);
+        let released = l.pace.map_or(l.budget, |p| p.released(l.budget, &w, now_unix));
+        let elapsed = (now_unix - w.start).max(1);
+        let runs_out = (counts.spent > 0)
+            .then(|| {
+                let secs = u128::from(l.budget) * u128::try_from(elapsed).unwrap_or(1) / u128::from(counts.spent);
+                w.start.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX))
+            })
+            .filter(|t| *t < w.end);
+        Velocity { released, runs_out }
     }
 
     /// Forget full buckets (their state equals a fresh one), bounding memory.

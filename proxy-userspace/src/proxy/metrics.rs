@@ -89,7 +89,8 @@ impl Collector for Scrape {
             &upstream,
             u16::to_string,
         )?;
-        let (counts, window) = f.limiter().today(f.clock.unix_secs() as i64);
+        let now = f.clock.unix_secs() as i64;
+        let (counts, window) = f.limiter().today(now);
         let currency = f.currency();
         let cur = [("currency", currency.as_str())];
         let micros = limit::MICROS as f64;
@@ -104,6 +105,22 @@ impl Collector for Scrape {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(m.encode_family(&cur)?)?;
         }
+        let v = f.limiter().velocity(now);
+        {
+            let mut m = enc.encode_descriptor(
+                "keyward_budget_released",
+                "What the pace has released by now (the whole budget without pacing), in the cost unit.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(v.released as f64 / micros).encode(m.encode_family(&cur)?)?;
+        }
+        ConstGauge::new(v.runs_out.map_or(0.0, |t| t as f64)).encode(enc.encode_descriptor(
+            "keyward_budget_runs_out_timestamp",
+            "When the budget runs out at today's average spend rate (Unix time; 0 when it lasts the day).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?)?;
         ConstGauge::new(window.end as f64).encode(enc.encode_descriptor(
             "keyward_budget_reset_timestamp",
             "When today's counters reset (Unix time).",

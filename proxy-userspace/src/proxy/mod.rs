@@ -126,6 +126,23 @@ impl Forwarder {
         self.token_rt.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Page tokens (`off`, `optional`, `required`) and proof-of-work mode
+    /// (`off`, `suspicious`, `always`), for status.
+    pub fn token_mode(&self) -> (&'static str, &'static str) {
+        use crate::token::config::PowMode;
+        match self.token_runtime() {
+            None => ("off", "off"),
+            Some(rt) => (
+                if rt.required { "required" } else { "optional" },
+                match rt.pow.config().mode {
+                    PowMode::Off => "off",
+                    PowMode::Suspicious => "suspicious",
+                    PowMode::Always => "always",
+                },
+            ),
+        }
+    }
+
     /// Per-token call counts (for persistence and status).
     pub fn token_allowance(&self) -> &Arc<crate::token::allowance::Allowance> {
         &self.token_state.allowance
