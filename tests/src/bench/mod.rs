@@ -12,6 +12,10 @@ pub mod program;
 
 use serde_json::{Value, json};
 
+/// The benchmark's XDP programs (floor, baseline drop, live-frames
+/// generators from `tests/bench-ebpf`), built by this crate's build script.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyward-bench-xdp"));
+
 /// Median, min and max of a sample.
 pub fn stats(v: &[f64]) -> (f64, f64, f64) {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();

@@ -71,7 +71,7 @@ impl Generator {
         let frame = frame::tcp4(t.macs(), std::net::Ipv4Addr::new(10, 66, 0, 9), SERVER_V4, 40_000, PORT);
         netns::spawn_in_ns(&t.client_ns, move || {
             pin_self(0);
-            let mut ebpf = aya::Ebpf::load(keyward::dataplane::BENCH_OBJECT).expect("bench object");
+            let mut ebpf = aya::Ebpf::load(super::OBJECT).expect("bench object");
             for p in ["bench_tx", "bench_tx_spoof"] {
                 let x: &mut Xdp = ebpf.program_mut(p).expect(p).try_into().expect("xdp");
                 x.load().expect("load generator");
@@ -189,7 +189,7 @@ fn setup(t: &Topology, v: Variant) -> Receiver {
         Variant::XdpDrop => {
             let iface = t.server_if.clone();
             Receiver::Drop(netns::in_ns(&t.server_ns, move || {
-                let mut e = aya::Ebpf::load(keyward::dataplane::BENCH_OBJECT).expect("bench object");
+                let mut e = aya::Ebpf::load(super::OBJECT).expect("bench object");
                 let x: &mut Xdp = e.program_mut("bench_drop").unwrap().try_into().unwrap();
                 x.load().expect("load bench_drop");
                 x.attach(&iface, XdpMode::Driver).expect("attach bench_drop");

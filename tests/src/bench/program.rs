@@ -74,7 +74,7 @@ enum Kind {
 
 /// Run tier 1; returns the JSON and the markdown table.
 pub fn run(rounds: usize, repeat: u32, each: usize) -> (Value, String) {
-    let mut bench = aya::Ebpf::load(keyward::dataplane::BENCH_OBJECT).expect("bench object");
+    let mut bench = aya::Ebpf::load(super::OBJECT).expect("bench object");
     let floor: &mut Xdp = bench.program_mut("bench_pass").expect("bench_pass").try_into().expect("xdp");
     floor.load().expect("load bench_pass");
     let floor: &Xdp = bench.program("bench_pass").expect("bench_pass").try_into().expect("xdp");
