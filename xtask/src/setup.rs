@@ -9,10 +9,13 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
+/// `rust-web-clippy` is the clippy of that rustc, for `cargo xtask lint` on
+/// the eBPF crates.
 const PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
+    &["rustc-web", "cargo-web", "rust-web-clippy", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const TOOLCHAIN: &str = "debian-bpf";
+/// The rustup name of the toolchain that builds (and lints) the eBPF crates.
+pub const TOOLCHAIN: &str = "debian-bpf";
 
 pub fn run() -> anyhow::Result<()> {
     check_platform()?;

@@ -8,6 +8,7 @@
 //!   `11.0.0.0 + n % SPOOF_SOURCES` with an incremental checksum update.
 #![no_std]
 #![no_main]
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects, clippy::panic, clippy::unwrap_used)]
 
 use aya_ebpf::{
     bindings::xdp_action,

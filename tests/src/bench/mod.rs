@@ -52,7 +52,7 @@ pub fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;

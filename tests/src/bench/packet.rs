@@ -164,7 +164,7 @@ impl Variant {
 /// The receiver side of one variant, set up and counted.
 enum Receiver {
     Drop(aya::Ebpf),
-    Keyward(Dataplane),
+    Keyward(Box<Dataplane>),
     Netfilter,
 }
 
@@ -196,8 +196,8 @@ fn setup(t: &Topology, v: Variant) -> Receiver {
                 e
             }))
         }
-        Variant::KeywardOne | Variant::KeywardSpoof => Receiver::Keyward(keyward_dp(t, false)),
-        Variant::KeywardDeny => Receiver::Keyward(keyward_dp(t, true)),
+        Variant::KeywardOne | Variant::KeywardSpoof => Receiver::Keyward(Box::new(keyward_dp(t, false))),
+        Variant::KeywardDeny => Receiver::Keyward(Box::new(keyward_dp(t, true))),
         Variant::NftOne | Variant::NftSpoof => {
             let rules = format!(
                 "table netdev kwb {{\n  set persrc {{\n    type ipv4_addr\n    size 65536\n    flags dynamic,timeout\n    timeout 10s\n  }}\n  chain ingress {{\n    type filter hook ingress device \"{}\" priority 0; policy accept;\n    counter\n    ip protocol tcp update @persrc {{ ip saddr limit rate over 200/second burst 400 packets }} drop\n  }}\n}}",
