@@ -1,6 +1,6 @@
 //! The decision for a parsed packet, in order: unguarded port → pass; deny
-//! list (unexpired) → drop; allow list → pass (the contract's order: a
-//! deny inside an allowed network wins); then the buckets. A packet whose
+//! list (unexpired) → drop; allow list → pass (a deny inside an allowed
+//! network wins; docs/kernel.md); then the buckets. A packet whose
 //! source is known but whose port is not (cut short, too many IPv6
 //! extension headers) meets the deny list and its source's buckets too, and
 //! passes as `malformed` when under them: it cannot be a way around either.

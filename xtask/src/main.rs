@@ -1,11 +1,14 @@
 //! `cargo xtask`: what a plain `cargo` command cannot do by itself. `setup`
-//! installs the BPF toolchain idempotently (the recipe of
-//! ../shared/notes/bpf-toolchain.md, as code); `test` and `demo` run setup
-//! first, so the README's two commands work on a fresh machine.
+//! installs the BPF toolchain idempotently (README, Building, as code);
+//! `lint`, `test` and `demo` run setup first, so the README's commands work
+//! on a fresh machine.
 
 mod setup;
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -75,21 +78,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Dist => {
             setup::run()?;
             cargo(&["build", "--release", "--package", "keyward", "--bins"])?;
-            let root = workspace_root();
-            let out = root.join("target/dist");
-            let _ = std::fs::remove_dir_all(&out);
-            std::fs::create_dir_all(&out)?;
-            for (from, to) in [
-                ("target/release/keyward", "keyward"),
-                ("docs/keyward.example.toml", "keyward.toml.example"),
-                ("dist/keyward.service", "keyward.service"),
-                ("README.md", "README.md"),
-            ] {
-                std::fs::copy(root.join(from), out.join(to)).with_context(|| format!("copying {from}"))?;
-            }
-            eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md", out.display());
-            eprintln!("    install: see README.md, \"Install on a host\"");
-            Ok(())
+            dist()
         }
         Cmd::Bench { quick, tier } => {
             setup::run()?;
@@ -118,6 +107,38 @@ fn main() -> anyhow::Result<()> {
             cargo(&a)
         }
     }
+}
+
+/// `cargo xtask dist`: the release binary with what an operator needs beside
+/// it, in `target/dist/`.
+fn dist() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let out = root.join("target/dist");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("docs"))?;
+    let mut files: Vec<(PathBuf, PathBuf)> = [
+        ("target/release/keyward", "keyward"),
+        ("docs/keyward.example.toml", "keyward.toml.example"),
+        ("dist/keyward.service", "keyward.service"),
+        ("README.md", "README.md"),
+        ("LICENSE-MIT", "LICENSE-MIT"),
+        ("LICENSE-APACHE", "LICENSE-APACHE"),
+        ("LICENSE-GPL-2.0", "LICENSE-GPL-2.0"),
+    ]
+    .into_iter()
+    .map(|(from, to)| (root.join(from), out.join(to)))
+    .collect();
+    // The reference, so that the README's links work in the bundle too.
+    for e in std::fs::read_dir(root.join("docs")).context("reading docs/")? {
+        let e = e?;
+        files.push((e.path(), out.join("docs").join(e.file_name())));
+    }
+    for (from, to) in files {
+        std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+    }
+    eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md, docs/, LICENSE-*", out.display());
+    eprintln!("    install: see README.md, \"Install on a host\"");
+    Ok(())
 }
 
 /// The crates that build for the BPF target only (from build scripts): never

@@ -1,5 +1,5 @@
-//! Idempotent install of the BPF build toolchain on Debian 12, as verified in
-//! ../shared/notes/bpf-toolchain.md: Debian's rustc 1.96 with a prebuilt
+//! Idempotent install of the BPF build toolchain on Debian 12 (README,
+//! Building): Debian's rustc 1.96 (and its clippy) with a prebuilt
 //! `core` for `bpfel-unknown-none` (no rust-src needed), bpf-linker 0.13.0
 //! built against LLVM 22, and that toolchain linked into rustup as
 //! `debian-bpf`. Each step checks first, so a second run takes a second.

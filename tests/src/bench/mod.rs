@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: keyward measured side by side with its peers in one
-//! run, on one topology, as ratios (../shared/notes/performance-anchors.md,
-//! Part C). Every tier interleaves its variants round by round and reports
-//! per-variant medians with min–max and per-round ratios against an in-run
-//! baseline. Figures are information, never pass/fail.
+//! run, on one topology, as ratios of CPU time per unit of work (README,
+//! Benchmarks). Every tier interleaves its variants round by round and
+//! reports per-variant medians with min–max and per-round ratios against an
+//! in-run baseline. Figures are information, never pass/fail.
 
 pub mod env;
 pub mod http;
