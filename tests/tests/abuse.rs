@@ -265,7 +265,7 @@ fn a_day_of_attacks_leaves_the_bill_and_the_visitors_standing() {
         for i in 0..14 {
             sent += 1;
             let a = get(&ns, drip, &format!("/postcodes/DR{i}P"), Some(SITE), token.as_deref());
-            if !a.is_some_and(|(s, _)| s == 200) {
+            if a.is_none_or(|(s, _)| s != 200) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(600));

@@ -117,12 +117,11 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr], from: Forw
         let Ok(v) = v.to_str() else { continue };
         for elem in v.split(',') {
             for pair in elem.split(';') {
-                if let Some((k, val)) = pair.trim().split_once('=') {
-                    if k.eq_ignore_ascii_case("for") {
-                        if let Some(ip) = parse_node(val) {
-                            hops.push(ip);
-                        }
-                    }
+                if let Some((k, val)) = pair.trim().split_once('=')
+                    && k.eq_ignore_ascii_case("for")
+                    && let Some(ip) = parse_node(val)
+                {
+                    hops.push(ip);
                 }
             }
         }

@@ -75,11 +75,11 @@ impl Forwarder {
         let OriginCheck::Allowed(Some(origin)) = cors else {
             return Err(Refused::new(Outcome::OriginNotAllowed, "tokens are minted only for an allowed page"));
         };
-        if !self.allowed(client) {
-            if let Err(r) = self.limiter.rate(key, self.clock.monotonic_ns()) {
-                let super::limit::Refusal::Rate { retry_after } = r else { unreachable!("rate only") };
-                return Err(Refused::new(Outcome::RateLimited, "too many tokens asked for").retry(retry_after));
-            }
+        if !self.allowed(client)
+            && let Err(r) = self.limiter.rate(key, self.clock.monotonic_ns())
+        {
+            let super::limit::Refusal::Rate { retry_after } = r else { unreachable!("rate only") };
+            return Err(Refused::new(Outcome::RateLimited, "too many tokens asked for").retry(retry_after));
         }
         let answer = match (req.method().clone(), path.as_str()) {
             (Method::GET, "/.keyward/token") => {

@@ -250,8 +250,10 @@ impl Limiter {
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
         let verdict = check(&l, &inner, ip, cost, exempt, now_unix);
-        if verdict.is_err() && !l.dry_run {
-            return Err(verdict.unwrap_err());
+        if let Err(e) = verdict
+            && !l.dry_run
+        {
+            return Err(e);
         }
         let day = inner.counts.day;
         let network = if exempt { None } else { l.prefix.map(|p| p.network(ip)) };
@@ -392,10 +394,10 @@ fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64, exempt: bool, now: i6
     if after > l.budget {
         return Err(Refusal::Budget { reset });
     }
-    if let Some(pace) = l.pace {
-        if after > pace.released(l.budget, &inner.window, now) {
-            return Err(Refusal::Paced { retry_after: pace.wait_for(l.budget, &inner.window, now, after) });
-        }
+    if let Some(pace) = l.pace
+        && after > pace.released(l.budget, &inner.window, now)
+    {
+        return Err(Refusal::Paced { retry_after: pace.wait_for(l.budget, &inner.window, now, after) });
     }
     Ok(())
 }
