@@ -345,6 +345,13 @@ impl Limiter {
         Some(inner.counts.clone())
     }
 
+    /// Today's spend and window, without copying the per-client counts.
+    pub fn spent(&self, now_unix: i64) -> (u64, Window) {
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        (inner.counts.spent, inner.window)
+    }
+
     /// Today's counts and window.
     pub fn today(&self, now_unix: i64) -> (DayCounts, Window) {
         let mut inner = lock(&self.inner);
@@ -357,12 +364,12 @@ impl Limiter {
     /// average rate (`None` before any spend, or when it lasts the day).
     pub fn velocity(&self, now_unix: i64) -> Velocity {
         let l = self.limits();
-        let (counts, w) = self.today(now_unix);
+        let (spent, w) = self.spent(now_unix);
         let released = l.pace.map_or(l.budget, |p| p.released(l.budget, &w, now_unix));
         let elapsed = (now_unix - w.start).max(1);
-        let runs_out = (counts.spent > 0)
+        let runs_out = (spent > 0)
             .then(|| {
-                let secs = u128::from(l.budget) * u128::try_from(elapsed).unwrap_or(1) / u128::from(counts.spent);
+                let secs = u128::from(l.budget) * u128::try_from(elapsed).unwrap_or(1) / u128::from(spent);
                 w.start.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX))
             })
             .filter(|t| *t < w.end);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    metrics::{MetricType, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
@@ -39,63 +39,17 @@ impl std::fmt::Debug for Scrape {
     }
 }
 
-type ByRoute<K> = std::collections::HashMap<(String, K), u64>;
-
-fn counter_family<K>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &str,
-    rows: &ByRoute<K>,
-    value: impl Fn(&K) -> String,
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for ((route, k), n) in rows {
-        let v = value(k);
-        let l = [("route", route.as_str()), (label, v.as_str())];
-        ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
-    }
-    Ok(())
-}
-
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let f = &self.fwd;
-        let (requests, upstream) = f.counts();
-        counter_family(
-            &mut enc,
-            "keyward_requests",
-            "Requests answered, by route and outcome (forwarded, cache_hit, or the refusal's type suffix).",
-            "outcome",
-            &requests,
-            |o| o.name().to_owned(),
-        )?;
-        let would = f.would_refuse();
-        if !would.is_empty() {
-            counter_family(
-                &mut enc,
-                "keyward_dry_run_would_refuse",
-                "With limits.dry_run: requests that would have been refused, by route and outcome.",
-                "outcome",
-                &would,
-                |o| o.name().to_owned(),
-            )?;
-        }
-        counter_family(
-            &mut enc,
-            "keyward_upstream_responses",
-            "Upstream answers, by route and status code.",
-            "code",
-            &upstream,
-            u16::to_string,
-        )?;
+        f.counts.encode(&mut enc)?;
         let now = f.clock.unix_secs() as i64;
-        let (counts, window) = f.limiter().today(now);
+        let (spent, window) = f.limiter().spent(now);
         let currency = f.currency();
         let cur = [("currency", currency.as_str())];
         let micros = limit::MICROS as f64;
         for (name, help, v) in [
-            ("keyward_budget_spent", "Spent today, in the routes' cost unit.", counts.spent as f64 / micros),
+            ("keyward_budget_spent", "Spent today, in the routes' cost unit.", spent as f64 / micros),
             (
                 "keyward_budget_limit",
                 "The daily budget, in the routes' cost unit.",
