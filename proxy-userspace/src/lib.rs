@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod paths;
 pub mod proxy;
 pub mod store;
+pub mod token;
 pub mod units;

@@ -1,0 +1,1 @@
+// Keyward-Token placeholder
