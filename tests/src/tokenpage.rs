@@ -8,7 +8,10 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -71,6 +74,8 @@ struct State {
     tokens: Tokens,
     pow: Option<Pow>,
     counts: Mutex<Counts>,
+    /// Lookups still to refuse as `token-expired` whatever they carry.
+    refuse: AtomicU32,
 }
 
 /// A running page host.
@@ -90,7 +95,7 @@ impl TokenPage {
             l
         });
         let addr = listener.local_addr().expect("addr");
-        let state = Arc::new(State { tokens, pow, counts: Mutex::new(Counts::default()) });
+        let state = Arc::new(State { tokens, pow, counts: Mutex::new(Counts::default()), refuse: AtomicU32::new(0) });
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
         let st = state.clone();
         rt.spawn(async move {
@@ -114,6 +119,12 @@ impl TokenPage {
     /// The page's origin.
     pub fn origin(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Refuse the next `n` lookups as `token-expired` (to exercise the
+    /// script's refresh-and-retry-once).
+    pub fn refuse_next(&self, n: u32) {
+        self.state.refuse.store(n, Ordering::SeqCst);
     }
 
     /// What it saw so far.
@@ -192,6 +203,9 @@ async fn answer(req: Request<Incoming>, peer: IpAddr, st: &State) -> Response<Fu
             }
         }
         ("GET", p) if p.starts_with("/api/lookup/") => {
+            if st.refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return problem(st, "token-expired", "refused by the test", None);
+            }
             let token = keyward::token::token_from_request(&parts.headers, parts.uri.query());
             match st.tokens.check(token.as_deref(), &origin, peer) {
                 Ok(a) => {

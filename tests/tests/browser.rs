@@ -23,6 +23,7 @@ use keyward::{
         keys::{Key, KeyRing},
         pow::{self, MemorySpent, Pow, Submission},
     },
+    units::Span,
 };
 use keyward_tests::{
     browser::{self, Chromium},
@@ -30,6 +31,7 @@ use keyward_tests::{
     privileged,
     tokenpage::TokenPage,
 };
+use serde_json::Value;
 
 fn keys() -> Arc<KeyRing> {
     let mut secret = [0u8; 32];
@@ -67,39 +69,84 @@ fn page_solves_the_challenge_mints_and_calls_with_its_token() {
     let topo = Topology::new();
     let cfg = TokenConfig { max_calls: NonZeroU32::new(2).unwrap(), ..TokenConfig::default() };
     let pow_cfg = PowConfig { mode: PowMode::Always, ..PowConfig::default() };
-    let host = host(&topo, &cfg, pow_cfg);
-    let origin = host.origin();
+    let host = Arc::new(host(&topo, &cfg, pow_cfg));
+    // A second host without proof-of-work whose tokens are only accepted after 2 s.
+    let slow_cfg = TokenConfig { min_age: Span(Duration::from_secs(2)), ..TokenConfig::default() };
+    let tokens = Tokens::new(&slow_cfg, keys(), Arc::new(Allowance::new()), Arc::new(SystemClock));
+    let patient = TokenPage::start(&topo.server_ns, IpAddr::V4(SERVER_V4), tokens, None);
+    let (origin, patient_origin) = (host.origin(), patient.origin());
     let shot = artifact("kw-demo-page.png");
     let ns = topo.client_ns.clone();
-    let results: Vec<serde_json::Value> = browser::block_on_in(Some(&topo.client_ns), move || async move {
-        let secure = format!("--unsafely-treat-insecure-origin-as-secure={origin}");
-        let c = Chromium::launch(Some(&ns), &[&secure]).await?;
-        let page = c.open(&format!("{origin}/")).await?;
-        // Three lookups with a 2-call token: the third needs a second token
-        // (and a second challenge), fetched by the script on its own.
-        let r = page
-            .eval(
-                "async () => { await keyward.ready; const out = [];
-                  for (const q of ['SW1A1AA', 'EC1A1BB', 'W1A0AX']) out.push(await lookup(q));
-                  return out; }",
-            )
-            .await?;
-        page.screenshot(&shot).await?;
-        anyhow::Ok(r)
-    })
-    .expect("browser run");
+    let h = host.clone();
+    let lookups = "async () => { await keyward.ready; const out = [];
+                   for (const q of ['SW1A1AA', 'EC1A1BB', 'W1A0AX']) out.push(await lookup(q));
+                   return out; }";
+    let (results, retried, given_up, waited): (Vec<Value>, Value, Value, Value) =
+        browser::block_on_in(Some(&topo.client_ns), move || async move {
+            let secure = format!("--unsafely-treat-insecure-origin-as-secure={origin},{patient_origin}");
+            let c = Chromium::launch(Some(&ns), &[&secure]).await?;
+            let page = c.open(&format!("{origin}/")).await?;
+            // Three lookups with a 2-call token: the third needs a second
+            // token (and a second challenge), fetched by the script on its own.
+            let r = page.eval(lookups).await?;
+            page.screenshot(&shot).await?;
+            // One token-* refusal: a new token and one retry.
+            h.refuse_next(1);
+            let retried = page.eval("async () => lookup('N11AA')").await?;
+            // Two: the retry is refused too, and the page sees the refusal.
+            h.refuse_next(2);
+            let given_up = page.eval("async () => lookup('N12AA')").await?;
+            // min_age: the script waits until the token is accepted.
+            let p2 = c.open(&format!("{patient_origin}/")).await?;
+            let waited = p2
+                .eval(
+                    "async () => { const t = performance.now(); const r = await lookup('E11AA');
+                                  return { ...r, waited_ms: performance.now() - t }; }",
+                )
+                .await?;
+            anyhow::Ok((r, retried, given_up, waited))
+        })
+        .expect("browser run");
     let statuses: Vec<_> = results.iter().map(|r| r["status"].as_u64()).collect();
     assert_eq!(statuses, [Some(200); 3], "{results:#?}");
     let remaining: Vec<_> = results.iter().map(|r| r["body"]["remaining"].as_u64()).collect();
     assert_eq!(remaining, [Some(1), Some(0), Some(1)], "{results:#?}");
+    assert_eq!(retried["status"], 200, "{retried}");
+    assert_eq!(given_up["status"], 403, "{given_up}");
+    assert_eq!(given_up["body"]["type"], "urn:keyward:problem:token-expired", "{given_up}");
     let counts = host.counts();
-    assert_eq!(counts.admitted, 3, "{counts:?}");
-    assert_eq!((counts.challenges, counts.minted), (2, 2), "{counts:?}");
-    assert!(counts.refused.is_empty(), "the script never sends a call its token cannot cover: {counts:?}");
+    // 3 + 1 retried + 0 for the call refused twice.
+    assert_eq!(counts.admitted, 4, "{counts:?}");
+    // Tokens: the first, the second (allowance used up), after each token-* refusal one more.
+    assert_eq!((counts.challenges, counts.minted), (4, 4), "{counts:?}");
+    assert_eq!(counts.refused.get("token-expired"), Some(&3), "{counts:?}");
+    assert_eq!(counts.refused.len(), 1, "{counts:?}");
+    assert_eq!(waited["status"], 200, "{waited}");
+    let c2 = patient.counts();
+    assert_eq!((c2.admitted, c2.refused.len()), (1, 0), "the script waited out min_age: {c2:?} {waited}");
     println!("screenshot: {}", artifact("kw-demo-page.png").display());
 }
 
-/// The mean solve time, projected to the challenge range's mean counter.
+/// One measured configuration: throttling rate, solver mode, workers (0 =
+/// in the page) and the share of the default counter range used (small
+/// shares keep slow configurations short; times are projected back).
+struct Run {
+    rate: f64,
+    mode: &'static str,
+    workers: u32,
+    share: u32,
+}
+
+const RUNS: &[Run] = &[
+    Run { rate: 1.0, mode: "auto", workers: 2, share: 1 },
+    Run { rate: 4.0, mode: "auto", workers: 2, share: 1 },
+    Run { rate: 1.0, mode: "auto", workers: 1, share: 1 },
+    Run { rate: 1.0, mode: "js", workers: 1, share: 4 },
+    Run { rate: 1.0, mode: "js", workers: 0, share: 4 },
+    Run { rate: 4.0, mode: "js", workers: 0, share: 10 },
+];
+
+/// A solve time in ms projected to the mean counter of `cfg`'s range.
 fn projected(ms: f64, counter: u32, cfg: &PowConfig) -> f64 {
     let [lo, hi] = cfg.counter;
     ms / f64::from(counter.max(1)) * (f64::from(lo) + f64::from(hi)) / 2.0
@@ -113,20 +160,16 @@ fn solve_times_in_chromium_and_natively() {
     let topo = Topology::new();
     let cfg = PowConfig { mode: PowMode::Always, ..PowConfig::default() };
     let host = host(&topo, &TokenConfig::default(), cfg.clone());
-    // Challenges made in Rust by a Pow with the host's key and binding.
-    let keys = keys();
-    let client = IpAddr::V4(keyward_tests::netns::CLIENT_V4);
-    let maker = Pow::new(keys, cfg.clone(), Default::default(), Arc::new(MemorySpent::new()), Arc::new(SystemClock));
     let origin = host.origin();
-    let runs: Vec<(&str, f64, &str, u32)> = vec![
-        ("1x", 1.0, "auto", 1),
-        ("1x", 1.0, "js", 1),
-        ("4x", 4.0, "auto", 1),
-        ("4x", 4.0, "js", 1),
-        ("1x", 1.0, "auto", 2),
-    ];
-    let challenges: Vec<_> = runs.iter().map(|_| maker.challenge(&origin, client).unwrap()).collect();
-    let jobs: Vec<_> = runs.iter().cloned().zip(challenges.iter().cloned()).collect();
+    let client = IpAddr::V4(keyward_tests::netns::CLIENT_V4);
+    // Challenges made in Rust, with the host's key and binding.
+    let maker = |share: u32| {
+        let [lo, hi] = cfg.counter;
+        let c = PowConfig { counter: [(lo / share).max(1), (hi / share).max(1)], ..cfg.clone() };
+        Pow::new(keys(), c, Default::default(), Arc::new(MemorySpent::new()), Arc::new(SystemClock))
+    };
+    let challenges: Vec<_> = RUNS.iter().map(|r| maker(r.share).challenge(&origin, client).unwrap()).collect();
+    let jobs: Vec<_> = RUNS.iter().map(|r| (r.rate, r.mode, r.workers)).zip(challenges.iter().cloned()).collect();
     let ns = topo.client_ns.clone();
     let o = origin.clone();
     let solved: Vec<(serde_json::Value, f64)> = browser::block_on_in(Some(&topo.client_ns), move || async move {
@@ -134,7 +177,7 @@ fn solve_times_in_chromium_and_natively() {
         let c = Chromium::launch(Some(&ns), &[&secure]).await?;
         let page = c.open(&format!("{o}/bench")).await?;
         let mut out = Vec::new();
-        for ((_, rate, mode, workers), ch) in jobs {
+        for ((rate, mode, workers), ch) in jobs {
             page.throttle(rate).await?;
             let js = format!(
                 "async () => keyward.solve({}, {{ workers: {workers}, mode: '{mode}' }})",
@@ -147,25 +190,27 @@ fn solve_times_in_chromium_and_natively() {
         anyhow::Ok(out)
     })
     .expect("browser run");
-    println!("proof-of-work at the default difficulty: {}", cfg.describe());
-    for (((label, _, mode, workers), ch), (s, wall)) in runs.iter().zip(&challenges).zip(&solved) {
+    println!("proof-of-work at the default difficulty: {} (mean {} KDF iterations)", cfg.describe(), cfg.mean_work());
+    for ((run, ch), (s, wall)) in RUNS.iter().zip(&challenges).zip(&solved) {
         let solution: pow::Solution = serde_json::from_value(s.clone()).expect("a solution");
         let sub = Submission { challenge: ch.clone(), solution: solution.clone() };
-        maker.redeem(&sub, &origin, client).expect("the browser's solution verifies in Rust");
+        maker(run.share).redeem(&sub, &origin, client).expect("the browser's solution verifies in Rust");
+        let place = if run.workers == 0 { "in the page".to_owned() } else { format!("{} worker(s)", run.workers) };
         println!(
-            "  chromium {label} throttle, mode {mode}, {workers} worker(s): counter {} in {wall:.0} ms wall \
-             (projected to the mean counter: {:.0} ms)",
+            "  chromium, CPU throttling {}x, mode {}, {place}: counter {} in {wall:.0} ms; at the mean counter {:.0} ms",
+            run.rate,
+            run.mode,
             solution.counter,
             projected(*wall, solution.counter, &cfg),
         );
     }
-    let ch = maker.challenge(&origin, client).unwrap();
+    let ch = maker(1).challenge(&origin, client).unwrap();
     let t = Instant::now();
     let s = pow::solve(&ch, Duration::from_secs(120)).expect("native solve");
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     println!(
-        "  native Rust (altcha crate, one thread): counter {} in {ms:.0} ms (projected to the mean counter: {:.0} ms \
-         = CPU seconds per minted token for a scripted solver)",
+        "  native Rust solver (altcha crate, optimized, one thread): counter {} in {ms:.0} ms; at the mean counter \
+         {:.0} ms = the CPU time a scripted solver pays per minted token",
         s.counter,
         projected(ms, s.counter, &cfg)
     );

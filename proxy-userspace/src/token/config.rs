@@ -134,7 +134,7 @@ pub struct PowConfig {
 /// measurements).
 pub const DEFAULT_COST: u32 = 1_000;
 /// Default counter range.
-pub const DEFAULT_COUNTER: [u32; 2] = [100, 200];
+pub const DEFAULT_COUNTER: [u32; 2] = [3_000, 7_000];
 
 impl Default for PowConfig {
     fn default() -> Self {

@@ -17,7 +17,8 @@
  *   keyward.token()   -> Promise<string>   the current token
  *   keyward.ready     -> Promise           the first token (rejects when none can be had)
  *   keyward.solve(challenge, {workers, mode}) -> Promise<{counter, derivedKey, time}>
- *                                  solve an Altcha v2 challenge (mode "auto" | "subtle" | "js")
+ *                                  solve an Altcha v2 challenge (workers: 0 = in the page;
+ *                                  mode "auto" | "subtle" | "js")
  * Attributes on the <script> tag: data-keyward="https://api.example.com" (keyward's origin, if the
  * script is served from elsewhere), data-prefetch="false" (no token until the first call),
  * data-workers="N" (solver workers; default min(4, cores)).
@@ -235,10 +236,12 @@
   var defaultWorkers = Math.max(1, Math.min(4, parseInt(attr('data-workers'), 10) || cores));
   var workerUrl = null;
 
-  /* Solve in `workers` Web Workers (counters interleaved); in the page when workers are blocked. */
+  /* Solve in `workers` Web Workers (counters interleaved); in the page (time-sliced) when workers
+     are blocked or `workers` is 0. */
   function solve(challenge, opts) {
     opts = opts || {};
-    var n = opts.workers || defaultWorkers, mode = opts.mode || 'auto', pool = [];
+    var n = opts.workers === undefined ? defaultWorkers : opts.workers, mode = opts.mode || 'auto', pool = [];
+    if (n < 1) return kwSolver().solve(challenge, 0, 1, mode);
     try {
       if (!workerUrl) {
         var src = '(' + kwSolver.toString() + ')().serve(self);';
