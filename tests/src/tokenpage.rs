@@ -197,7 +197,8 @@ async fn answer(req: Request<Incoming>, peer: IpAddr, st: &State) -> Response<Fu
             match Submission::from_json(&body).and_then(|s| pow.redeem(&s, &origin, peer)) {
                 Ok(_) => {
                     bump(st, |c| c.minted += 1);
-                    json(&st.tokens.mint(&origin, peer, Level::Pow, pow.config().solved_max_calls.map(|n| n.get())))
+                    let max = pow.config().solved_max_calls.map(|n| n.get());
+                    json(&Issue::solved(st.tokens.mint(&origin, peer, Level::Pow, max)))
                 }
                 Err(e) => problem(st, e.problem_type(), &e.to_string(), None),
             }
