@@ -11,7 +11,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    admin::{self, AdminError, ListShow, Request, Status, Top},
+    admin::{self, CallError, ListShow, Request, Status, Top},
     config::Config,
     paths,
     store::List,
@@ -135,7 +135,7 @@ pub enum ListAction {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
-    Admin(#[from] AdminError),
+    Admin(#[from] CallError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -146,7 +146,7 @@ impl CliError {
     /// 2 when the daemon could not be reached, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Admin(AdminError::Unreachable { .. }) => 2,
+            CliError::Admin(CallError::Unreachable { .. }) => 2,
             _ => 1,
         }
     }
@@ -170,16 +170,21 @@ impl Cli {
     }
 }
 
+use crate::proxy::{inject::KeyError, policy::LoadError};
+
 /// `check`.
 pub fn check(path: &Path) -> Result<(), CliError> {
-    let c = Config::load(path)?;
-    let mut warning = None;
-    if c.listen.is_some() {
-        // Everything the daemon would build: upstream URL and TLS roots,
-        // routes, injection, schedule, webhook, and the key if reachable.
-        warning =
-            crate::proxy::Policy::validate(&c).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-    }
+    // Everything the daemon would build (upstream URL and TLS roots, routes,
+    // injection, schedule, webhook), through the same builder; the key only
+    // as a warning, since the service's environment is not this shell's.
+    let loaded = crate::proxy::policy::Loaded::read(path)?;
+    let c = loaded.config.clone();
+    let warning = match loaded.with_key(path) {
+        Ok(_) => None,
+        Err(LoadError::Key { source: e @ (KeyError::Env(_) | KeyError::File { .. }), .. }) => Some(e.to_string()),
+        Err(LoadError::Config(e)) => return Err(e.into()),
+        Err(e) => return Err(CliError::Usage(e.to_string())),
+    };
     println!("# {}: valid. Effective configuration:", path.display());
     if let Some(w) = warning {
         println!("# warning: {w} (here; the service may have it)");
@@ -274,14 +279,12 @@ fn list_verb(
     action: &ListAction,
     call: &dyn Fn(&Request) -> Result<serde_json::Value, CliError>,
 ) -> Result<(), CliError> {
-    let name = match list {
-        List::Allow => "allow",
-        List::Deny => "deny",
-    };
+    let name = list.name();
     match action {
         ListAction::Add { cidr, for_ } => {
-            // Validate here too, so a typo is refused even with no daemon.
-            let c: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
+            // Parsed here, once: a typo is refused even with no daemon, and
+            // the daemon gets a CIDR and a duration, not text.
+            let c = parse_cidr(cidr)?;
             let for_secs = match for_ {
                 None => None,
                 Some(_) if list == List::Allow => {
@@ -292,7 +295,7 @@ fn list_verb(
                     Some(s.0.as_secs().max(1))
                 }
             };
-            call(&Request::ListAdd { list, cidr: c.to_string(), for_secs })?;
+            call(&Request::ListAdd { list, cidr: c, lasting: for_secs.map(std::time::Duration::from_secs) })?;
             match for_secs {
                 Some(s) => println!("{name} {c} (expires in {s}s)"),
                 None => println!("{name} {c}"),
@@ -300,8 +303,8 @@ fn list_verb(
             Ok(())
         }
         ListAction::Rm { cidr } => {
-            let c: Cidr = cidr.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))?;
-            call(&Request::ListRemove { list, cidr: c.to_string() })?;
+            let c = parse_cidr(cidr)?;
+            call(&Request::ListRemove { list, cidr: c })?;
             println!("removed {c} from {name}");
             Ok(())
         }
@@ -327,6 +330,11 @@ fn list_verb(
             Ok(())
         }
     }
+}
+
+/// A CIDR from the command line, or the reason it is not one.
+fn parse_cidr(s: &str) -> Result<Cidr, CliError> {
+    s.parse().map_err(|e: crate::units::UnitError| CliError::Usage(e.0))
 }
 
 /// Decode a daemon answer.
@@ -390,6 +398,13 @@ fn print_status(s: &Status) {
         let bar = if std::io::stdout().is_terminal() && frac >= 0.9 { format!("\x1b[31m{bar}\x1b[0m") } else { bar };
         println!("  {:<11} {} {} of {} {bar} {:.0}%", "spend", f.spent, f.currency, f.budget, frac * 100.0);
         println!("  {:<11} in {} (day {})", "reset", until(f.reset_unix), f.day);
+        if let Some(r) = f.released_micros {
+            println!("  {:<11} {} {} released so far", "pace", crate::proxy::limit::format_amount(r), f.currency);
+        }
+        if let Some(t) = f.runs_out_unix {
+            println!("  {:<11} at this pace the budget runs out in {}", "velocity", until(t));
+        }
+        println!("  {:<11} {} (proof-of-work {}), {} live", "tokens", f.tokens, f.pow, f.live_tokens);
         println!("  {:<11} {} raised today", "alerts", f.alerts_raised);
         println!(
             "  {:<11} {} clients today; cache {} hits, {} misses",

@@ -42,8 +42,8 @@ impl Clock for SystemClock {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fake {
+/// A clock moved by hand, for tests of everything time-based.
+pub mod fake {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A clock the test moves by hand.
@@ -66,6 +66,13 @@ pub(crate) mod fake {
         }
         fn monotonic_ns(&self) -> u64 {
             self.mono.load(Ordering::SeqCst)
+        }
+    }
+
+    impl FakeClock {
+        /// A clock at Unix second `unix` (and monotonic 1 s, never 0).
+        pub fn at(unix: u64) -> FakeClock {
+            FakeClock { unix: AtomicU64::new(unix), mono: AtomicU64::new(1_000_000_000) }
         }
     }
 

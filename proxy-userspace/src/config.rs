@@ -32,6 +32,23 @@ pub enum ConfigError {
     },
     #[error("{path}:{line}:{col}: {message}")]
     Invalid { path: PathBuf, line: usize, col: usize, message: String },
+    /// Not about one place in the file.
+    #[error("{path}: {message}")]
+    Unplaced { path: PathBuf, message: String },
+}
+
+impl ConfigError {
+    /// An error about the bytes `span` of `text` (the file at `path`), or
+    /// about the file as a whole when there is no span.
+    pub fn at(path: &Path, text: &str, span: Option<std::ops::Range<usize>>, message: String) -> ConfigError {
+        match span {
+            Some(s) => {
+                let (line, col) = line_col(text, s.start);
+                ConfigError::Invalid { path: path.to_owned(), line, col, message }
+            }
+            None => ConfigError::Unplaced { path: path.to_owned(), message },
+        }
+    }
 }
 
 /// The whole configuration file.
@@ -313,6 +330,18 @@ pub struct Access {
     pub require_origin: bool,
     #[serde(default)]
     pub require_token: bool,
+    /// Only calls from these countries (ISO 3166-1 alpha-2), placed by `geo_db`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    /// A MaxMind-format country database (`.mmdb`) the operator supplies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geo_db: Option<PathBuf>,
+    /// `[access.token]`: page-load tokens.
+    #[serde(default)]
+    pub token: crate::token::config::TokenConfig,
+    /// `[access] pow`: proof-of-work before a token is minted.
+    #[serde(default)]
+    pub pow: crate::token::config::PowConfig,
 }
 
 /// `[limits]`. Keys left out take the defaults shown in the example config.
@@ -330,6 +359,58 @@ pub struct Limits {
     pub alert_at: Vec<f64>,
     pub alert_webhook: String,
     pub deny_on_daily_cap: bool,
+    /// Billable calls a day shared by the addresses of one network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_prefix_daily: Option<PrefixDaily>,
+    /// Release the budget over the day instead of all at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pace: Option<Pace>,
+}
+
+/// `[limits] per_prefix_daily`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixDaily {
+    #[serde(default = "default_prefix_v4")]
+    pub v4_prefix: PrefixV4,
+    #[serde(default = "default_prefix_v6")]
+    pub v6_prefix: PrefixV6,
+    pub calls: NonZeroU32,
+}
+
+fn default_prefix_v4() -> PrefixV4 {
+    PrefixV4(24)
+}
+
+fn default_prefix_v6() -> PrefixV6 {
+    PrefixV6(48)
+}
+
+/// `[limits] pace`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pace {
+    /// The share of the day's budget that may be spent at once (0 to 1);
+    /// the rest is released evenly over the day.
+    pub burst: Fraction,
+}
+
+/// A number from 0 to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Fraction(pub f64);
+
+impl TryFrom<f64> for Fraction {
+    type Error = String;
+    fn try_from(f: f64) -> Result<Self, String> {
+        if (0.0..=1.0).contains(&f) { Ok(Fraction(f)) } else { Err(format!("{f} is not a fraction from 0 to 1")) }
+    }
+}
+
+impl From<Fraction> for f64 {
+    fn from(f: Fraction) -> f64 {
+        f.0
+    }
 }
 
 impl Default for Limits {
@@ -347,6 +428,8 @@ impl Default for Limits {
             alert_at: vec![0.9, 1.0],
             alert_webhook: String::new(),
             deny_on_daily_cap: true,
+            per_prefix_daily: None,
+            pace: None,
         }
     }
 }
@@ -427,39 +510,18 @@ impl Config {
                 ),
             ));
         }
-        for r in &cfg.routes {
-            crate::proxy::route::Route::compile(r.get_ref())
-                .map_err(|e| invalid(Some(r.span()), format!("[[route]] {e}")))?;
-            let m = r.get_ref().method.to_ascii_uppercase();
-            if r.get_ref().cache_ttl.is_some() && m != "GET" && m != "HEAD" {
-                return Err(invalid(
-                    Some(r.span()),
-                    format!(
-                        "[[route]] cache_ttl on a {m} route would serve one client's answer to another; cache GET routes only"
-                    ),
-                ));
-            }
-        }
         if cfg.store.redis_url.is_some() {
             return Err(invalid(
                 None,
                 "[store] redis_url: the shared Redis backend is not available in this version; remove it (the embedded store is used)".into(),
             ));
         }
-        if cfg.access.get_ref().require_token {
-            return Err(invalid(
-                Some(cfg.access.span()),
-                "[access] require_token: signed page tokens are not available in this version; set it to false".into(),
-            ));
-        }
-        let l = cfg.limits.get_ref();
-        let lim = |m: String| invalid(Some(cfg.limits.span()), format!("[limits] {m}"));
-        crate::proxy::day::Schedule::new(&l.reset_at, &l.timezone).map_err(|e| lim(e.to_string()))?;
-        if crate::proxy::limit::micros(l.daily).is_none() {
-            return Err(lim("daily must be a non-negative amount".into()));
-        }
-        if l.alert_at.iter().any(|f| !(0.0..=1.0).contains(f)) {
-            return Err(lim("alert_at fractions must be between 0 and 1".into()));
+        let access = cfg.access.get_ref();
+        let here = || Some(cfg.access.span());
+        access.token.validate().map_err(|m| invalid(here(), format!("[access.token] {m}")))?;
+        access.pow.validate().map_err(|m| invalid(here(), format!("[access] pow: {m}")))?;
+        if access.require_token && access.token.keys_file.is_none() {
+            return Err(invalid(here(), "[access] require_token needs [access.token] keys_file".into()));
         }
         if let Some(u) = &cfg.upstream {
             if u.key_env.is_some() == u.key_file.is_some() {

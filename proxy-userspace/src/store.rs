@@ -9,9 +9,11 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{proxy::limit::DayCounts, units::Cidr};
+use crate::{proxy::limit::DayCounts, token::allowance::AllowanceEntry, units::Cidr};
 
 const DAY: TableDefinition<'static, &'static str, u64> = TableDefinition::new("day");
+/// Page-token call counts: nonce → `expiry << 32 | used`.
+const TOKENS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("tokens");
 
 /// A list the operator manages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,6 +26,14 @@ pub enum List {
 }
 
 impl List {
+    /// The operator's name for the list (`allow`, `deny`), as the CLI verbs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            List::Allow => "allow",
+            List::Deny => "deny",
+        }
+    }
+
     fn table(self) -> TableDefinition<'static, &'static str, u64> {
         match self {
             List::Allow => TableDefinition::new("allow"),
@@ -59,6 +69,10 @@ pub trait ListStore: Send + Sync {
     fn remove(&self, list: List, cidr: &Cidr) -> Result<bool, StoreError>;
     /// All entries of a list, in CIDR text order.
     fn entries(&self, list: List) -> Result<Vec<Entry>, StoreError>;
+    /// Replace the persisted page-token call counts with `entries`.
+    fn save_tokens(&self, entries: &[AllowanceEntry]) -> Result<(), StoreError>;
+    /// The persisted page-token call counts.
+    fn load_tokens(&self) -> Result<Vec<AllowanceEntry>, StoreError>;
     /// Replace the persisted counters of the day with `c`.
     fn save_day(&self, c: &DayCounts) -> Result<(), StoreError>;
     /// The persisted counters, whatever day they are for.
@@ -134,6 +148,37 @@ impl ListStore for Embedded {
     fn load_day(&self) -> Result<Option<DayCounts>, StoreError> {
         self.read_day()
     }
+
+    fn save_tokens(&self, entries: &[AllowanceEntry]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.delete_table(TOKENS)?;
+        {
+            let mut t = tx.open_table(TOKENS)?;
+            for e in entries {
+                let (k, v) = e.to_kv();
+                t.insert(k.as_str(), v)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn load_tokens(&self) -> Result<Vec<AllowanceEntry>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            if let Some(e) = AllowanceEntry::from_kv(k.value(), v.value()) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Embedded {
@@ -152,6 +197,12 @@ impl Embedded {
             }
             for ip in &c.escalated {
                 t.insert(format!("esc/{ip}").as_str(), 1)?;
+            }
+            for (net, n) in &c.per_prefix {
+                t.insert(format!("net/{net}").as_str(), u64::from(*n))?;
+            }
+            for net in &c.escalated_prefixes {
+                t.insert(format!("escnet/{net}").as_str(), 1)?;
             }
         }
         tx.commit()?;
@@ -177,6 +228,10 @@ impl Embedded {
                         c.alerted.insert(i);
                     } else if let Some(ip) = k.strip_prefix("esc/").and_then(|i| i.parse().ok()) {
                         c.escalated.insert(ip);
+                    } else if let Some(net) = k.strip_prefix("net/").and_then(|i| i.parse().ok()) {
+                        c.per_prefix.insert(net, u32::try_from(v).unwrap_or(u32::MAX));
+                    } else if let Some(net) = k.strip_prefix("escnet/").and_then(|i| i.parse().ok()) {
+                        c.escalated_prefixes.insert(net);
                     }
                 }
             }
@@ -227,6 +282,8 @@ mod tests {
         c.per_ip.insert("2001:db8::".parse().unwrap(), 2);
         c.alerted.insert(1);
         c.escalated.insert("192.0.2.1".parse().unwrap());
+        c.per_prefix.insert("192.0.2.0/24".parse().unwrap(), 9);
+        c.escalated_prefixes.insert("2001:db8::/48".parse().unwrap());
         {
             let s = Embedded::open(&d).unwrap();
             assert_eq!(s.load_day().unwrap(), None);

@@ -150,6 +150,28 @@ impl Cidr {
         self.prefix
     }
 
+    /// The network of `prefix` bits that holds `ip` (the prefix is clamped
+    /// to the address family's width).
+    pub fn covering(ip: IpAddr, prefix: u8) -> Cidr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let prefix = prefix.min(32);
+                let a = Ipv4Addr::from(proxy_common::prefix::mask_v4(v4.octets(), u32::from(prefix)));
+                Cidr { addr: IpAddr::V4(a), prefix }
+            }
+            IpAddr::V6(v6) => {
+                let prefix = prefix.min(128);
+                let a = Ipv6Addr::from(proxy_common::prefix::mask_v6(v6.octets(), u32::from(prefix)));
+                Cidr { addr: IpAddr::V6(a), prefix }
+            }
+        }
+    }
+
+    /// Whether the two networks share any address (one holds the other).
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+
     /// Whether `ip` lies inside this network.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {

@@ -152,6 +152,17 @@ impl Daemon {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status json")
     }
 
+    /// `status --json` once the daemon has sampled its per-source table
+    /// (`tracked_sources`, `top_sources`, and the metric of the same name)
+    /// after this call: what was sent before the call is in the sample.
+    pub fn status_sampled(&self) -> Status {
+        let since =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+        let st =
+            wait_for(Duration::from_secs(15), || Some(self.status()).filter(|s| s.sources_sampled_unix_ms > since));
+        st.unwrap_or_else(|| panic!("no sample of the source table within 15s:\n{}", self.log()))
+    }
+
     /// The daemon's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

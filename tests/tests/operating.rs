@@ -83,6 +83,10 @@ fn metrics_and_cli_views_agree_with_known_traffic() {
     assert_eq!(wire::get(&t, PORT, "/cached/ZZ1", &[ORIGIN]).status, 200);
     assert_eq!(wire::get(&t, PORT, "/cached/ZZ1", &[ORIGIN]).status, 200);
 
+    // The table is sampled off the scrape path: wait for a sample taken
+    // after the traffic, so `keyward_tracked_sources` and the status view
+    // both include the flood's source.
+    let st = d.status_sampled();
     let after = series(&scrape(&t));
     let delta = |name: &str, labels: &[(&str, &str)]| get(&after, name, labels) - get(&before, name, labels);
     assert_eq!(delta("keyward_xdp_packets_total", &[("action", "drop"), ("reason", "rate")]), 100.0 - passed);
@@ -103,12 +107,12 @@ fn metrics_and_cli_views_agree_with_known_traffic() {
     assert_eq!(get(&after, "keyward_allow_entries", &[]), 1.0);
     assert_eq!(get(&after, "keyward_deny_entries", &[]), 0.0);
     assert!(get(&after, "keyward_tracked_sources", &[]) >= 1.0);
+    assert_eq!(get(&after, "keyward_tracked_sources", &[]), st.tracked_sources as f64);
     let reset = get(&after, "keyward_budget_reset_timestamp_seconds", &[]);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(reset > now && reset <= now + 86_400.0 + 1.0, "reset {reset}");
 
     // The CLI's JSON views tell the same story.
-    let st = d.status();
     let f = st.forwarder.clone().unwrap();
     assert_eq!(f.outcome("forwarded"), 4);
     assert_eq!(f.spent_micros, 80_000);

@@ -84,7 +84,7 @@ fn rotating_sources_in_one_24_meet_the_aggregate_bucket() {
     let passed = seen.iter().filter(|s| s.proto == TCP).count() as u64;
     let most = 30 + (10.0 * took.as_secs_f64()).ceil() as u64 + 1;
     assert!(passed >= 30 && passed <= most, "{passed} of 250 rotating sources passed in {took:?}");
-    let s = d.status();
+    let s = d.status_sampled();
     // Sources refused by the aggregate never got a per-source entry.
     assert_eq!(s.new_sources, passed);
     assert_eq!(s.tracked_sources, passed);
@@ -257,6 +257,25 @@ fn refusals_are_one_clear_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("cannot reach the keyward daemon"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_start_refused_half_way_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    // The metrics port is taken: refused after the admin socket is bound.
+    let port = 9902;
+    let _taken = Listener::start(&t, port);
+    let d = Daemon::prepare_with(&t, "", &format!("metrics = \"{SERVER_V4}:{port}\""));
+    let o = d.command().output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("binding admin.metrics"), "{err}");
+    assert!(!d.socket.exists(), "admin socket left at {}", d.socket.display());
+    assert!(d.pin_dir().is_none(), "pins left at {:?}", d.pin_dir());
+    assert!(!t.server_link().contains("xdp"), "still attached:\n{}", t.server_link());
 }
 
 #[test]

@@ -1,12 +1,18 @@
 //! Typed access to the XDP maps: the runtime config and guarded ports
 //! (rewritten in place on reload, never by reloading the program), the allow
 //! and deny tries, and the counters and buckets that status, top and metrics
-//! read. Per-CPU counters are summed here, at read time.
+//! read. Per-CPU counters are summed here, at read time. [`MapReader`] holds
+//! its own handles on the read-only maps, so readers never need the
+//! [`Dataplane`] (nor whatever lock guards it).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::{
+    borrow::Borrow,
+    net::{IpAddr, Ipv6Addr},
+    os::fd::AsFd as _,
+};
 
 use aya::maps::{
-    Array, HashMap, MapData, PerCpuArray,
+    Array, HashMap, Map, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
 use proxy_common::{Action, AllowValue, Bucket, Counter, DenyValue, Reason, SourceKey, maps as names, stat_index};
@@ -133,65 +139,129 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every possible (action, reason) counter, summed over CPUs, in a fixed
-    /// order. Drops under a passing reason cannot happen and are left out;
-    /// passes under a dropping reason are dry run's would-drops.
+    /// Every possible (action, reason) counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<ReasonCount>, DataplaneError> {
-        let stats: PerCpuArray<&MapData, Counter> =
-            PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
-        let mut out = Vec::new();
-        for reason in Reason::ALL {
-            for action in Action::ALL {
-                if action == Action::Drop && reason.verdict() == Action::Pass {
-                    continue;
-                }
-                let per_cpu = stats.get(&stat_index(action, reason), 0).map_err(map_err(names::STATS))?;
-                let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets.saturating_add(c.packets),
-                    bytes: acc.bytes.saturating_add(c.bytes),
-                });
-                out.push(ReasonCount {
-                    action: action.name().into(),
-                    reason: reason.name().into(),
-                    packets: sum.packets,
-                    bytes: sum.bytes,
-                });
-            }
-        }
-        Ok(out)
+        counters(&PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?)
     }
 
     /// Per-source buckets created since load.
     pub fn new_sources(&self) -> Result<u64, DataplaneError> {
-        let m: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.map(names::NEW_SOURCES)?).map_err(map_err(names::NEW_SOURCES))?;
-        let v = m.get(&0, 0).map_err(map_err(names::NEW_SOURCES))?;
-        Ok(v.iter().fold(0u64, |a, b| a.saturating_add(*b)))
+        new_sources(&PerCpuArray::try_from(self.map(names::NEW_SOURCES)?).map_err(map_err(names::NEW_SOURCES))?)
     }
 
     /// The per-source table: entry count and the `n` heaviest by packets.
+    /// Walks the whole table.
     pub fn sources(&self, n: usize) -> Result<(u64, Vec<SourceStat>), DataplaneError> {
-        let m: HashMap<&MapData, SourceKey, Bucket> =
-            HashMap::try_from(self.map(names::SOURCES)?).map_err(map_err(names::SOURCES))?;
-        let mut all = Vec::new();
-        for row in m.iter() {
-            // An entry evicted mid-walk is simply skipped.
-            let Ok((k, b)) = row else { continue };
-            all.push((k, b));
-        }
-        let count = all.len() as u64;
-        all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(b.1.drops.cmp(&a.1.drops)));
-        let top = all
-            .into_iter()
-            .take(n)
-            .map(|(k, b)| SourceStat {
-                source: source_name(&k),
-                packets: u64::from(b.packets),
-                drops: u64::from(b.drops),
-            })
-            .collect();
-        Ok((count, top))
+        sources(&HashMap::try_from(self.map(names::SOURCES)?).map_err(map_err(names::SOURCES))?, n)
     }
+
+    /// Handles of its own on the counter and source maps (duplicated file
+    /// descriptors of the same kernel maps).
+    pub fn reader(&self) -> Result<MapReader, DataplaneError> {
+        let stats = own(self.map(names::STATS)?, names::STATS)?;
+        let new = own(self.map(names::NEW_SOURCES)?, names::NEW_SOURCES)?;
+        let table = own(self.map(names::SOURCES)?, names::SOURCES)?;
+        Ok(MapReader {
+            stats: PerCpuArray::try_from(stats).map_err(map_err(names::STATS))?,
+            new_sources: PerCpuArray::try_from(new).map_err(map_err(names::NEW_SOURCES))?,
+            sources: HashMap::try_from(table).map_err(map_err(names::SOURCES))?,
+        })
+    }
+}
+
+/// Read-only handles on `STATS`, `NEW_SOURCES` and `SOURCES`, usable from
+/// any thread (`Arc<MapReader>`) while the daemon changes the lists and the
+/// config through its [`Dataplane`].
+pub struct MapReader {
+    stats: PerCpuArray<MapData, Counter>,
+    new_sources: PerCpuArray<MapData, u64>,
+    sources: HashMap<MapData, SourceKey, Bucket>,
+}
+
+impl std::fmt::Debug for MapReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MapReader")
+    }
+}
+
+impl MapReader {
+    /// As [`Dataplane::counters`]: a few small per-CPU reads.
+    pub fn counters(&self) -> Result<Vec<ReasonCount>, DataplaneError> {
+        counters(&self.stats)
+    }
+
+    /// As [`Dataplane::new_sources`].
+    pub fn new_sources(&self) -> Result<u64, DataplaneError> {
+        new_sources(&self.new_sources)
+    }
+
+    /// As [`Dataplane::sources`]: a walk of the whole table, one lookup per
+    /// entry (seconds for a million entries). Never call it under a lock
+    /// other work waits on.
+    pub fn sources(&self, n: usize) -> Result<(u64, Vec<SourceStat>), DataplaneError> {
+        sources(&self.sources, n)
+    }
+}
+
+/// A map of our own on the same kernel map as `map`.
+fn own(map: &Map, name: &'static str) -> Result<Map, DataplaneError> {
+    let data = match map {
+        Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
+        _ => return Err(DataplaneError::Missing(name)),
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| DataplaneError::Map { map: name, source: e.into() })?;
+    Map::from_map_data(MapData::from_fd(fd).map_err(map_err(name))?).map_err(map_err(name))
+}
+
+/// Every possible (action, reason) counter, summed over CPUs, in a fixed
+/// order. Drops under a passing reason cannot happen and are left out;
+/// passes under a dropping reason are dry run's would-drops.
+fn counters<T: Borrow<MapData>>(stats: &PerCpuArray<T, Counter>) -> Result<Vec<ReasonCount>, DataplaneError> {
+    let mut out = Vec::new();
+    for reason in Reason::ALL {
+        for action in Action::ALL {
+            if action == Action::Drop && reason.verdict() == Action::Pass {
+                continue;
+            }
+            let per_cpu = stats.get(&stat_index(action, reason), 0).map_err(map_err(names::STATS))?;
+            let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets.saturating_add(c.packets),
+                bytes: acc.bytes.saturating_add(c.bytes),
+            });
+            out.push(ReasonCount {
+                action: action.name().into(),
+                reason: reason.name().into(),
+                packets: sum.packets,
+                bytes: sum.bytes,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn new_sources<T: Borrow<MapData>>(m: &PerCpuArray<T, u64>) -> Result<u64, DataplaneError> {
+    let v = m.get(&0, 0).map_err(map_err(names::NEW_SOURCES))?;
+    Ok(v.iter().fold(0u64, |a, b| a.saturating_add(*b)))
+}
+
+fn sources<T: Borrow<MapData>>(
+    m: &HashMap<T, SourceKey, Bucket>,
+    n: usize,
+) -> Result<(u64, Vec<SourceStat>), DataplaneError> {
+    let mut all = Vec::new();
+    for row in m.iter() {
+        // An entry evicted mid-walk is simply skipped.
+        let Ok((k, b)) = row else { continue };
+        all.push((k, b));
+    }
+    let count = all.len() as u64;
+    all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(b.1.drops.cmp(&a.1.drops)));
+    let top = all
+        .into_iter()
+        .take(n)
+        .map(|(k, b)| SourceStat { source: source_name(&k), packets: u64::from(b.packets), drops: u64::from(b.drops) })
+        .collect();
+    Ok((count, top))
 }
 
 fn list_index(l: List) -> usize {

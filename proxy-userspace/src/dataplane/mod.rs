@@ -4,6 +4,7 @@
 //! and undoing all of that on shutdown. Map contents live in [`maps`].
 
 pub mod maps;
+pub mod sample;
 
 use std::{
     io,
@@ -173,8 +174,7 @@ impl Dataplane {
     }
 
     /// Detach and remove the pins; a second call does nothing. Dropping the
-    /// `Dataplane` also detaches (the link is owned by the program), but only
-    /// this removes pins.
+    /// `Dataplane` does this too.
     pub fn shutdown(&mut self) {
         if let Some((id, iface, _)) = self.link.take() {
             match self.program() {
@@ -201,6 +201,14 @@ impl Dataplane {
 
     pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+impl Drop for Dataplane {
+    /// Detach and unpin, so that however setup or the daemon ends, nothing
+    /// is left attached or pinned.
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -39,6 +39,8 @@ pub enum KeyError {
     Source,
     #[error("upstream key is empty or contains characters a header cannot carry")]
     Unusable,
+    #[error("[upstream] inject: {0}")]
+    Placement(String),
 }
 
 impl Secret {
@@ -56,7 +58,8 @@ impl Secret {
         Ok(Secret(key))
     }
 
-    /// For tests.
+    /// For unit tests.
+    #[cfg(test)]
     pub fn from_str_for_test(k: &str) -> Secret {
         Secret(k.to_owned())
     }
@@ -91,13 +94,41 @@ enum Place {
     Header(HeaderName, HeaderValue),
 }
 
-impl Injector {
-    /// Build from `[upstream] inject` and the loaded secret.
-    pub fn new(inject: &Inject, secret: Secret) -> Result<Injector, KeyError> {
-        let place = match inject {
-            Inject::Query { query } => Place::Query(query.clone()),
+/// Where the key goes, checked without the key (so `check` can verify it
+/// from a shell that cannot read the key).
+#[derive(Clone, Debug)]
+pub enum Placement {
+    Query(String),
+    /// The header and its value template (`{key}` is replaced).
+    Header(HeaderName, String),
+}
+
+impl Placement {
+    /// Check `[upstream] inject`.
+    pub fn new(inject: &Inject) -> Result<Placement, KeyError> {
+        Ok(match inject {
+            Inject::Query { query } if query.is_empty() => return Err(KeyError::Placement("query is empty".into())),
+            Inject::Query { query } => Placement::Query(query.clone()),
             Inject::Header { header, value } => {
-                let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| KeyError::Unusable)?;
+                let name = HeaderName::from_bytes(header.as_bytes())
+                    .map_err(|_| KeyError::Placement(format!("`{header}` is not a header name")))?;
+                if !value.contains("{key}") {
+                    return Err(KeyError::Placement(format!("header value `{value}` has no {{key}}")));
+                }
+                HeaderValue::from_str(&value.replace("{key}", "k"))
+                    .map_err(|_| KeyError::Placement(format!("`{value}` cannot be a header value")))?;
+                Placement::Header(name, value.clone())
+            }
+        })
+    }
+}
+
+impl Injector {
+    /// Put the loaded secret in its checked place.
+    pub fn new(placement: Placement, secret: Secret) -> Result<Injector, KeyError> {
+        let place = match placement {
+            Placement::Query(q) => Place::Query(q),
+            Placement::Header(name, value) => {
                 let mut v =
                     HeaderValue::from_str(&value.replace("{key}", &secret.0)).map_err(|_| KeyError::Unusable)?;
                 v.set_sensitive(true);
@@ -224,23 +255,31 @@ mod tests {
 
     const KEY: &str = "sk_live/ab+cd=";
 
+    fn inj(i: Inject, s: Secret) -> Injector {
+        Injector::new(Placement::new(&i).unwrap(), s).unwrap()
+    }
+
+    #[test]
+    fn placement_is_checked_without_the_key() {
+        assert!(Placement::new(&Inject::Query { query: String::new() }).is_err());
+        assert!(Placement::new(&Inject::Header { header: "bad name".into(), value: "{key}".into() }).is_err());
+        assert!(Placement::new(&Inject::Header { header: "x-k".into(), value: "Bearer".into() }).is_err());
+        assert!(Placement::new(&Inject::Header { header: "x-k".into(), value: "Bearer {key}".into() }).is_ok());
+    }
+
     #[test]
     fn secret_never_prints() {
         let s = Secret::from_str_for_test(KEY);
         assert_eq!(format!("{s:?}"), REDACTED);
-        let i =
-            Injector::new(&Inject::Header { header: "Authorization".into(), value: "Bearer {key}".into() }, s).unwrap();
+        let i = inj(Inject::Header { header: "Authorization".into(), value: "Bearer {key}".into() }, s);
         let dbg = format!("{i:?}");
         assert!(!dbg.contains("sk_live") && !dbg.contains("115, 107"), "{dbg}");
     }
 
     #[test]
     fn header_mode_strips_then_injects() {
-        let i = Injector::new(
-            &Inject::Header { header: "x-api-key".into(), value: "{key}".into() },
-            Secret::from_str_for_test(KEY),
-        )
-        .unwrap();
+        let i =
+            inj(Inject::Header { header: "x-api-key".into(), value: "{key}".into() }, Secret::from_str_for_test(KEY));
         let mut h = HeaderMap::new();
         h.append("x-api-key", "client-guess".parse().unwrap());
         h.append("x-api-key", "another".parse().unwrap());
@@ -253,7 +292,7 @@ mod tests {
 
     #[test]
     fn query_mode_appends_encoded() {
-        let i = Injector::new(&Inject::Query { query: "api_key".into() }, Secret::from_str_for_test(KEY)).unwrap();
+        let i = inj(Inject::Query { query: "api_key".into() }, Secret::from_str_for_test(KEY));
         let mut s = form_urlencoded::Serializer::new(String::new());
         s.append_pair("filter", "x");
         i.query(&mut s);
@@ -263,7 +302,7 @@ mod tests {
 
     #[test]
     fn scrubs_every_encoding_of_the_key() {
-        let i = Injector::new(&Inject::Query { query: "k".into() }, Secret::from_str_for_test(KEY)).unwrap();
+        let i = inj(Inject::Query { query: "k".into() }, Secret::from_str_for_test(KEY));
         let body = format!("bad request: GET /x?k={} or {} or {}", "sk_live%2Fab%2Bcd%3D", KEY, "sk_live%2Fab%2Bcd%3D");
         let out = String::from_utf8(i.scrub(body.as_bytes()).unwrap()).unwrap();
         assert!(!out.contains("sk_live"), "{out}");

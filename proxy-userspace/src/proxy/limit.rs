@@ -15,6 +15,7 @@ use std::{
 use proxy_common::bucket::Params;
 
 use super::day::{Schedule, Window};
+use crate::units::Cidr;
 
 /// Micro-units per unit of currency: amounts are kept exactly as integers.
 pub const MICROS: u64 = 1_000_000;
@@ -41,6 +42,57 @@ pub struct Limits {
     pub budget: u64,
     pub alert_at: Vec<u64>,
     pub dry_run: bool,
+    /// Billable calls a day per client network (`None`: no prefix cap).
+    pub prefix: Option<PrefixCap>,
+    /// The budget released over the day (`None`: all of it at once).
+    pub pace: Option<Pace>,
+}
+
+/// The per-prefix daily cap: addresses inside one IPv4 `/v4` or IPv6 `/v6`
+/// share `calls` billable calls a day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixCap {
+    pub v4: u8,
+    pub v6: u8,
+    pub calls: u32,
+}
+
+impl PrefixCap {
+    /// The network `ip` is counted under.
+    pub fn network(&self, ip: IpAddr) -> Cidr {
+        Cidr::covering(ip, if ip.is_ipv4() { self.v4 } else { self.v6 })
+    }
+}
+
+/// Budget pacing: `burst` micro-units may be spent at once; the rest of the
+/// budget is released evenly over the day, so that by a fraction `f` of the
+/// day at most `burst + f × (budget − burst)` is spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    pub burst: u64,
+}
+
+impl Pace {
+    /// What may have been spent by `now` in `window`.
+    pub fn released(&self, budget: u64, window: &Window, now: i64) -> u64 {
+        let burst = self.burst.min(budget);
+        let len = u128::try_from((window.end - window.start).max(1)).unwrap_or(1);
+        let elapsed = u128::try_from((now - window.start).clamp(0, window.end - window.start)).unwrap_or(0);
+        let rest = u128::from(budget - burst) * elapsed / len;
+        burst + u64::try_from(rest).unwrap_or(u64::MAX)
+    }
+
+    /// Seconds from `now` until `needed` is released (at least 1).
+    pub fn wait_for(&self, budget: u64, window: &Window, now: i64, needed: u64) -> u64 {
+        let burst = self.burst.min(budget);
+        let rest = u128::from(budget - burst).max(1);
+        let len = u128::try_from((window.end - window.start).max(1)).unwrap_or(1);
+        let short = u128::from(needed.saturating_sub(burst));
+        // Smallest elapsed time with rest × elapsed / len ≥ short.
+        let at = (short * len).div_ceil(rest);
+        let at = window.start.saturating_add(i64::try_from(at).unwrap_or(i64::MAX));
+        u64::try_from(at.saturating_sub(now)).unwrap_or(0).max(1)
+    }
 }
 
 /// Which limit refused.
@@ -50,8 +102,12 @@ pub enum Refusal {
     Rate { retry_after: u64 },
     /// The per-IP daily cap is used up; the window ends at `reset` (Unix s).
     Daily { reset: i64 },
+    /// The client's network used up its daily cap.
+    PrefixDaily { reset: i64, network: Cidr },
     /// The global budget is used up.
     Budget { reset: i64 },
+    /// The budget is not used up but not yet released (pacing).
+    Paced { retry_after: u64 },
 }
 
 /// Today's counters, as persisted.
@@ -64,12 +120,17 @@ pub struct DayCounts {
     pub alerted: HashSet<usize>,
     /// Sources already pushed into the XDP deny list today.
     pub escalated: HashSet<IpAddr>,
+    /// Billable calls today per client network (prefix cap).
+    pub per_prefix: HashMap<Cidr, u32>,
+    /// Networks already pushed into the XDP deny list today.
+    pub escalated_prefixes: HashSet<Cidr>,
 }
 
 /// What a reservation took; give it back unless billed.
 #[derive(Debug)]
 pub struct Reservation {
     ip: IpAddr,
+    network: Option<Cidr>,
     cost: u64,
     day: u64,
 }
@@ -79,6 +140,8 @@ pub struct Reservation {
 pub struct Remaining {
     pub rate: u32,
     pub daily: u32,
+    /// Calls left today for the client's network, with the prefix cap.
+    pub prefix: Option<u32>,
     pub reset: i64,
 }
 
@@ -95,6 +158,15 @@ pub struct Limiter {
     limits: Mutex<std::sync::Arc<Limits>>,
     schedule: Mutex<Schedule>,
     inner: Mutex<Inner>,
+}
+
+/// How fast the budget is going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Velocity {
+    /// What may have been spent by now (pacing), in micro-units.
+    pub released: u64,
+    /// When the budget runs out at today's average spend rate (Unix s).
+    pub runs_out: Option<i64>,
 }
 
 /// An alert threshold crossed by a charge.
@@ -169,7 +241,7 @@ impl Limiter {
         let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
-        check(&l, &inner, ip, cost, exempt)
+        check(&l, &inner, ip, cost, exempt, now_unix)
     }
 
     /// Take `cost` and one call from `ip`'s daily count, or refuse.
@@ -177,15 +249,19 @@ impl Limiter {
         let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
-        let verdict = check(&l, &inner, ip, cost, exempt);
+        let verdict = check(&l, &inner, ip, cost, exempt, now_unix);
         if verdict.is_err() && !l.dry_run {
             return Err(verdict.unwrap_err());
         }
         let day = inner.counts.day;
+        let network = if exempt { None } else { l.prefix.map(|p| p.network(ip)) };
         inner.counts.spent = inner.counts.spent.saturating_add(cost);
         *inner.counts.per_ip.entry(ip).or_insert(0) += 1;
+        if let Some(n) = network {
+            *inner.counts.per_prefix.entry(n).or_insert(0) += 1;
+        }
         inner.dirty = true;
-        verdict.map(|()| Reservation { ip, cost, day }).or(Ok(Reservation { ip, cost, day }))
+        Ok(Reservation { ip, network, cost, day })
     }
 
     /// The upstream answer was not billable (or never came): give it back.
@@ -196,6 +272,9 @@ impl Limiter {
         }
         inner.counts.spent = inner.counts.spent.saturating_sub(r.cost);
         if let Some(n) = inner.counts.per_ip.get_mut(&r.ip) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(n) = r.network.and_then(|net| inner.counts.per_prefix.get_mut(&net)) {
             *n = n.saturating_sub(1);
         }
         inner.dirty = true;
@@ -231,6 +310,14 @@ impl Limiter {
         new
     }
 
+    /// Record that `network` was pushed into the deny list today; false when it already was.
+    pub fn mark_escalated_prefix(&self, network: Cidr) -> bool {
+        let mut inner = lock(&self.inner);
+        let new = inner.counts.escalated_prefixes.insert(network);
+        inner.dirty |= new;
+        new
+    }
+
     /// Per-IP quota left, for the RateLimit header.
     pub fn remaining(&self, ip: IpAddr, now_ns: u64, now_unix: i64) -> Remaining {
         let l = self.limits();
@@ -241,7 +328,9 @@ impl Limiter {
         let used = ahead.div_ceil(l.rate.interval_ns.max(1));
         let rate = u64::from(l.burst).saturating_sub(used) as u32;
         let daily = l.per_ip_daily.saturating_sub(inner.counts.per_ip.get(&ip).copied().unwrap_or(0));
-        Remaining { rate, daily, reset: inner.window.end }
+        let prefix =
+            l.prefix.map(|p| p.calls.saturating_sub(inner.counts.per_prefix.get(&p.network(ip)).copied().unwrap_or(0)));
+        Remaining { rate, daily, prefix, reset: inner.window.end }
     }
 
     /// Today's counts when they changed since the last call (for persistence).
@@ -261,19 +350,52 @@ impl Limiter {
         (inner.counts.clone(), inner.window)
     }
 
+    /// Spend velocity: what the pace has released by `now` (the budget without
+    /// pacing), and when the budget runs out if spending goes on at today's
+    /// average rate (`None` before any spend, or when it lasts the day).
+    pub fn velocity(&self, now_unix: i64) -> Velocity {
+        let l = self.limits();
+        let (counts, w) = self.today(now_unix);
+        let released = l.pace.map_or(l.budget, |p| p.released(l.budget, &w, now_unix));
+        let elapsed = (now_unix - w.start).max(1);
+        let runs_out = (counts.spent > 0)
+            .then(|| {
+                let secs = u128::from(l.budget) * u128::try_from(elapsed).unwrap_or(1) / u128::from(counts.spent);
+                w.start.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX))
+            })
+            .filter(|t| *t < w.end);
+        Velocity { released, runs_out }
+    }
+
     /// Forget full buckets (their state equals a fresh one), bounding memory.
     pub fn sweep(&self, now_ns: u64) {
         lock(&self.inner).tat.retain(|_, t| *t > now_ns);
     }
 }
 
-fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64, exempt: bool) -> Result<(), Refusal> {
-    let used = inner.counts.per_ip.get(&ip).copied().unwrap_or(0);
-    if !exempt && used >= l.per_ip_daily {
-        return Err(Refusal::Daily { reset: inner.window.end });
+/// The daily limits, in order: the address's cap, its network's cap, the
+/// budget, then the pace at which the budget is released.
+fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64, exempt: bool, now: i64) -> Result<(), Refusal> {
+    let reset = inner.window.end;
+    if !exempt {
+        if inner.counts.per_ip.get(&ip).copied().unwrap_or(0) >= l.per_ip_daily {
+            return Err(Refusal::Daily { reset });
+        }
+        if let Some(p) = l.prefix {
+            let network = p.network(ip);
+            if inner.counts.per_prefix.get(&network).copied().unwrap_or(0) >= p.calls {
+                return Err(Refusal::PrefixDaily { reset, network });
+            }
+        }
     }
-    if inner.counts.spent.saturating_add(cost) > l.budget {
-        return Err(Refusal::Budget { reset: inner.window.end });
+    let after = inner.counts.spent.saturating_add(cost);
+    if after > l.budget {
+        return Err(Refusal::Budget { reset });
+    }
+    if let Some(pace) = l.pace {
+        if after > pace.released(l.budget, &inner.window, now) {
+            return Err(Refusal::Paced { retry_after: pace.wait_for(l.budget, &inner.window, now, after) });
+        }
     }
     Ok(())
 }
@@ -298,6 +420,8 @@ mod tests {
                 budget: micros(budget).unwrap(),
                 alert_at: vec![900_000, 1_000_000],
                 dry_run,
+                prefix: None,
+                pace: None,
             },
             Schedule::new("00:00", "UTC").unwrap(),
             T0,
@@ -307,6 +431,69 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    fn with(f: impl FnOnce(&mut Limits)) -> Limiter {
+        let l = limiter(1000, 10.0, false);
+        let mut limits = (*l.limits()).clone();
+        f(&mut limits);
+        Limiter::new(limits, Schedule::new("00:00", "UTC").unwrap(), T0, None)
+    }
+
+    #[test]
+    fn a_network_shares_one_daily_cap_and_refunds_give_it_back() {
+        let l = with(|x| x.prefix = Some(PrefixCap { v4: 24, v6: 48, calls: 3 }));
+        let mut held = Vec::new();
+        for i in 1..=3 {
+            held.push(l.reserve(ip(&format!("198.51.100.{i}")), 1, T0, false).unwrap());
+        }
+        let net: Cidr = "198.51.100.0/24".parse().unwrap();
+        assert_eq!(
+            l.reserve(ip("198.51.100.200"), 1, T0, false).unwrap_err(),
+            Refusal::PrefixDaily { reset: T0 - 8 * 3600 + 86_400, network: net }
+        );
+        // Another /24 is not affected; an allow-listed (exempt) client neither.
+        assert!(l.reserve(ip("198.51.101.1"), 1, T0, false).is_ok());
+        assert!(l.reserve(ip("198.51.100.9"), 1, T0, true).is_ok());
+        l.refund(held.pop().unwrap());
+        assert!(l.reserve(ip("198.51.100.77"), 1, T0, false).is_ok());
+        // IPv6: one /48 is one network, whatever the /64.
+        let l6 = with(|x| x.prefix = Some(PrefixCap { v4: 24, v6: 48, calls: 1 }));
+        assert!(l6.reserve(ip("2001:db8:1:aaaa::"), 1, T0, false).is_ok());
+        assert!(matches!(l6.reserve(ip("2001:db8:1:bbbb::"), 1, T0, false), Err(Refusal::PrefixDaily { .. })));
+        assert!(l6.reserve(ip("2001:db8:2::"), 1, T0, false).is_ok());
+        assert_eq!(l.remaining(ip("198.51.100.5"), 0, T0).prefix, Some(0));
+    }
+
+    #[test]
+    fn pacing_releases_the_budget_over_the_day_and_never_more() {
+        // 10.00 a day, 2.00 at once, the rest evenly: at 08:00 (a third of
+        // the day) 2 + 8/3 = 4.666666 may have been spent.
+        let l = with(|x| x.pace = Some(Pace { burst: micros(2.0).unwrap() }));
+        let day_start = T0 - 8 * 3600;
+        let mut spent = 0;
+        while l.reserve(ip("192.0.2.1"), 100_000, T0, true).is_ok() {
+            spent += 100_000;
+        }
+        assert_eq!(spent, 4_600_000);
+        let Err(Refusal::Paced { retry_after }) = l.check_daily(ip("192.0.2.1"), 100_000, T0, true) else {
+            panic!("not paced")
+        };
+        // 4.7 is released 0.033334 later: 0.033334 / 8 × 86400 s ≈ 360 s.
+        assert!((359..=361).contains(&retry_after), "{retry_after}");
+        assert!(l.check_daily(ip("192.0.2.1"), 100_000, T0 + retry_after as i64, true).is_ok());
+        // By the end of the day, all of it and not a micro-unit more.
+        let end = day_start + 86_399;
+        while l.reserve(ip("192.0.2.1"), 100_000, end, true).is_ok() {
+            spent += 100_000;
+        }
+        assert_eq!(spent, micros(10.0).unwrap() - 100_000);
+        assert!(l.reserve(ip("192.0.2.1"), 100_000, end + 1, true).is_ok(), "the next day is a new budget");
+        let p = Pace { burst: 0 };
+        let w = Window { day: jiff::civil::date(2026, 11, 23), start: 0, end: 100 };
+        assert_eq!(p.released(1000, &w, 50), 500);
+        assert_eq!(p.released(1000, &w, 500), 1000);
+        assert_eq!(p.wait_for(1000, &w, 0, 501), 51);
     }
 
     #[test]

@@ -25,31 +25,55 @@ pub enum Outcome {
     NoRoute,
     BadParameter,
     OriginNotAllowed,
+    CountryNotAllowed,
     TokenRequired,
+    TokenInvalid,
+    TokenExpired,
+    TokenExhausted,
+    TokenMinted,
+    ChallengeIssued,
+    ChallengeInvalid,
+    ChallengeExpired,
+    ChallengeSpent,
+    Script,
     BodyTooLarge,
     RequestTimeout,
     RateLimited,
     DailyCapReached,
+    PrefixCapReached,
     BudgetExhausted,
+    BudgetPaced,
     UpstreamTimeout,
     UpstreamUnavailable,
 }
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 26] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
         Outcome::NoRoute,
         Outcome::BadParameter,
         Outcome::OriginNotAllowed,
+        Outcome::CountryNotAllowed,
         Outcome::TokenRequired,
+        Outcome::TokenInvalid,
+        Outcome::TokenExpired,
+        Outcome::TokenExhausted,
+        Outcome::TokenMinted,
+        Outcome::ChallengeIssued,
+        Outcome::ChallengeInvalid,
+        Outcome::ChallengeExpired,
+        Outcome::ChallengeSpent,
+        Outcome::Script,
         Outcome::BodyTooLarge,
         Outcome::RequestTimeout,
         Outcome::RateLimited,
         Outcome::DailyCapReached,
+        Outcome::PrefixCapReached,
         Outcome::BudgetExhausted,
+        Outcome::BudgetPaced,
         Outcome::UpstreamTimeout,
         Outcome::UpstreamUnavailable,
     ];
@@ -63,12 +87,24 @@ impl Outcome {
             Outcome::NoRoute => "no-route",
             Outcome::BadParameter => "bad-parameter",
             Outcome::OriginNotAllowed => "origin-not-allowed",
+            Outcome::CountryNotAllowed => "country-not-allowed",
             Outcome::TokenRequired => "token-required",
+            Outcome::TokenInvalid => "token-invalid",
+            Outcome::TokenExpired => "token-expired",
+            Outcome::TokenExhausted => "token-exhausted",
+            Outcome::TokenMinted => "token_minted",
+            Outcome::ChallengeIssued => "challenge_issued",
+            Outcome::ChallengeInvalid => "challenge-invalid",
+            Outcome::ChallengeExpired => "challenge-expired",
+            Outcome::ChallengeSpent => "challenge-spent",
+            Outcome::Script => "script",
             Outcome::BodyTooLarge => "body-too-large",
             Outcome::RequestTimeout => "request-timeout",
             Outcome::RateLimited => "rate-limited",
             Outcome::DailyCapReached => "daily-cap-reached",
+            Outcome::PrefixCapReached => "prefix-cap-reached",
             Outcome::BudgetExhausted => "budget-exhausted",
+            Outcome::BudgetPaced => "budget-paced",
             Outcome::UpstreamTimeout => "upstream-timeout",
             Outcome::UpstreamUnavailable => "upstream-unavailable",
         }
@@ -76,15 +112,29 @@ impl Outcome {
 
     fn status(self) -> StatusCode {
         match self {
-            Outcome::Forwarded | Outcome::CacheHit => StatusCode::OK,
+            Outcome::Forwarded
+            | Outcome::CacheHit
+            | Outcome::TokenMinted
+            | Outcome::ChallengeIssued
+            | Outcome::Script => StatusCode::OK,
             Outcome::Preflight => StatusCode::NO_CONTENT,
             Outcome::NoRoute => StatusCode::NOT_FOUND,
             Outcome::BadParameter => StatusCode::BAD_REQUEST,
-            Outcome::OriginNotAllowed | Outcome::TokenRequired => StatusCode::FORBIDDEN,
+            Outcome::OriginNotAllowed
+            | Outcome::CountryNotAllowed
+            | Outcome::TokenRequired
+            | Outcome::TokenInvalid
+            | Outcome::TokenExpired
+            | Outcome::TokenExhausted
+            | Outcome::ChallengeInvalid
+            | Outcome::ChallengeExpired
+            | Outcome::ChallengeSpent => StatusCode::FORBIDDEN,
             Outcome::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Outcome::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Outcome::RateLimited | Outcome::DailyCapReached => StatusCode::TOO_MANY_REQUESTS,
-            Outcome::BudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::RateLimited | Outcome::DailyCapReached | Outcome::PrefixCapReached => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Outcome::BudgetExhausted | Outcome::BudgetPaced => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Outcome::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         }
@@ -95,15 +145,29 @@ impl Outcome {
             Outcome::NoRoute => "No such endpoint",
             Outcome::BadParameter => "A parameter was refused",
             Outcome::OriginNotAllowed => "This page is not allowed to call this endpoint",
+            Outcome::CountryNotAllowed => "This service is not offered where you are",
             Outcome::TokenRequired => "A valid page token is required",
+            Outcome::TokenInvalid => "The page token is not valid here",
+            Outcome::TokenExpired => "The page token has expired",
+            Outcome::TokenExhausted => "The page token's calls are used up",
+            Outcome::ChallengeInvalid => "The proof-of-work was not accepted",
+            Outcome::ChallengeExpired => "The proof-of-work challenge has expired",
+            Outcome::ChallengeSpent => "The proof-of-work challenge was already used",
             Outcome::BodyTooLarge => "Request body too large",
             Outcome::RequestTimeout => "The request body did not arrive in time",
             Outcome::RateLimited => "Too many requests from your address",
             Outcome::DailyCapReached => "Daily limit for your address reached",
+            Outcome::PrefixCapReached => "Daily limit for your network reached",
             Outcome::BudgetExhausted => "Service temporarily unavailable",
+            Outcome::BudgetPaced => "Service busy; try again later",
             Outcome::UpstreamTimeout => "The upstream service timed out",
             Outcome::UpstreamUnavailable => "The upstream service is unavailable",
-            Outcome::Forwarded | Outcome::CacheHit | Outcome::Preflight => "",
+            Outcome::Forwarded
+            | Outcome::CacheHit
+            | Outcome::Preflight
+            | Outcome::TokenMinted
+            | Outcome::ChallengeIssued
+            | Outcome::Script => "",
         }
     }
 }
@@ -116,6 +180,7 @@ pub fn problem(outcome: Outcome, detail: &str, retry_after: Option<u64>) -> Resp
     let (ty, violated) = match outcome {
         Outcome::RateLimited => (QUOTA_EXCEEDED.to_owned(), Some("ip-rate")),
         Outcome::DailyCapReached => (QUOTA_EXCEEDED.to_owned(), Some("ip-daily")),
+        Outcome::PrefixCapReached => (QUOTA_EXCEEDED.to_owned(), Some("prefix-daily")),
         o => (format!("urn:keyward:problem:{}", o.name()), None),
     };
     let status = outcome.status();
@@ -138,6 +203,28 @@ pub fn problem(outcome: Outcome, detail: &str, retry_after: Option<u64>) -> Resp
     r
 }
 
+/// The answer to a CORS preflight for `methods` from an allowed `origin`.
+pub fn preflight(methods: &str, origin: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(methods) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+    }
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type, keyward-token"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    allow_origin(h, origin);
+    r
+}
+
+/// Let the allowed `origin` read the answer.
+pub fn allow_origin(h: &mut http::HeaderMap, origin: &str) {
+    if let Ok(v) = HeaderValue::from_str(origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
 /// Seconds until `reset`, plus up to a minute of jitter; never before the reset.
 pub fn retry_after_reset(now_unix: i64, reset: i64) -> u64 {
     let base = u64::try_from(reset.saturating_sub(now_unix)).unwrap_or(0).max(1);
@@ -151,11 +238,23 @@ fn jitter(max: u64) -> u64 {
     h.finish() % (max + 1)
 }
 
-/// Add the per-IP policies to an answer.
-pub fn rate_headers(r: &mut Response<Body>, burst: u32, daily: u32, rem: &Remaining, now_unix: i64) {
-    let policy = format!("\"ip-rate\";q={burst};w=1, \"ip-daily\";q={daily};w=86400");
+/// Add the per-client policies to an answer: the address's rate and daily
+/// cap, and its network's daily cap when one is set (`prefix_daily`).
+pub fn rate_headers(
+    r: &mut Response<Body>,
+    burst: u32,
+    daily: u32,
+    prefix_daily: Option<u32>,
+    rem: &Remaining,
+    now_unix: i64,
+) {
     let t = u64::try_from(rem.reset.saturating_sub(now_unix)).unwrap_or(0);
-    let state = format!("\"ip-rate\";r={};t=1, \"ip-daily\";r={};t={t}", rem.rate, rem.daily);
+    let mut policy = format!("\"ip-rate\";q={burst};w=1, \"ip-daily\";q={daily};w=86400");
+    let mut state = format!("\"ip-rate\";r={};t=1, \"ip-daily\";r={};t={t}", rem.rate, rem.daily);
+    if let (Some(q), Some(left)) = (prefix_daily, rem.prefix) {
+        policy.push_str(&format!(", \"prefix-daily\";q={q};w=86400"));
+        state.push_str(&format!(", \"prefix-daily\";r={left};t={t}"));
+    }
     let h = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&policy) {
         h.insert("ratelimit-policy", v);
@@ -206,8 +305,11 @@ mod tests {
     #[test]
     fn ratelimit_fields() {
         let mut r = problem(Outcome::RateLimited, "", Some(1));
-        rate_headers(&mut r, 10, 200, &Remaining { rate: 0, daily: 143, reset: 41_000 }, 0);
+        rate_headers(&mut r, 10, 200, None, &Remaining { rate: 0, daily: 143, prefix: None, reset: 41_000 }, 0);
         assert_eq!(r.headers()["ratelimit-policy"], "\"ip-rate\";q=10;w=1, \"ip-daily\";q=200;w=86400");
         assert_eq!(r.headers()["ratelimit"], "\"ip-rate\";r=0;t=1, \"ip-daily\";r=143;t=41000");
+        rate_headers(&mut r, 10, 200, Some(50), &Remaining { rate: 0, daily: 143, prefix: Some(7), reset: 41_000 }, 0);
+        assert!(r.headers()["ratelimit-policy"].to_str().unwrap().ends_with(", \"prefix-daily\";q=50;w=86400"));
+        assert!(r.headers()["ratelimit"].to_str().unwrap().ends_with(", \"prefix-daily\";r=7;t=41000"));
     }
 }

@@ -184,13 +184,29 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Compile every route.
-    pub fn compile(rs: &[toml::Spanned<config::Route>]) -> Result<Routes, String> {
-        Ok(Routes { routes: rs.iter().map(|r| Route::compile(r.get_ref())).collect::<Result<_, _>>()? })
+    /// Compile every route; an error names the index of the route that is wrong.
+    pub fn compile(rs: &[toml::Spanned<config::Route>]) -> Result<Routes, (usize, String)> {
+        let routes = rs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Route::compile(r.get_ref()).map_err(|e| (i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, r) in routes.iter().enumerate() {
+            if r.cache_ttl.is_some() && r.method != http::Method::GET && r.method != http::Method::HEAD {
+                let m = &r.method;
+                return Err((
+                    i,
+                    format!(
+                        "cache_ttl on a {m} route would serve one client's answer to another; cache GET routes only"
+                    ),
+                ));
+            }
+        }
+        Ok(Routes { routes })
     }
 
     /// The route for `method` and `path`. `Err(NoRoute)` when none matches.
-    pub fn find<'a>(&'a self, method: &http::Method, path: &'a str) -> Result<(&'a Route, Vec<&'a str>), Miss> {
+    pub fn find<'a, 'b>(&'a self, method: &http::Method, path: &'b str) -> Result<(&'a Route, Vec<&'b str>), Miss> {
         let raw: Vec<&str> = path.split('/').skip(1).collect();
         if !path.starts_with('/') {
             return Err(Miss::NoRoute);

@@ -79,6 +79,8 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
                 budget: u64::MAX,
                 alert_at: vec![],
                 dry_run: false,
+                prefix: None,
+                pace: None,
             },
             Schedule::new("00:00", "UTC").expect("schedule"),
             1_795_420_800,

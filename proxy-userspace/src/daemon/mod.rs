@@ -1,0 +1,274 @@
+//! `keyward run`: the daemon's lifecycle. Refuse early and clearly (config,
+//! privileges, interface, ownership), then mount bpffs, bind every socket,
+//! load, pin, fill the maps from the config and the store, attach, serve the
+//! admin socket, and on SIGTERM/SIGINT stop. SIGHUP re-reads the config; a
+//! bad one is refused and the running one stays.
+//!
+//! Cleanup is owned, not written out: the owner lock ([`host::OwnerLock`]),
+//! the admin socket file ([`admin_server::AdminSocket`]), and the attached,
+//! pinned program (the `Dataplane` inside [`state::State`]) each undo
+//! themselves when dropped, so a refusal half way through setup and a
+//! shutdown leave the same nothing behind.
+
+mod admin_server;
+mod host;
+mod state;
+mod views;
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    net::TcpListener,
+    runtime::Runtime,
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc::UnboundedReceiver, watch},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+use self::{
+    admin_server::{Admin, AdminSocket},
+    state::{State, lock},
+};
+use crate::{
+    clock::{Clock, SystemClock},
+    config::Config,
+    dataplane::{Dataplane, sample::SourceSample},
+    metrics::ListGauges,
+    paths,
+    proxy::{self, Escalation, Forwarder, Policy},
+    store::{Embedded, ListStore},
+};
+
+/// How long in-flight forwarder requests may take to finish on shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let (config, policy) = crate::proxy::policy::Loaded::read(config_path)?.with_key(config_path)?;
+    host::unblock_signals();
+    host::check_privileges()?;
+    let iface = config.xdp().interface.clone();
+    if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
+        bail!("interface `{iface}` does not exist");
+    }
+    let slot = host::slot_name(&iface);
+    let _owner = host::OwnerLock::acquire(&slot, &iface)?;
+    host::mount_bpffs()?;
+    let rt = runtime()?;
+    // Handlers for SIGTERM/SIGINT/SIGHUP before anything is loaded: a signal
+    // during setup is then acted on once setup is done, instead of killing
+    // the process half way (and leaving pins behind).
+    let signals = rt.block_on(async { Signals::install() })?;
+    let mut daemon = Daemon::start(&rt, config_path, config, policy, &slot)?;
+    rt.block_on(daemon.serve(signals));
+    rt.block_on(daemon.drain());
+    // The runtime ends the remaining tasks (and their references to the
+    // state); dropping the daemon then saves today's counters, detaches,
+    // unpins and removes the admin socket; `_owner` frees the interface.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    drop(daemon);
+    info!("stopped");
+    Ok(())
+}
+
+/// One worker per CPU we may run on (taskset/cgroup cpusets), not per CPU
+/// of the host: extra workers on a pinned core only add context switches.
+fn runtime() -> anyhow::Result<Runtime> {
+    let workers = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| (0..nix::sched::CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).count())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+/// The signals the daemon acts on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// Every socket, bound before XDP is attached so that a port in use refuses
+/// the start with nothing loaded.
+struct Listeners {
+    admin: AdminSocket,
+    metrics: Option<TcpListener>,
+    forward: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+}
+
+impl Listeners {
+    fn bind(rt: &Runtime, config: &Config) -> anyhow::Result<Listeners> {
+        let _in_rt = rt.enter();
+        let admin = AdminSocket::bind(&config.admin.socket)?;
+        let metrics = match config.admin.metrics.trim() {
+            "" => None,
+            a => Some(rt.block_on(crate::metrics::bind(a))?),
+        };
+        let forward = match &config.listen {
+            Some(l) => {
+                let tls = match (&l.tls_cert, &l.tls_key) {
+                    (Some(c), Some(k)) => Some(proxy::tls_acceptor(c, k)?),
+                    _ => None,
+                };
+                let sock = rt
+                    .block_on(TcpListener::bind(l.addr))
+                    .with_context(|| format!("binding [listen] addr {}", l.addr))?;
+                Some((sock, tls))
+            }
+            None => None,
+        };
+        Ok(Listeners { admin, metrics, forward })
+    }
+}
+
+/// The running daemon. Field order is drop order: the state (counters
+/// saved, XDP detached, pins removed) goes before the admin socket file.
+struct Daemon {
+    admin: Arc<Admin>,
+    socket: AdminSocket,
+    escalations: Option<UnboundedReceiver<Escalation>>,
+    stop: watch::Sender<bool>,
+    http: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Set everything up, or refuse with nothing left behind.
+    fn start(
+        rt: &Runtime,
+        config_path: &Path,
+        config: Config,
+        policy: Option<Policy>,
+        slot: &str,
+    ) -> anyhow::Result<Daemon> {
+        let store: Arc<dyn ListStore> = Arc::new(Embedded::open(&config.store.path)?);
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        // Everything that can refuse is done before XDP is attached: the
+        // forwarder's policy (and key, built by `run`), and every listening socket.
+        let listeners = Listeners::bind(rt, &config)?;
+        let (forwarder, escalations) = match policy {
+            Some(p) => {
+                let h = Forwarder::new(p, clock.clone(), store.load_day()?);
+                h.forwarder.token_allowance().restore(store.load_tokens()?, clock.unix_secs());
+                (Some(h.forwarder), Some(h.escalations))
+            }
+            None => (None, None),
+        };
+        let state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone())?;
+        let (reader, sample, lists) = (state.reader.clone(), state.sample.clone(), state.lists.clone());
+        let admin = Arc::new(Admin::new(Arc::new(Mutex::new(state)), reader.clone()));
+
+        let (stop, stop_rx) = watch::channel(false);
+        rt.spawn(crate::dataplane::sample::run(sample.clone(), reader.clone(), clock, stop_rx.clone()));
+        if let Some(m) = listeners.metrics {
+            let mut registry = crate::metrics::registry(reader, sample, &lists);
+            if let Some(f) = &forwarder {
+                proxy::metrics::register(f, &mut registry);
+            }
+            info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics");
+            rt.spawn(crate::metrics::serve(m, Arc::new(registry)));
+        }
+        let http = match (forwarder, listeners.forward) {
+            (Some(f), Some((sock, tls))) => {
+                info!(addr = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "forwarder listening");
+                Some(rt.spawn(proxy::serve(f, sock, tls, stop_rx, DRAIN)))
+            }
+            _ => None,
+        };
+        Ok(Daemon { admin, socket: listeners.admin, escalations, stop, http })
+    }
+
+    /// Answer the admin socket, tick, reload and escalate until told to stop.
+    async fn serve(&mut self, mut sig: Signals) {
+        info!(socket = %self.socket.path().display(), "admin socket ready");
+        let state = self.admin.state.clone();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return }
+                _ = sig.int.recv() => { info!("SIGINT: shutting down"); return }
+                _ = sig.hup.recv() => {
+                    if let Err(e) = lock(&state).reload() {
+                        warn!(error = %e, "reload refused; the running config stays");
+                    }
+                }
+                _ = tick.tick() => {
+                    let mut s = lock(&state);
+                    s.gc();
+                    s.flush();
+                }
+                Some(e) = recv(&mut self.escalations) => lock(&state).escalate(&e),
+                conn = self.socket.listener().accept() => match conn {
+                    Ok((stream, _)) => { tokio::spawn(admin_server::answer(self.admin.clone(), stream)); }
+                    Err(e) => warn!(error = %e, "admin accept"),
+                },
+            }
+        }
+    }
+
+    /// Stop accepting forwarder requests and let those in flight finish.
+    async fn drain(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(h) = self.http.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+/// The next escalation, or never when there is no forwarder.
+async fn recv(r: &mut Option<UnboundedReceiver<Escalation>>) -> Option<Escalation> {
+    match r {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Load, pin, restore the lists and attach: the state, or an error with
+/// nothing left pinned or attached (the `Dataplane` undoes itself on drop).
+fn attach(
+    config_path: &Path,
+    config: Config,
+    slot: &str,
+    store: Arc<dyn ListStore>,
+    clock: Arc<dyn Clock>,
+    forwarder: Option<Arc<Forwarder>>,
+) -> anyhow::Result<State> {
+    let x = config.xdp().clone();
+    let mut dp = Dataplane::load(&x)?;
+    dp.pin(&Path::new(paths::PIN_ROOT).join(slot))?;
+    let reader = Arc::new(dp.reader()?);
+    let mut state = State {
+        config_path: config_path.to_owned(),
+        config,
+        dp,
+        store,
+        clock,
+        forwarder,
+        saved_spend: 0,
+        lists: ListGauges::default(),
+        reader,
+        sample: Arc::new(SourceSample::default()),
+    };
+    state.restore_lists()?;
+    state.dp.attach(&x.interface, x.mode)?;
+    Ok(state)
+}

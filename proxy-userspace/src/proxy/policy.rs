@@ -1,0 +1,316 @@
+//! The forwarder's policy: everything the config decides for HTTP, compiled
+//! once (routes, origins, the schedule of the day, amounts in micro-units,
+//! the upstream client, where the key goes) and swapped whole on reload.
+//! This is the one place a config is checked beyond its syntax: `check`,
+//! `run` and reload all go through [`Compiled::new`], and its errors carry
+//! the position of the table or route that is wrong.
+
+use std::{
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use http::HeaderName;
+use toml::Spanned;
+
+use super::{
+    access::Origins,
+    day::Schedule,
+    forward::{self, Upstream},
+    geo::Countries,
+    inject::{self, Injector, Placement, Secret},
+    limit::{self, Limits},
+    route::Routes,
+};
+use crate::{
+    config::{Config, ConfigError, ForwardedHeader},
+    units::Cidr,
+};
+
+/// What is wrong with a config, beyond its syntax.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("[upstream] is required when [listen] is set")]
+    NoUpstream,
+    #[error("no [[route]]: the forwarder would refuse everything")]
+    NoRoutes,
+    #[error("[[route]] {0}")]
+    Route(String),
+    #[error(transparent)]
+    Key(#[from] inject::KeyError),
+    #[error(transparent)]
+    Upstream(#[from] forward::UpstreamError),
+    #[error("[limits] {0}")]
+    Limits(String),
+    #[error("[upstream] client_ip_header `{0}` is not a header name")]
+    Header(String),
+    #[error(transparent)]
+    Geo(#[from] super::geo::GeoError),
+    #[error("[access.token] {0}")]
+    TokenKeys(#[from] crate::token::keys::KeyFileError),
+}
+
+/// Page tokens as configured: the key ring (loaded when the policy is
+/// built, so a reload picks up a rotated file) and the settings.
+#[derive(Debug, Clone)]
+pub struct TokenPolicy {
+    pub keys: std::sync::Arc<crate::token::keys::KeyRing>,
+    pub cfg: crate::token::config::TokenConfig,
+    pub pow: crate::token::config::PowConfig,
+    /// Route calls need a valid token.
+    pub required: bool,
+}
+
+/// A [`PolicyError`] and the byte range of the config it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Located {
+    pub error: PolicyError,
+    pub span: Option<Range<usize>>,
+}
+
+trait At<T> {
+    fn at(self, span: Option<Range<usize>>) -> Result<T, Located>;
+}
+
+impl<T, E: Into<PolicyError>> At<T> for Result<T, E> {
+    fn at(self, span: Option<Range<usize>>) -> Result<T, Located> {
+        self.map_err(|e| Located { error: e.into(), span })
+    }
+}
+
+/// Everything but the key: what `check` can verify from anywhere.
+#[derive(Debug)]
+pub struct Compiled {
+    routes: Routes,
+    origins: Origins,
+    countries: Option<Countries>,
+    tokens: Option<TokenPolicy>,
+    placement: Placement,
+    upstream: Upstream,
+    trusted: Vec<Cidr>,
+    client_ip_from: ForwardedHeader,
+    max_body: u64,
+    v6_prefix: u8,
+    client_ip_header: Option<HeaderName>,
+    deny_on_daily_cap: bool,
+    dry_run: bool,
+    currency: String,
+    webhook: Option<http::Uri>,
+    limits: Limits,
+    schedule: Schedule,
+}
+
+/// Everything the config decides, with the key: what the forwarder runs.
+#[derive(Debug)]
+pub struct Policy {
+    pub(super) routes: Routes,
+    pub(super) origins: Origins,
+    pub(super) countries: Option<Countries>,
+    pub(super) tokens: Option<TokenPolicy>,
+    pub(super) injector: Injector,
+    pub(super) upstream: Upstream,
+    pub(super) trusted: Vec<Cidr>,
+    pub(super) client_ip_from: ForwardedHeader,
+    pub(super) max_body: u64,
+    pub(super) v6_prefix: u8,
+    pub(super) client_ip_header: Option<HeaderName>,
+    pub(super) deny_on_daily_cap: bool,
+    pub(super) dry_run: bool,
+    pub(super) currency: String,
+    pub(super) webhook: Option<http::Uri>,
+    pub(super) limits: Limits,
+    pub(super) schedule: Schedule,
+}
+
+fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
+    Some(s.span())
+}
+
+/// The limits and the schedule of the day, compiled from `[limits]`.
+fn compile_limits(cfg: &Config) -> Result<(Limits, Schedule), Located> {
+    let here = span(&cfg.limits);
+    let l = cfg.limits.get_ref();
+    let bad = |m: &str| Err(PolicyError::Limits(m.to_owned())).at(here.clone());
+    let Some(budget) = limit::micros(l.daily) else { return bad("daily must be a non-negative amount") };
+    let Some(alert_at) =
+        l.alert_at.iter().map(|f| limit::micros(*f).filter(|m| *m <= limit::MICROS)).collect::<Option<Vec<_>>>()
+    else {
+        return bad("alert_at fractions must be between 0 and 1");
+    };
+    let schedule = Schedule::new(&l.reset_at, &l.timezone).map_err(|e| PolicyError::Limits(e.to_string())).at(here)?;
+    let limits = Limits {
+        rate: proxy_common::bucket::Params::new(l.per_ip_rate.get(), l.per_ip_burst.get()),
+        burst: l.per_ip_burst.get(),
+        per_ip_daily: l.per_ip_daily.get(),
+        budget,
+        alert_at,
+        dry_run: l.dry_run,
+        prefix: l.per_prefix_daily.as_ref().map(|p| limit::PrefixCap {
+            v4: p.v4_prefix.0,
+            v6: p.v6_prefix.0,
+            calls: p.calls.get(),
+        }),
+        pace: l.pace.as_ref().map(|p| limit::Pace {
+            burst: u64::try_from((u128::from(budget) * (p.burst.0 * 1e6).round() as u128) / 1_000_000)
+                .unwrap_or(budget),
+        }),
+    };
+    Ok((limits, schedule))
+}
+
+impl Compiled {
+    /// Compile the HTTP side of `cfg`. Routes, limits and the schedule are
+    /// checked whenever they are written, with or without `[listen]`; the
+    /// rest only when the forwarder runs.
+    pub fn new(cfg: &Config) -> Result<Option<Compiled>, Located> {
+        let routes = Routes::compile(&cfg.routes)
+            .map_err(|(i, e)| Located { error: PolicyError::Route(e), span: cfg.routes.get(i).map(Spanned::span) })?;
+        let (limits, schedule) = compile_limits(cfg)?;
+        let Some(listen) = cfg.listen.as_ref() else { return Ok(None) };
+        let up = cfg.upstream.as_ref().ok_or(PolicyError::NoUpstream).at(None)?;
+        if cfg.routes.is_empty() {
+            return Err(PolicyError::NoRoutes).at(None);
+        }
+        let client_ip_header = match &up.client_ip_header {
+            Some(h) => Some(HeaderName::from_bytes(h.as_bytes()).map_err(|_| PolicyError::Header(h.clone())).at(None)?),
+            None => None,
+        };
+        let l = cfg.limits.get_ref();
+        let webhook = match l.alert_webhook.trim() {
+            "" => None,
+            u => Some(
+                u.parse()
+                    .map_err(|_| PolicyError::Limits(format!("alert_webhook `{u}` is not a URL")))
+                    .at(span(&cfg.limits))?,
+            ),
+        };
+        let access = cfg.access.get_ref();
+        Ok(Some(Compiled {
+            routes,
+            origins: Origins::new(&access.allowed_origins, access.require_origin),
+            countries: Countries::load(&access.countries, access.geo_db.as_deref()).at(span(&cfg.access))?,
+            tokens: match &access.token.keys_file {
+                Some(f) => Some(TokenPolicy {
+                    keys: std::sync::Arc::new(crate::token::keys::KeyRing::load(f).at(span(&cfg.access))?),
+                    cfg: access.token.clone(),
+                    pow: access.pow.clone(),
+                    required: access.require_token,
+                }),
+                None => None,
+            },
+            placement: Placement::new(&up.inject).at(None)?,
+            upstream: Upstream::new(up).at(None)?,
+            trusted: listen.trusted_proxies.clone(),
+            client_ip_from: listen.client_ip_from,
+            max_body: listen.max_body.0,
+            v6_prefix: cfg.xdp().ipv6_prefix.0,
+            client_ip_header,
+            deny_on_daily_cap: l.deny_on_daily_cap,
+            dry_run: l.dry_run,
+            currency: l.currency.clone(),
+            webhook,
+            limits,
+            schedule,
+        }))
+    }
+
+    /// The policy, with the key put in place.
+    pub fn with_secret(self, secret: Secret) -> Result<Policy, PolicyError> {
+        Ok(Policy {
+            routes: self.routes,
+            origins: self.origins,
+            countries: self.countries,
+            tokens: self.tokens,
+            injector: Injector::new(self.placement, secret)?,
+            upstream: self.upstream,
+            trusted: self.trusted,
+            client_ip_from: self.client_ip_from,
+            max_body: self.max_body,
+            v6_prefix: self.v6_prefix,
+            client_ip_header: self.client_ip_header,
+            deny_on_daily_cap: self.deny_on_daily_cap,
+            dry_run: self.dry_run,
+            currency: self.currency,
+            webhook: self.webhook,
+            limits: self.limits,
+            schedule: self.schedule,
+        })
+    }
+}
+
+impl Policy {
+    /// Compile `cfg` and load the key: the forwarder's policy, or `None`
+    /// when `[listen]` is absent. Nothing changes on error.
+    pub fn build(cfg: &Config) -> Result<Option<Policy>, Located> {
+        let Some(c) = Compiled::new(cfg)? else { return Ok(None) };
+        let up = cfg.upstream.as_ref().ok_or(PolicyError::NoUpstream).at(None)?;
+        let secret = Secret::load(up).at(None)?;
+        c.with_secret(secret).at(None).map(Some)
+    }
+
+    /// The currency amounts are in.
+    pub fn currency(&self) -> &str {
+        &self.currency
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+/// Why a config could not be turned into a running policy.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The upstream key could not be loaded from where the config says.
+    #[error("{path}: {source}")]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: inject::KeyError,
+    },
+}
+
+/// A config file read, parsed and compiled: where `check`, `run` and reload
+/// all start.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// The forwarder's policy without the key; `None` without `[listen]`.
+    pub compiled: Option<Compiled>,
+}
+
+impl Loaded {
+    /// Read, parse and compile the file at `path`.
+    pub fn read(path: &Path) -> Result<Loaded, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Loaded::parse(path, &text)
+    }
+
+    /// Parse and compile `text`, naming `path` in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+        let config = Config::parse(path, text)?;
+        let compiled = Compiled::new(&config).map_err(|e| ConfigError::at(path, text, e.span, e.error.to_string()))?;
+        Ok(Loaded { config, compiled })
+    }
+
+    /// Load the key and finish the policy: what `run` and reload use.
+    pub fn with_key(self, path: &Path) -> Result<(Config, Option<Policy>), LoadError> {
+        let key = |source: inject::KeyError| LoadError::Key { path: path.to_owned(), source };
+        let Some(c) = self.compiled else { return Ok((self.config, None)) };
+        let Some(up) = self.config.upstream.as_ref() else {
+            let message = PolicyError::NoUpstream.to_string();
+            return Err(ConfigError::Unplaced { path: path.to_owned(), message }.into());
+        };
+        let secret = Secret::load(up).map_err(key)?;
+        let policy = c.with_secret(secret).map_err(|e| match e {
+            PolicyError::Key(k) => key(k),
+            e => ConfigError::Unplaced { path: path.to_owned(), message: e.to_string() }.into(),
+        })?;
+        Ok((self.config, Some(policy)))
+    }
+}
