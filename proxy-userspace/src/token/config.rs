@@ -134,8 +134,8 @@ pub struct PowConfig {
 /// costs 5 M PBKDF2 iterations on average: Altcha's published rate for a
 /// Galaxy A14 (25 M iterations in 9.5 s on 4 threads) gives about 1.9 s there
 /// and about 1 s on a phone twice as fast; headless Chromium on the 2-core
-/// development machine took about 0.9 s with two workers, and the native
-/// solver about 0.75 CPU-seconds (docs/page-tokens.md, "Cost").
+/// development machine took 0.8 to 1.1 s, and the native solver 0.7 to 1.1
+/// CPU-seconds (docs/page-tokens.md, "Cost").
 pub const DEFAULT_COST: u32 = 1_000;
 /// Default counter range (the client's work is uniform in it).
 pub const DEFAULT_COUNTER: [u32; 2] = [3_000, 7_000];
