@@ -1,5 +1,5 @@
-//! Idempotent install of the BPF build toolchain on Debian 12, as verified in
-//! ../shared/notes/bpf-toolchain.md: Debian's rustc 1.96 with a prebuilt
+//! Idempotent install of the BPF build toolchain on Debian 12 (README,
+//! Building): Debian's rustc 1.96 (and its clippy) with a prebuilt
 //! `core` for `bpfel-unknown-none` (no rust-src needed), bpf-linker 0.13.0
 //! built against LLVM 22, and that toolchain linked into rustup as
 //! `debian-bpf`. Each step checks first, so a second run takes a second.
@@ -10,10 +10,13 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
+/// `rust-web-clippy` is the clippy of that rustc, for `cargo xtask lint` on
+/// the eBPF crates.
 const PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
+    &["rustc-web", "cargo-web", "rust-web-clippy", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const TOOLCHAIN: &str = "debian-bpf";
+/// The rustup name of the toolchain that builds (and lints) the eBPF crates.
+pub const TOOLCHAIN: &str = "debian-bpf";
 
 pub fn run() -> anyhow::Result<()> {
     check_platform()?;
