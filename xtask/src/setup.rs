@@ -3,6 +3,7 @@
 //! `core` for `bpfel-unknown-none` (no rust-src needed), bpf-linker 0.13.0
 //! built against LLVM 22, and that toolchain linked into rustup as
 //! `debian-bpf`. Each step checks first, so a second run takes a second.
+//! Also Debian's Chromium, for the real-browser tests of the page script.
 //! Fails with one sentence where it cannot proceed.
 
 use std::{path::Path, process::Command};
@@ -23,6 +24,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     toolchain_link()?;
     bpffs();
+    browser()?;
     eprintln!("==> setup: BPF toolchain ready");
     Ok(())
 }
@@ -116,6 +118,28 @@ fn packages() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Debian's Chromium (and a font for screenshots), for the real-browser tests
+/// of the page script (tests/src/browser.rs).
+fn browser() -> anyhow::Result<()> {
+    const BROWSER: &[&str] = &["chromium", "fonts-dejavu-core"];
+    let missing: Vec<&str> = BROWSER.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the browser tests need {}: run cargo xtask setup as root, or `apt-get install {}` yourself",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("==> setup: apt-get install {} (the browser tests drive headless Chromium)", missing.join(" "));
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args).map_err(|e| anyhow::anyhow!("{e}; the browser tests cannot run without Debian's chromium"))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
