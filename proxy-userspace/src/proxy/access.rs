@@ -74,7 +74,9 @@ impl Origins {
             }
             (_, Some(r)) => {
                 if self.allows(r) {
-                    OriginCheck::Allowed(None)
+                    // Same-origin GETs carry no Origin: the page is the
+                    // Referer's origin (what a token is bound to).
+                    OriginCheck::Allowed(origin_of(r))
                 } else {
                     OriginCheck::Refused
                 }
@@ -83,6 +85,14 @@ impl Origins {
             _ => OriginCheck::Allowed(None),
         }
     }
+}
+
+/// `scheme://host[:port]` of a URL, lower-cased.
+fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.trim().split_once("://")?;
+    let auth = rest.split(['/', '?', '#']).next()?;
+    let auth = auth.rsplit('@').next()?;
+    (!auth.is_empty()).then(|| format!("{scheme}://{auth}").to_ascii_lowercase())
 }
 
 /// The host of `scheme://host[:port]/...`.

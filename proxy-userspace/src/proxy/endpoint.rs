@@ -100,7 +100,8 @@ impl Forwarder {
                 let sub = Submission::from_json(&body).map_err(pow_refusal)?;
                 rt.pow.redeem(&sub, &origin, client).map_err(pow_refusal)?;
                 let solved = rt.pow.config().solved_max_calls.map(std::num::NonZeroU32::get);
-                (json(StatusCode::OK, &rt.tokens.mint(&origin, client, Level::Pow, solved)), Outcome::TokenMinted)
+                let m = rt.tokens.mint(&origin, client, Level::Pow, solved);
+                (json(StatusCode::OK, &token::Issue::solved(m)), Outcome::TokenMinted)
             }
             _ => return Err(Refused::new(Outcome::NoRoute, "no such endpoint")),
         };
