@@ -23,6 +23,8 @@ use crate::{
 const DAY: TableDefinition<'static, &'static str, u64> = TableDefinition::new("day");
 /// `running` (1 while a run has not stopped cleanly) and `clean_shutdown_unix`.
 const META: TableDefinition<'static, &'static str, u64> = TableDefinition::new("meta");
+/// Page-token call counts: nonce → `expiry << 32 | used`.
+const TOKENS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("tokens");
 
 /// A list the operator manages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,12 +98,14 @@ pub trait ListStore: Send + Sync {
     fn remove(&self, list: List, cidr: &Cidr) -> Result<bool, StoreError>;
     /// All entries of a list, in CIDR text order.
     fn entries(&self, list: List) -> Result<Vec<Entry>, StoreError>;
-    /// Replace the persisted counters with `c` and the token counts with
-    /// `tokens`, and drop the journal's records up to `c.seq` (which `c`
-    /// includes), in one durable transaction.
-    fn save_day(&self, c: &DayCounts, tokens: &[AllowanceEntry]) -> Result<(), StoreError>;
-    /// What the previous run left: its counters as of its last durable
-    /// write, and how it stopped.
+    /// Replace the persisted page-token call counts with `entries`.
+    fn save_tokens(&self, entries: &[AllowanceEntry]) -> Result<(), StoreError>;
+    /// Replace the persisted counters with `c` (and the token counts with
+    /// `tokens`, when given), and drop the journal's records up to `c.seq`
+    /// (which `c` includes), in one durable transaction.
+    fn save_day(&self, c: &DayCounts, tokens: Option<&[AllowanceEntry]>) -> Result<(), StoreError>;
+    /// What the previous run left: its counters and token counts as of its
+    /// last durable write, and how it stopped.
     fn recover(&self) -> Result<Recovered, StoreError>;
     /// Note that a run is serving (`true`), or that it stopped cleanly at
     /// `now_unix` after its last [`ListStore::save_day`] (`false`).
@@ -144,7 +148,7 @@ impl Embedded {
 
     /// The snapshot plus the journal's newer records, and the run markers.
     fn replay(&self) -> Result<Recovered, StoreError> {
-        let (day, tokens) = self.read_day()?;
+        let (day, tokens) = (self.read_day()?, self.read_tokens()?);
         let tx = self.db.begin_read()?;
         let mut records = Vec::new();
         for row in tx.open_table(journal::TABLE)?.iter()? {
@@ -205,7 +209,7 @@ impl ListStore for Embedded {
         Ok(out)
     }
 
-    fn save_day(&self, c: &DayCounts, tokens: &[AllowanceEntry]) -> Result<(), StoreError> {
+    fn save_day(&self, c: &DayCounts, tokens: Option<&[AllowanceEntry]>) -> Result<(), StoreError> {
         self.write_day(c, tokens)
     }
 
@@ -225,22 +229,59 @@ impl ListStore for Embedded {
         tx.commit()?;
         Ok(())
     }
+
+    fn save_tokens(&self, entries: &[AllowanceEntry]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        write_tokens(&tx, entries)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// Replace the token counts inside `tx`.
+fn write_tokens(tx: &redb::WriteTransaction, entries: &[AllowanceEntry]) -> Result<(), StoreError> {
+    tx.delete_table(TOKENS)?;
+    let mut t = tx.open_table(TOKENS)?;
+    for e in entries {
+        let (k, v) = e.to_kv();
+        t.insert(k.as_str(), v)?;
+    }
+    Ok(())
 }
 
 impl Embedded {
-    fn write_day(&self, c: &DayCounts, tokens: &[AllowanceEntry]) -> Result<(), StoreError> {
+    /// The persisted page-token call counts.
+    fn read_tokens(&self) -> Result<Vec<AllowanceEntry>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            if let Some(e) = AllowanceEntry::from_kv(k.value(), v.value()) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Embedded {
+    fn write_day(&self, c: &DayCounts, tokens: Option<&[AllowanceEntry]>) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         tx.delete_table(DAY)?;
         {
             tx.open_table(journal::TABLE)?.retain_in(..=(c.seq, u8::MAX), |_, _| false)?;
+            if let Some(tokens) = tokens {
+                write_tokens(&tx, tokens)?;
+            }
             let mut t = tx.open_table(DAY)?;
             t.insert("day", c.day)?;
             t.insert("spent", c.spent)?;
             t.insert("seq", c.seq)?;
-            for e in tokens {
-                let (k, v) = e.to_kv();
-                t.insert(format!("tok/{k}").as_str(), v)?;
-            }
             for (ip, n) in &c.per_ip {
                 t.insert(format!("ip/{ip}").as_str(), u64::from(*n))?;
             }
@@ -261,11 +302,10 @@ impl Embedded {
         Ok(())
     }
 
-    fn read_day(&self) -> Result<(Option<DayCounts>, Vec<AllowanceEntry>), StoreError> {
+    fn read_day(&self) -> Result<Option<DayCounts>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(DAY)?;
         let mut c = DayCounts::default();
-        let mut tokens = Vec::new();
         let mut seen = false;
         for row in t.iter()? {
             let (k, v) = row?;
@@ -286,13 +326,11 @@ impl Embedded {
                         c.per_prefix.insert(net, u32::try_from(v).unwrap_or(u32::MAX));
                     } else if let Some(net) = k.strip_prefix("escnet/").and_then(|i| i.parse().ok()) {
                         c.escalated_prefixes.insert(net);
-                    } else if let Some(e) = k.strip_prefix("tok/").and_then(|n| AllowanceEntry::from_kv(n, v)) {
-                        tokens.push(e);
                     }
                 }
             }
         }
-        Ok((seen.then_some(c), tokens))
+        Ok(seen.then_some(c))
     }
 }
 
@@ -344,10 +382,11 @@ mod tests {
         {
             let s = Embedded::open(&d).unwrap();
             assert_eq!(s.recover().unwrap(), Recovered::default());
-            s.save_day(&c, &[]).unwrap();
+            s.save_day(&c, None).unwrap();
             c.per_ip.remove(&"2001:db8::".parse().unwrap());
             c.seq = 12;
-            s.save_day(&c, &tokens).unwrap();
+            s.save_day(&c, Some(&tokens)).unwrap();
+            s.save_day(&c, None).unwrap(); // the token counts stay as they were
         }
         let r = Embedded::open(&d).unwrap().recover().unwrap();
         assert_eq!((r.day, r.tokens), (Some(c), tokens));

@@ -117,7 +117,7 @@ fn kill_9_at_random_points_of_a_burst_never_bills_past_the_budget() {
     for round in 1..=5 {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = burst(&t, 8, &stop);
-        std::thread::sleep(Duration::from_millis(10 + rng.next() % 150));
+        std::thread::sleep(Duration::from_millis(10 + rng.next_u64() % 150));
         d.kill9();
         stop.store(true, Ordering::SeqCst);
         for w in workers {

@@ -306,6 +306,7 @@ fn attach(
         reader,
         sample: Arc::new(SourceSample::default()),
         run: RunStatus::default(),
+        unsaved: false,
     };
     state.restore_lists()?;
     state.dp.attach(&x.interface, x.mode)?;

@@ -41,6 +41,8 @@ pub struct State {
     pub(super) sample: Arc<SourceSample>,
     /// How reservations are kept, and what the start found.
     pub(super) run: RunStatus,
+    /// The last flush failed: the next one saves everything again.
+    pub(super) unsaved: bool,
 }
 
 /// Lock the state; a panic elsewhere does not take the daemon down with it.
@@ -132,23 +134,31 @@ impl State {
         }
     }
 
-    /// Persist the forwarder's counters when they changed (with the token
-    /// counts, taken after them: a call in flight at that instant may be
-    /// counted twice after a crash, never forgotten), and forget per-IP
-    /// token buckets that have refilled (bounding their memory). False when
-    /// they could not be saved.
+    /// Persist the forwarder's counters when they changed, with the token
+    /// counts when they changed too (taken after the counters: a call in
+    /// flight at that instant may be counted twice after a crash, never
+    /// forgotten), and forget per-IP token buckets that have refilled
+    /// (bounding their memory). False when something could not be saved;
+    /// the next flush then saves everything, changed or not.
     pub fn flush(&mut self) -> bool {
         let Some(f) = &self.forwarder else { return true };
         f.limiter().sweep(self.clock.monotonic_ns());
-        let Some(c) = f.limiter().take_dirty() else { return true };
-        let tokens = f.token_allowance().snapshot(self.clock.unix_secs());
-        match self.store.save_day(&c, &tokens) {
+        let (now, all) = (self.clock.unix_secs(), std::mem::take(&mut self.unsaved));
+        let counts = f.limiter().take_dirty().or_else(|| all.then(|| f.limiter().today(now as i64).0));
+        let tokens = f.token_allowance().take_dirty(now).or_else(|| all.then(|| f.token_allowance().snapshot(now)));
+        let saved = match (&counts, &tokens) {
+            (Some(c), t) => self.store.save_day(c, t.as_deref()),
+            (None, Some(t)) => self.store.save_tokens(t),
+            (None, None) => return true,
+        };
+        match saved {
             Ok(()) => {
-                self.saved_spend = c.spent;
+                self.saved_spend = counts.map_or(self.saved_spend, |c| c.spent);
                 true
             }
             Err(e) => {
-                warn!(error = %e, "saving today's counters");
+                warn!(error = %e, "saving today's counters and page-token call counts");
+                self.unsaved = true;
                 false
             }
         }

@@ -118,7 +118,7 @@ async fn a_snapshot_drops_the_records_it_includes_in_one_transaction() {
     }
     let mut c = DayCounts { day: DAY, spent: 20, seq: 2, ..DayCounts::default() };
     c.per_ip.insert(ip("192.0.2.1"), 2);
-    store.save_day(&c, &[]).unwrap();
+    store.save_day(&c, None).unwrap();
     j.append(Record::Billed(2)).await.unwrap(); // late, and no longer needed
     drop(j);
     let r = store.recover().unwrap();
@@ -285,7 +285,7 @@ async fn a_crash_at_any_point_never_forgets_a_kept_reservation() {
                 }
                 _ => {
                     if let Some(c) = l.take_dirty() {
-                        store.save_day(&c, &[]).unwrap();
+                        store.save_day(&c, None).unwrap();
                     }
                 }
             }
