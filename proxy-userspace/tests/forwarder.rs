@@ -408,6 +408,34 @@ async fn a_reservation_that_cannot_be_saved_is_refused_and_given_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_goes_away_while_its_reservation_is_written_is_given_back() {
+    let db = Arc::new(redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap());
+    let h = Harness::start_journaled("", "", Some(Journal::start(db.clone()).unwrap())).await;
+    // Hold the store's write lock: the reservation cannot reach the disk.
+    let blocker = db.begin_write().unwrap();
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    let req = "GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\nX-Forwarded-For: 198.51.100.7\r\nOrigin: https://shop.example\r\n\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let until = |spent: u64| {
+        let h = &h;
+        async move {
+            for _ in 0..500 {
+                if h.spent() == spent {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    };
+    assert!(until(20_000).await, "the call never took its reservation");
+    drop(s);
+    assert!(until(0).await, "the reservation of a call that went away was kept");
+    drop(blocker);
+    assert!(h.api.calls().is_empty(), "the call never left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_decided_before_a_body_is_read() {
     let h = Harness::start("").await;
     let client = "198.51.100.50";
