@@ -298,7 +298,7 @@ pub struct ListShow {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The daemon is not running or the socket is wrong (CLI exit 2).
-    #[error("cannot reach the keyward daemon at {path}: {source}")]
+    #[error("cannot reach the keyward daemon at {path}: {source} (is it running? see `systemctl status keyward`)")]
     Unreachable {
         path: PathBuf,
         #[source]

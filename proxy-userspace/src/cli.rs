@@ -1,7 +1,8 @@
 //! The command line: one binary, the daemon (`run`), config validation
 //! (`check`) and the operator verbs that talk to a running daemon over its
 //! admin socket. Help text is written for an operator, with an example per
-//! verb. Exit codes: 0 success, 1 refused or invalid, 2 daemon unreachable.
+//! verb. Exit codes: 0 success, 1 refused or invalid, 2 daemon unreachable,
+//! 64 usage error (sysexits' EX_USAGE).
 
 use std::{
     io::IsTerminal as _,
@@ -25,7 +26,7 @@ use crate::{
     name = "keyward",
     version,
     propagate_version = true,
-    after_help = "Examples:\n  keyward check -c /etc/keyward/keyward.toml\n  keyward run -c /etc/keyward/keyward.toml\n  keyward status\n  keyward top -n 20 --watch\n  keyward usage --json\n  keyward deny add 198.51.100.0/24 --for 1h\n  keyward allow add 192.0.2.10\n  keyward reload\n\nExit codes: 0 done, 1 refused or invalid, 2 the daemon could not be reached."
+    after_help = "Examples:\n  keyward check -c /etc/keyward/keyward.toml\n  keyward run -c /etc/keyward/keyward.toml\n  keyward status\n  keyward top -n 20 --watch\n  keyward usage --json\n  keyward deny add 198.51.100.0/24 --for 1h\n  keyward allow add 192.0.2.10\n  keyward reload\n\nExit codes: 0 done, 1 refused or invalid, 2 the daemon could not be reached, 64 usage error."
 )]
 pub struct Cli {
     /// Config file: `run`/`check` read it; other verbs take `admin.socket` from it.
@@ -34,6 +35,9 @@ pub struct Cli {
     /// Admin socket of the daemon to talk to (default: from -c, else /run/keyward/admin.sock).
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Log lines as text or JSON (default: `[log] format` of the config, else text).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::config::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -136,20 +140,45 @@ pub enum ListAction {
 pub enum CliError {
     #[error(transparent)]
     Admin(#[from] CallError),
+    /// What was typed cannot be meant (a bad CIDR, a flag that does not apply).
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// Invalid for another reason (the config's policy, a garbled answer).
+    #[error("{0}")]
+    Invalid(String),
 }
 
+/// sysexits' EX_USAGE: the command line was wrong.
+pub const EXIT_USAGE: i32 = 64;
+
 impl CliError {
-    /// 2 when the daemon could not be reached, else 1.
+    /// 2 when the daemon could not be reached, 64 for a usage error, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Admin(CallError::Unreachable { .. }) => 2,
+            CliError::Usage(_) => EXIT_USAGE,
             _ => 1,
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text
+/// is already part of the line (a wrapped error that prints its source) is
+/// not repeated.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
 }
 
 impl Cli {
@@ -179,15 +208,18 @@ pub fn check(path: &Path) -> Result<(), CliError> {
     // as a warning, since the service's environment is not this shell's.
     let loaded = crate::proxy::policy::Loaded::read(path)?;
     let c = loaded.config.clone();
-    let warning = match loaded.with_key(path) {
-        Ok(_) => None,
-        Err(LoadError::Key { source: e @ (KeyError::Env(_) | KeyError::File { .. }), .. }) => Some(e.to_string()),
+    let mut warnings = c.warnings();
+    match loaded.with_key(path) {
+        Ok(_) => {}
+        Err(LoadError::Key { source: e @ (KeyError::Env(_) | KeyError::File { .. }), .. }) => {
+            warnings.push(format!("{e} (here; the service may have it)"));
+        }
         Err(LoadError::Config(e)) => return Err(e.into()),
-        Err(e) => return Err(CliError::Usage(e.to_string())),
-    };
+        Err(e) => return Err(CliError::Invalid(e.to_string())),
+    }
     println!("# {}: valid. Effective configuration:", path.display());
-    if let Some(w) = warning {
-        println!("# warning: {w} (here; the service may have it)");
+    for w in &warnings {
+        println!("# warning: {w}");
     }
     println!();
     print!("{}", c.to_toml());
@@ -199,7 +231,7 @@ pub fn verb(cli: &Cli) -> Result<(), CliError> {
     let socket = cli.socket()?;
     let call = |r: &Request| admin::call(&socket, r).map_err(CliError::from);
     match &cli.command {
-        Command::Run | Command::Check => Err(CliError::Usage("not a client verb".into())),
+        Command::Run | Command::Check => Err(CliError::Invalid("not a client verb".into())),
         Command::Status(j) => {
             let v = call(&Request::Status)?;
             if j.json {
@@ -339,7 +371,7 @@ fn parse_cidr(s: &str) -> Result<Cidr, CliError> {
 
 /// Decode a daemon answer.
 fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, CliError> {
-    serde_json::from_value(v).map_err(|e| CliError::Usage(format!("bad answer from the daemon: {e}")))
+    serde_json::from_value(v).map_err(|e| CliError::Invalid(format!("bad answer from the daemon: {e}")))
 }
 
 fn print_json(v: &serde_json::Value) -> Result<(), CliError> {

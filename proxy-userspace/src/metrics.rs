@@ -147,8 +147,7 @@ fn answer(path: &str, registry: &Registry) -> Response<Full<Bytes>> {
 }
 
 /// Bind the metrics listener (an error names the address).
-pub async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+pub async fn bind(a: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context as _;
-    let a: SocketAddr = addr.parse().with_context(|| format!("admin.metrics `{addr}` is not an address:port"))?;
     tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding admin.metrics {a}"))
 }

@@ -51,6 +51,9 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let (config, policy) = crate::proxy::policy::Loaded::read(config_path)?.with_key(config_path)?;
+    for w in config.warnings() {
+        warn!("{w}");
+    }
     host::unblock_signals();
     host::check_privileges()?;
     let iface = config.xdp().interface.clone();
@@ -113,28 +116,21 @@ impl Signals {
 struct Listeners {
     admin: AdminSocket,
     metrics: Option<TcpListener>,
-    forward: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    forward: Option<TcpListener>,
 }
 
 impl Listeners {
     fn bind(rt: &Runtime, config: &Config) -> anyhow::Result<Listeners> {
         let _in_rt = rt.enter();
         let admin = AdminSocket::bind(&config.admin.socket)?;
-        let metrics = match config.admin.metrics.trim() {
-            "" => None,
-            a => Some(rt.block_on(crate::metrics::bind(a))?),
+        let metrics = match config.admin.metrics.0 {
+            None => None,
+            Some(a) => Some(rt.block_on(crate::metrics::bind(a))?),
         };
         let forward = match &config.listen {
-            Some(l) => {
-                let tls = match (&l.tls_cert, &l.tls_key) {
-                    (Some(c), Some(k)) => Some(proxy::tls_acceptor(c, k)?),
-                    _ => None,
-                };
-                let sock = rt
-                    .block_on(TcpListener::bind(l.addr))
-                    .with_context(|| format!("binding [listen] addr {}", l.addr))?;
-                Some((sock, tls))
-            }
+            Some(l) => Some(
+                rt.block_on(TcpListener::bind(l.addr)).with_context(|| format!("binding [listen] addr {}", l.addr))?,
+            ),
             None => None,
         };
         Ok(Listeners { admin, metrics, forward })
@@ -188,7 +184,8 @@ impl Daemon {
             rt.spawn(crate::metrics::serve(m, Arc::new(registry)));
         }
         let http = match (forwarder, listeners.forward) {
-            (Some(f), Some((sock, tls))) => {
+            (Some(f), Some(sock)) => {
+                let tls = f.tls_acceptor().context("setting up TLS")?;
                 info!(addr = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "forwarder listening");
                 Some(rt.spawn(proxy::serve(f, sock, tls, stop_rx, DRAIN)))
             }

@@ -222,13 +222,16 @@ impl Drop for State {
 /// The first setting in `new` that differs from `old` and needs a restart.
 fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     let (x, y) = (old.xdp(), new.xdp());
-    let listen = |c: &Config| c.listen.as_ref().map(|l| (l.addr, l.tls_cert.clone(), l.tls_key.clone()));
+    // The certificate files are re-read on reload; only turning TLS on or off needs a restart.
+    let listen = |c: &Config| c.listen.as_ref().map(|l| (l.addr, l.tls_cert.is_some()));
     [
         ("xdp.interface", x.interface != y.interface),
         ("xdp.mode", x.mode != y.mode),
         ("xdp.table_size", x.table_size != y.table_size),
         ("store.path", old.store.path != new.store.path),
         ("admin.socket", old.admin.socket != new.admin.socket),
+        ("admin.metrics", old.admin.metrics != new.admin.metrics),
+        ("log.format", old.log != new.log),
         ("listen", listen(old) != listen(new)),
     ]
     .into_iter()
@@ -241,11 +244,14 @@ mod tests {
 
     use super::*;
 
-    fn config(xdp: &str) -> Config {
-        let text = format!(
+    fn config_text(xdp: &str) -> String {
+        format!(
             "[xdp]\ninterface = \"eth0\"\nports = [443]\n{xdp}\n[store]\npath = \"/var/lib/kw\"\n[admin]\nsocket = \"/run/kw.sock\"\n"
-        );
-        Config::parse(Path::new("keyward.toml"), &text).unwrap()
+        )
+    }
+
+    fn config(xdp: &str) -> Config {
+        Config::parse(Path::new("keyward.toml"), &config_text(xdp)).unwrap()
     }
 
     #[test]
@@ -257,5 +263,11 @@ mod tests {
             Some("xdp.table_size")
         );
         assert_eq!(needs_restart(&old, &config("rate_pps = 10\nburst = 20\nmode = \"generic\"")), Some("xdp.mode"));
+        let metrics = Config::parse(
+            Path::new("keyward.toml"),
+            &format!("{}metrics = \"127.0.0.1:9999\"\n", config_text("rate_pps = 10\nburst = 20")),
+        )
+        .unwrap();
+        assert_eq!(needs_restart(&old, &metrics), Some("admin.metrics"));
     }
 }
