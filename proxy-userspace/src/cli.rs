@@ -99,6 +99,17 @@ pub enum Command {
     ///
     /// Example: keyward reload -c /etc/keyward/keyward.toml
     Reload,
+    /// Print shell completions (bash, zsh, fish, …) to stdout.
+    ///
+    /// Example: keyward completions bash > /etc/bash_completion.d/keyward
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, keyward(1), as roff (the package ships it).
+    #[command(hide = true)]
+    Manpage,
 }
 
 /// `--json`.
@@ -226,12 +237,29 @@ pub fn check(path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `completions SHELL` and `manpage`: generated from the command line's own definition.
+pub fn generate(command: &Command) -> Result<(), CliError> {
+    use clap::CommandFactory as _;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "keyward", &mut out);
+            Ok(())
+        }
+        _ => clap_mangen::Man::new(Cli::command())
+            .render(&mut out)
+            .map_err(|e| CliError::Invalid(format!("writing the man page: {e}"))),
+    }
+}
+
 /// Run a verb that talks to the daemon.
 pub fn verb(cli: &Cli) -> Result<(), CliError> {
     let socket = cli.socket()?;
     let call = |r: &Request| admin::call(&socket, r).map_err(CliError::from);
     match &cli.command {
-        Command::Run | Command::Check => Err(CliError::Invalid("not a client verb".into())),
+        Command::Run | Command::Check | Command::Completions { .. } | Command::Manpage => {
+            Err(CliError::Invalid("not a client verb".into()))
+        }
         Command::Status(j) => {
             let v = call(&Request::Status)?;
             if j.json {

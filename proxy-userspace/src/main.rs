@@ -31,6 +31,7 @@ fn main() {
             }
         },
         Command::Check => report(cli::check(&cli.config_path())),
+        Command::Completions { .. } | Command::Manpage => report(cli::generate(&cli.command)),
         _ => report(cli::verb(&cli)),
     };
     std::process::exit(code);

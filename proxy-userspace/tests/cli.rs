@@ -141,3 +141,19 @@ fn a_reader_that_goes_away_ends_the_verb_quietly() {
     assert!(!e.contains("panicked"), "{e}");
     assert!(o.status.signal() == Some(libc::SIGPIPE) || o.status.success(), "ended by {:?}: {e}", o.status);
 }
+
+#[test]
+fn man_page_and_completions_come_from_the_command_line() {
+    let o = keyward(&["manpage"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let man = out(&o);
+    assert!(man.starts_with(".ie") || man.contains(".TH keyward 1"), "{man}");
+    assert!(man.contains("deny") && man.contains("reload"), "{man}");
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef keyward"), ("fish", "complete -c keyward")] {
+        let o = keyward(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", err(&o));
+        assert!(out(&o).contains(marker), "{shell}: {}", out(&o));
+        assert!(out(&o).contains("deny"), "{shell}");
+    }
+    assert_eq!(keyward(&["completions", "tcsh"]).status.code(), Some(64));
+}

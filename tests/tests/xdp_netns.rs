@@ -242,9 +242,9 @@ fn refusals_are_one_clear_line() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("needs root"), "{err}");
 
-    // A malformed CIDR changes nothing.
+    // A malformed CIDR changes nothing (a usage error: exit 64).
     let o = d.cli(&["deny", "add", "10.1.2.3/33"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&o.stderr).contains("prefix length must be 0 to 32"));
     let o = d.cli(&["deny", "add", "10.1.2.3/16"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("did you mean 10.1.0.0/16"));

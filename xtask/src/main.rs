@@ -1,8 +1,11 @@
 //! `cargo xtask`: what a plain `cargo` command cannot do by itself. `setup`
 //! installs the BPF toolchain idempotently (the recipe of
 //! ../shared/notes/bpf-toolchain.md, as code); `test` and `demo` run setup
-//! first, so the README's two commands work on a fresh machine.
+//! first, so the README's two commands work on a fresh machine. `dist`
+//! builds the Debian package ([`deb`]); `test` builds one from the debug
+//! binary for the package test.
 
+mod deb;
 mod setup;
 
 use std::process::Command;
@@ -35,8 +38,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, then build the release binary and gather it with the example
-    /// config and the systemd unit under `target/dist/`.
+    /// Setup, then build the release binary: the Debian package in
+    /// `target/debian/`, and for other distributions the binary with the
+    /// example config, the unit, the man page and completions under `target/dist/`.
     Dist,
     /// Setup (plus the peers: nftables, iptables, nginx, wrk, ethtool), then
     /// measure keyward side by side with them; writes `bench/results/<date>.{json,md}`.
@@ -57,9 +61,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             sweep_stale_namespaces();
             cargo(&["build", "--package", "keyward", "--bins"])?;
+            // The package test installs this (from the debug binary).
+            let package = deb::build(&workspace_root(), deb::Profile::Dev)?;
             let mut a = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
             a.extend(args.iter().map(String::as_str));
-            cargo(&a)
+            cargo_env(&a, &[("KEYWARD_DEB", package.as_os_str())])
         }
         Cmd::Dist => {
             setup::run()?;
@@ -68,16 +74,25 @@ fn main() -> anyhow::Result<()> {
             let out = root.join("target/dist");
             let _ = std::fs::remove_dir_all(&out);
             std::fs::create_dir_all(&out)?;
+            let package = deb::build(&root, deb::Profile::Release)?;
             for (from, to) in [
                 ("target/release/keyward", "keyward"),
+                ("target/release/keyward.1.gz", "keyward.1.gz"),
+                ("target/release/keyward.bash", "keyward.bash"),
+                ("target/release/_keyward", "_keyward"),
+                ("target/release/keyward.fish", "keyward.fish"),
                 ("docs/keyward.example.toml", "keyward.toml.example"),
                 ("dist/keyward.service", "keyward.service"),
+                ("dist/keyward.environment", "environment"),
+                ("dist/grafana-dashboard.json", "grafana-dashboard.json"),
+                ("dist/prometheus-alerts.yml", "prometheus-alerts.yml"),
                 ("README.md", "README.md"),
             ] {
                 std::fs::copy(root.join(from), out.join(to)).with_context(|| format!("copying {from}"))?;
             }
-            eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md", out.display());
-            eprintln!("    install: see README.md, \"Install on a host\"");
+            eprintln!("==> {}", package.display());
+            eprintln!("    install: apt-get install ./{}", package.strip_prefix(&root).unwrap_or(&package).display());
+            eprintln!("==> {}: the same files for other distributions (README.md, \"Install\")", out.display());
             Ok(())
         }
         Cmd::Bench { quick, tier } => {
@@ -111,10 +126,16 @@ fn main() -> anyhow::Result<()> {
 
 /// Run cargo (the one that runs us) with `args` in the workspace root.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_env(args, &[])
+}
+
+/// [`cargo`] with extra environment variables.
+fn cargo_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("==> cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("running {cargo}"))?;

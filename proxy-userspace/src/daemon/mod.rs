@@ -12,6 +12,7 @@
 
 mod admin_server;
 mod host;
+mod ops;
 mod state;
 mod views;
 
@@ -33,6 +34,7 @@ use tracing::{info, warn};
 
 use self::{
     admin_server::{Admin, AdminSocket},
+    ops::Ops,
     state::{State, lock},
 };
 use crate::{
@@ -145,6 +147,7 @@ struct Daemon {
     escalations: Option<UnboundedReceiver<Escalation>>,
     stop: watch::Sender<bool>,
     http: Option<JoinHandle<()>>,
+    ops: Arc<Ops>,
 }
 
 impl Daemon {
@@ -169,7 +172,9 @@ impl Daemon {
             }
             None => (None, None),
         };
-        let state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone())?;
+        let ops = Arc::new(Ops::default());
+        ops.reloads.last_success.set(i64::try_from(clock.unix_secs()).unwrap_or(i64::MAX));
+        let state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone(), ops.clone())?;
         let (reader, sample, lists) = (state.reader.clone(), state.sample.clone(), state.lists.clone());
         let admin = Arc::new(Admin::new(Arc::new(Mutex::new(state)), reader.clone()));
 
@@ -177,11 +182,12 @@ impl Daemon {
         rt.spawn(crate::dataplane::sample::run(sample.clone(), reader.clone(), clock, stop_rx.clone()));
         if let Some(m) = listeners.metrics {
             let mut registry = crate::metrics::registry(reader, sample, &lists);
+            crate::metrics::register_daemon(&mut registry, &ops.reloads, &ops.ready);
             if let Some(f) = &forwarder {
                 proxy::metrics::register(f, &mut registry);
             }
-            info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics");
-            rt.spawn(crate::metrics::serve(m, Arc::new(registry)));
+            info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, /healthz, /readyz");
+            rt.spawn(crate::metrics::serve(m, Arc::new(registry), ops.ready.clone()));
         }
         let http = match (forwarder, listeners.forward) {
             (Some(f), Some(sock)) => {
@@ -191,14 +197,20 @@ impl Daemon {
             }
             _ => None,
         };
-        Ok(Daemon { admin, socket: listeners.admin, escalations, stop, http })
+        Ok(Daemon { admin, socket: listeners.admin, escalations, stop, http, ops })
     }
 
     /// Answer the admin socket, tick, reload and escalate until told to stop.
     async fn serve(&mut self, mut sig: Signals) {
         info!(socket = %self.socket.path().display(), "admin socket ready");
         let state = self.admin.state.clone();
+        // Every socket is bound and XDP attached: tell systemd.
+        let summary = lock(&state).summary();
+        self.ops.ready(&summary);
+        info!(%summary, "ready");
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let watchdog = self.ops.watchdog_period();
+        let mut wd = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         loop {
             tokio::select! {
                 _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return }
@@ -208,6 +220,7 @@ impl Daemon {
                         warn!(error = %e, "reload refused; the running config stays");
                     }
                 }
+                _ = wd.tick(), if watchdog.is_some() => self.ops.ping(),
                 _ = tick.tick() => {
                     let mut s = lock(&state);
                     s.gc();
@@ -224,6 +237,7 @@ impl Daemon {
 
     /// Stop accepting forwarder requests and let those in flight finish.
     async fn drain(&mut self) {
+        self.ops.stopping();
         let _ = self.stop.send(true);
         if let Some(h) = self.http.take() {
             let _ = h.await;
@@ -248,6 +262,7 @@ fn attach(
     store: Arc<dyn ListStore>,
     clock: Arc<dyn Clock>,
     forwarder: Option<Arc<Forwarder>>,
+    ops: Arc<Ops>,
 ) -> anyhow::Result<State> {
     let x = config.xdp().clone();
     let mut dp = Dataplane::load(&x)?;
@@ -264,6 +279,7 @@ fn attach(
         lists: ListGauges::default(),
         reader,
         sample: Arc::new(SourceSample::default()),
+        ops,
     };
     state.restore_lists()?;
     state.dp.attach(&x.interface, x.mode)?;

@@ -38,6 +38,8 @@ pub struct State {
     pub(super) lists: ListGauges,
     pub(super) reader: Arc<MapReader>,
     pub(super) sample: Arc<SourceSample>,
+    /// Readiness, reload counters, systemd.
+    pub(super) ops: Arc<super::ops::Ops>,
 }
 
 /// Lock the state; a panic elsewhere does not take the daemon down with it.
@@ -89,9 +91,20 @@ impl State {
         Ok(())
     }
 
+    /// Re-read the config file, counting the result and telling systemd.
+    pub fn reload(&mut self) -> Result<(), AdminError> {
+        let r = self.try_reload();
+        self.ops.reloads.record(r.is_ok(), self.clock.unix_secs());
+        match &r {
+            Ok(()) => self.ops.status(&self.summary()),
+            Err(e) => self.ops.status(&format!("reload refused, running config kept: {e}")),
+        }
+        r
+    }
+
     /// Re-read the config file. Refused (and nothing changes) when it is
     /// invalid or changes what cannot change live.
-    pub fn reload(&mut self) -> Result<(), AdminError> {
+    fn try_reload(&mut self) -> Result<(), AdminError> {
         let path = &self.config_path;
         let (new, policy) = crate::proxy::policy::Loaded::read(path)?
             .with_key(path)
@@ -135,7 +148,9 @@ impl State {
         if let Some(f) = &self.forwarder {
             f.limiter().sweep(self.clock.monotonic_ns());
             if let Some(c) = f.limiter().take_dirty() {
-                match self.store.save_day(&c) {
+                let saved = self.store.save_day(&c);
+                self.ops.ready.store_ok.store(saved.is_ok(), std::sync::atomic::Ordering::Relaxed);
+                match saved {
                     Ok(()) => self.saved_spend = c.spent,
                     Err(e) => warn!(error = %e, "saving today's counters"),
                 }
