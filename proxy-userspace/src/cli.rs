@@ -123,12 +123,18 @@ pub struct JsonFlag {
 /// `allow`/`deny` sub-verbs.
 #[derive(Debug, Subcommand)]
 pub enum ListAction {
-    /// Add a CIDR (a bare address means /32 or /128); takes effect in the kernel at once.
+    /// Add a CIDR (a bare address means /32 or /128), or every one in a file; takes effect in the kernel at once.
     ///
     /// Example: keyward deny add 198.51.100.0/24 --for 2h
+    /// Example: keyward deny add -f drop.txt   (one CIDR per line, `#` and `;` comments)
     Add {
         /// IPv4 or IPv6 network, host bits zero (e.g. 10.1.0.0/16, 2001:db8::/32, 192.0.2.7).
-        cidr: String,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        cidr: Option<String>,
+        /// Add every network in this file instead (all or none). For a list
+        /// kept in a file and re-read on reload, use `[xdp] deny_files`/`allow_files`.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
         /// Deny only: expire after this long (e.g. 30s, 10m, 2h, 1d).
         #[arg(long = "for", value_name = "DURATION")]
         for_: Option<String>,
@@ -140,7 +146,7 @@ pub enum ListAction {
         /// The network to remove.
         cidr: String,
     },
-    /// List the entries, with their expiry.
+    /// List the entries, with their expiry, when they were added and why.
     ///
     /// Example: keyward deny ls --json
     Ls(JsonFlag),
@@ -220,6 +226,14 @@ pub fn check(path: &Path) -> Result<(), CliError> {
     let loaded = crate::proxy::policy::Loaded::read(path)?;
     let c = loaded.config.clone();
     let mut warnings = c.warnings();
+    // The list files, as the daemon would read them (all or nothing).
+    let mut files = Vec::new();
+    for (key, paths) in [("allow_files", &c.xdp().allow_files), ("deny_files", &c.xdp().deny_files)] {
+        if !paths.is_empty() {
+            let n = crate::lists::read_all(paths).map_err(|e| CliError::Invalid(format!("[xdp] {key}: {e}")))?.len();
+            files.push(format!("[xdp] {key}: {n} networks"));
+        }
+    }
     match loaded.with_key(path) {
         Ok(_) => {}
         Err(LoadError::Key { source: e @ (KeyError::Env(_) | KeyError::File { .. }), .. }) => {
@@ -229,6 +243,9 @@ pub fn check(path: &Path) -> Result<(), CliError> {
         Err(e) => return Err(CliError::Invalid(e.to_string())),
     }
     println!("# {}: valid. Effective configuration:", path.display());
+    for f in &files {
+        println!("# {f}");
+    }
     for w in &warnings {
         println!("# warning: {w}");
     }
@@ -341,10 +358,9 @@ fn list_verb(
 ) -> Result<(), CliError> {
     let name = list.name();
     match action {
-        ListAction::Add { cidr, for_ } => {
+        ListAction::Add { cidr, file, for_ } => {
             // Parsed here, once: a typo is refused even with no daemon, and
             // the daemon gets a CIDR and a duration, not text.
-            let c = parse_cidr(cidr)?;
             let for_secs = match for_ {
                 None => None,
                 Some(_) if list == List::Allow => {
@@ -355,7 +371,16 @@ fn list_verb(
                     Some(s.0.as_secs().max(1))
                 }
             };
-            call(&Request::ListAdd { list, cidr: c, lasting: for_secs.map(std::time::Duration::from_secs) })?;
+            let lasting = for_secs.map(std::time::Duration::from_secs);
+            if let Some(f) = file {
+                let cidrs = crate::lists::read(f).map_err(|e| CliError::Invalid(e.to_string()))?;
+                let n = cidrs.len();
+                call(&Request::ListAddMany { list, cidrs, lasting })?;
+                println!("{name}: {n} entries from {}", f.display());
+                return Ok(());
+            }
+            let c = parse_cidr(cidr.as_deref().unwrap_or_default())?;
+            call(&Request::ListAdd { list, cidr: c, lasting })?;
             match for_secs {
                 Some(s) => println!("{name} {c} (expires in {s}s)"),
                 None => println!("{name} {c}"),
@@ -383,10 +408,14 @@ fn list_verb(
                         let s = t.saturating_sub(now);
                         format!("in {}h{:02}m{:02}s", s / 3600, (s % 3600) / 60, s % 60)
                     });
-                    vec![e.cidr.to_string(), exp]
+                    let added = e.added_unix.map_or("-".to_owned(), |t| {
+                        jiff::Timestamp::from_second(t as i64)
+                            .map_or("-".to_owned(), |t| t.strftime("%Y-%m-%d %H:%M:%SZ").to_string())
+                    });
+                    vec![e.cidr.to_string(), exp, added, e.reason.clone().unwrap_or_else(|| "-".into())]
                 })
                 .collect();
-            print_table(&["CIDR", "EXPIRES"], &rows);
+            print_table(&["CIDR", "EXPIRES", "ADDED", "REASON"], &rows);
             Ok(())
         }
     }
@@ -427,7 +456,13 @@ fn print_status(s: &Status) {
         ("new sources", format!("admitted at {} pps, burst {} (host-wide)", s.new_sources_pps, s.new_sources_burst)),
         ("dry run", if s.dry_run { "yes: nothing is dropped".into() } else { "no".into() }),
         ("sources", format!("{} tracked of {}, {} created", s.tracked_sources, s.table_size, s.new_sources)),
-        ("lists", format!("{} allow, {} deny", s.allow_entries, s.deny_entries)),
+        (
+            "lists",
+            format!(
+                "{} allow, {} deny (of which {} and {} from list files)",
+                s.allow_entries, s.deny_entries, s.allow_from_files, s.deny_from_files
+            ),
+        ),
     ];
     for (k, v) in kv {
         println!("  {k:<11} {v}");

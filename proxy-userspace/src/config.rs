@@ -122,6 +122,12 @@ pub struct Xdp {
     /// prefixes, which the aggregate bucket cannot).
     #[serde(default)]
     pub new_sources: NewSources,
+    /// Files of CIDRs to drop (blocklist feeds), re-read on reload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_files: Vec<PathBuf>,
+    /// Files of CIDRs that bypass rate limits (a CDN's ranges), re-read on reload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_files: Vec<PathBuf>,
 }
 
 /// `[xdp] new_sources`.

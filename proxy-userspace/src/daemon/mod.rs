@@ -280,8 +280,10 @@ fn attach(
         reader,
         sample: Arc::new(SourceSample::default()),
         ops,
+        files: Default::default(),
     };
     state.restore_lists()?;
+    state.load_files()?;
     state.dp.attach(&x.interface, x.mode)?;
     Ok(state)
 }
