@@ -364,7 +364,7 @@ impl State {
     }
 
     /// Entries of `list` that come only from its files.
-    pub(super) fn from_files(&self, list: List) -> Result<usize, AdminError> {
+    pub(super) fn file_only(&self, list: List) -> Result<usize, AdminError> {
         Ok(self
             .list_show(list)?
             .entries
