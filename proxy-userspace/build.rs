@@ -1,24 +1,21 @@
-//! Builds `proxy-ebpf` for the BPF target with the Debian toolchain linked as
-//! `debian-bpf` (see README "Building" and `cargo xtask setup`) and leaves the
-//! object in OUT_DIR, where `dataplane` embeds it. Also records the git
-//! commit being built (`KEYWARD_COMMIT`, "unknown" outside a checkout) for
-//! `keyward_build_info`.
+//! Builds `proxy-ebpf` for the BPF target with the `debian-bpf` toolchain
+//! (see README "Building" and `cargo xtask setup`) and leaves the object in
+//! OUT_DIR, where `dataplane` embeds it. Silent unless the build fails. Also
+//! records the git commit being built (`KEYWARD_COMMIT`, "unknown" outside a
+//! checkout) for `keyward_build_info`.
+use std::path::Path;
+
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().ok_or_else(|| anyhow!("no workspace root"))?.join("proxy-ebpf");
-    let root = root.to_str().context("non-UTF-8 workspace path")?;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     commit(manifest);
-    aya_build::build_ebpf(
-        [aya_build::Package { name: "proxy-ebpf", root_dir: root, ..Default::default() }],
-        aya_build::Toolchain::Custom("debian-bpf"),
-    )
-    .context("building the XDP program (run `cargo xtask setup` first)")
+    let dir = manifest.parent().ok_or_else(|| anyhow!("no workspace root"))?.join("proxy-ebpf");
+    ebpf_build::build("proxy-ebpf", &dir).context("building the XDP program")
 }
 
 /// `KEYWARD_COMMIT` for the binary, and re-run when HEAD moves.
-fn commit(dir: &std::path::Path) {
+fn commit(dir: &Path) {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)

@@ -592,10 +592,10 @@ impl Config {
         if access.require_token && access.token.keys_file.is_none() {
             return Err(invalid(here(), "[access] require_token needs [access.token] keys_file".into()));
         }
-        if let Some(u) = &cfg.upstream {
-            if u.key_env.is_some() == u.key_file.is_some() {
-                return Err(invalid(None, "[upstream] set exactly one of key_env and key_file".into()));
-            }
+        if let Some(u) = &cfg.upstream
+            && u.key_env.is_some() == u.key_file.is_some()
+        {
+            return Err(invalid(None, "[upstream] set exactly one of key_env and key_file".into()));
         }
         if cfg.listen.is_some() && (cfg.upstream.is_none() || cfg.routes.is_empty()) {
             return Err(invalid(None, "[listen] needs [upstream] and at least one [[route]]".into()));

@@ -1,14 +1,17 @@
 //! `cargo xtask`: what a plain `cargo` command cannot do by itself. `setup`
-//! installs the BPF toolchain idempotently (the recipe of
-//! ../shared/notes/bpf-toolchain.md, as code); `test` and `demo` run setup
-//! first, so the README's two commands work on a fresh machine. `dist`
-//! builds the Debian package ([`deb`]); `test` builds one from the debug
-//! binary for the package test.
+//! installs the BPF toolchain idempotently (README, Building, as code);
+//! `lint`, `test` and `demo` run setup first, so the README's commands work
+//! on a fresh machine.
+//! `dist` builds the Debian package ([`deb`]); `test` builds one from the
+//! debug binary for the package test.
 
 mod deb;
 mod setup;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -25,6 +28,10 @@ enum Cmd {
     /// Install what the build needs (Debian packages, bpf-linker for LLVM 22,
     /// the `debian-bpf` toolchain link) and mount bpffs. Quick when done.
     Setup,
+    /// Setup, then check formatting (`cargo fmt --check`) and run clippy with
+    /// `-D warnings` over every crate: the host crates with all their targets,
+    /// the eBPF crates for the BPF target with the toolchain that builds them.
+    Lint,
     /// Setup, build, then run every test: host unit tests, BPF_PROG_TEST_RUN
     /// tests and network-namespace end-to-end tests (needs root).
     Test {
@@ -57,43 +64,27 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Lint => {
+            setup::run()?;
+            lint()
+        }
         Cmd::Test { args } => {
             setup::run()?;
             sweep_stale_namespaces();
             cargo(&["build", "--package", "keyward", "--bins"])?;
             // The package test installs this (from the debug binary).
             let package = deb::build(&workspace_root(), deb::Profile::Dev)?;
-            let mut a = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
+            let mut a = vec!["test", "--workspace"];
+            for p in EBPF_CRATES {
+                a.extend(["--exclude", p]);
+            }
             a.extend(args.iter().map(String::as_str));
             cargo_env(&a, &[("KEYWARD_DEB", package.as_os_str())])
         }
         Cmd::Dist => {
             setup::run()?;
             cargo(&["build", "--release", "--package", "keyward", "--bins"])?;
-            let root = workspace_root();
-            let out = root.join("target/dist");
-            let _ = std::fs::remove_dir_all(&out);
-            std::fs::create_dir_all(&out)?;
-            let package = deb::build(&root, deb::Profile::Release)?;
-            for (from, to) in [
-                ("target/release/keyward", "keyward"),
-                ("target/release/keyward.1.gz", "keyward.1.gz"),
-                ("target/release/keyward.bash", "keyward.bash"),
-                ("target/release/_keyward", "_keyward"),
-                ("target/release/keyward.fish", "keyward.fish"),
-                ("docs/keyward.example.toml", "keyward.toml.example"),
-                ("dist/keyward.service", "keyward.service"),
-                ("dist/keyward.environment", "environment"),
-                ("dist/grafana-dashboard.json", "grafana-dashboard.json"),
-                ("dist/prometheus-alerts.yml", "prometheus-alerts.yml"),
-                ("README.md", "README.md"),
-            ] {
-                std::fs::copy(root.join(from), out.join(to)).with_context(|| format!("copying {from}"))?;
-            }
-            eprintln!("==> {}", package.display());
-            eprintln!("    install: apt-get install ./{}", package.strip_prefix(&root).unwrap_or(&package).display());
-            eprintln!("==> {}: the same files for other distributions (README.md, \"Install\")", out.display());
-            Ok(())
+            dist()
         }
         Cmd::Bench { quick, tier } => {
             setup::run()?;
@@ -124,6 +115,82 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `cargo xtask dist`: the release binary with what an operator needs beside
+/// it, in `target/dist/`.
+fn dist() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let out = root.join("target/dist");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("docs"))?;
+    let package = deb::build(&root, deb::Profile::Release)?;
+    let mut files: Vec<(PathBuf, PathBuf)> = [
+        ("target/release/keyward", "keyward"),
+        ("target/release/keyward.1.gz", "keyward.1.gz"),
+        ("target/release/keyward.bash", "keyward.bash"),
+        ("target/release/_keyward", "_keyward"),
+        ("target/release/keyward.fish", "keyward.fish"),
+        ("docs/keyward.example.toml", "keyward.toml.example"),
+        ("dist/keyward.service", "keyward.service"),
+        ("dist/keyward.environment", "environment"),
+        ("dist/grafana-dashboard.json", "grafana-dashboard.json"),
+        ("dist/prometheus-alerts.yml", "prometheus-alerts.yml"),
+        ("README.md", "README.md"),
+        ("LICENSE-MIT", "LICENSE-MIT"),
+        ("LICENSE-APACHE", "LICENSE-APACHE"),
+        ("LICENSE-GPL-2.0", "LICENSE-GPL-2.0"),
+    ]
+    .into_iter()
+    .map(|(from, to)| (root.join(from), out.join(to)))
+    .collect();
+    // The reference, so that the README's links work in the bundle too.
+    for e in std::fs::read_dir(root.join("docs")).context("reading docs/")? {
+        let e = e?;
+        files.push((e.path(), out.join("docs").join(e.file_name())));
+    }
+    for (from, to) in files {
+        std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+    }
+    eprintln!("==> {}", package.display());
+    eprintln!("    install: apt-get install ./{}", package.strip_prefix(&root).unwrap_or(&package).display());
+    eprintln!(
+        "==> {}: the binary, man page, completions, example, unit, environment, README.md, docs/, LICENSE-*",
+        out.display()
+    );
+    eprintln!("    for other distributions: README.md, \"Install on a host\"");
+    Ok(())
+}
+
+/// The crates that build for the BPF target only (from build scripts): never
+/// part of a host build, test run or host clippy.
+const EBPF_CRATES: [&str; 2] = ["proxy-ebpf", "keyward-bench-ebpf"];
+
+/// `cargo xtask lint`. The eBPF crates are linted for `bpfel-unknown-none`
+/// with the toolchain that builds them (`debian-bpf`, whose clippy is
+/// Debian's rust-web-clippy), in their own target directory so the two
+/// toolchains do not invalidate each other's builds. Every step runs, so
+/// one report shows every finding.
+fn lint() -> anyhow::Result<()> {
+    let fmt = cargo(&["fmt", "--all", "--", "--check"]);
+    let mut host = vec!["clippy", "--workspace", "--all-targets"];
+    for p in EBPF_CRATES {
+        host.extend(["--exclude", p]);
+    }
+    host.extend(["--", "-D", "warnings"]);
+    let host = cargo(&host);
+    let mut bpf = vec!["run", setup::TOOLCHAIN, "cargo", "clippy", "--release", "--target", "bpfel-unknown-none"];
+    bpf.extend(["--target-dir", "target/lint-bpf"]);
+    for p in EBPF_CRATES {
+        bpf.extend(["--package", p]);
+    }
+    bpf.extend(["--", "-D", "warnings"]);
+    let bpf = run("rustup", &bpf);
+    let failed: Vec<String> = [fmt, host, bpf].into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+    if !failed.is_empty() {
+        bail!("lint failed:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
+}
+
 /// Run cargo (the one that runs us) with `args` in the workspace root.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     cargo_env(args, &[])
@@ -132,15 +199,30 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 /// [`cargo`] with extra environment variables.
 fn cargo_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("==> cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
+    run_env(&cargo, args, env)
+}
+
+/// Run `program` with `args` in the workspace root; an error names the command.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    run_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+fn run_env(program: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
+    let shown = format!(
+        "{} {}",
+        Path::new(program).file_name().map_or(program.into(), |n| n.to_string_lossy()),
+        args.join(" ")
+    );
+    eprintln!("==> {shown}");
+    let status = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
-        .with_context(|| format!("running {cargo}"))?;
+        .with_context(|| format!("running {program}"))?;
     if !status.success() {
-        bail!("cargo {} failed ({status})", args.join(" "));
+        bail!("{shown} failed ({status})");
     }
     Ok(())
 }

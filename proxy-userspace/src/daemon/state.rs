@@ -309,10 +309,10 @@ impl State {
                     Err(e) => warn!(error = %e, "saving today's counters"),
                 }
             }
-            if let Some(t) = f.token_allowance().take_dirty(self.clock.unix_secs()) {
-                if let Err(e) = self.store.save_tokens(&t) {
-                    warn!(error = %e, "saving page-token call counts");
-                }
+            if let Some(t) = f.token_allowance().take_dirty(self.clock.unix_secs())
+                && let Err(e) = self.store.save_tokens(&t)
+            {
+                warn!(error = %e, "saving page-token call counts");
             }
         }
     }
