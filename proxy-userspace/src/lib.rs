@@ -9,6 +9,8 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod journal;
+pub mod lists;
+pub mod logging;
 pub mod metrics;
 pub mod paths;
 pub mod proxy;
