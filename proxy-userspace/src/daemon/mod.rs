@@ -51,6 +51,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let (config, policy) = crate::proxy::policy::Loaded::read(config_path)?.with_key(config_path)?;
+    // Before any socket is bound or the forwarder sizes its connection cap.
+    host::raise_nofile();
     host::unblock_signals();
     host::check_privileges()?;
     let iface = config.xdp().interface.clone();
@@ -201,6 +203,7 @@ impl Daemon {
         info!(socket = %self.socket.path().display(), "admin socket ready");
         let state = self.admin.state.clone();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut backoff = crate::accept::Backoff::new("admin");
         loop {
             tokio::select! {
                 _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return }
@@ -216,10 +219,9 @@ impl Daemon {
                     s.flush();
                 }
                 Some(e) = recv(&mut self.escalations) => lock(&state).escalate(&e),
-                conn = self.socket.listener().accept() => match conn {
-                    Ok((stream, _)) => { tokio::spawn(admin_server::answer(self.admin.clone(), stream)); }
-                    Err(e) => warn!(error = %e, "admin accept"),
-                },
+                stream = admin_server::accept(self.socket.listener(), &mut backoff) => {
+                    tokio::spawn(admin_server::answer(self.admin.clone(), stream));
+                }
             }
         }
     }

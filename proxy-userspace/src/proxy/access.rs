@@ -157,7 +157,7 @@ fn parse_node(v: &str) -> Option<IpAddr> {
 }
 
 /// IPv4-mapped IPv6 peers (dual-stack sockets) are IPv4 clients.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -11,11 +11,12 @@
 //! `day` (the daily window) · `cache` · `inject` (the key in, the key
 //! scrubbed out) · `forward` (the upstream client) · `respond` (outcomes as
 //! answers) · `counts` (request counting) · `alert` (budget alerts) ·
-//! `server` and `tls` (the listener).
+//! `server`, `conns` and `tls` (the listener and its bounds).
 
 pub mod access;
 pub mod alert;
 pub mod cache;
+pub mod conns;
 pub mod counts;
 pub mod day;
 pub mod endpoint;
@@ -76,6 +77,8 @@ pub struct Forwarder {
     token_state: endpoint::TokenState,
     /// Tokens as the current policy sets them up.
     token_rt: RwLock<Option<Arc<endpoint::TokenRuntime>>>,
+    /// Open client connections and refusals (outlive reloads).
+    conns: Arc<conns::Conns>,
 }
 
 /// What the caller gets back to wire the forwarder into the daemon.
@@ -106,6 +109,7 @@ impl Forwarder {
             logged: Mutex::new(HashMap::new()),
             token_state,
             token_rt,
+            conns: Arc::default(),
         });
         Handles { forwarder, escalations: rx }
     }
@@ -143,6 +147,11 @@ impl Forwarder {
     /// The limiter (for persistence and status).
     pub fn limiter(&self) -> &Limiter {
         &self.limiter
+    }
+
+    /// Open connections and refusals by reason (for metrics and tests).
+    pub fn conns(&self) -> &Arc<conns::Conns> {
+        &self.conns
     }
 
     /// The cache (for status).

@@ -15,6 +15,7 @@ use toml::Spanned;
 
 use super::{
     access::Origins,
+    conns::Bounds,
     day::Schedule,
     forward::{self, Upstream},
     geo::Countries,
@@ -91,6 +92,7 @@ pub struct Compiled {
     trusted: Vec<Cidr>,
     client_ip_from: ForwardedHeader,
     max_body: u64,
+    conns: Bounds,
     v6_prefix: u8,
     client_ip_header: Option<HeaderName>,
     deny_on_daily_cap: bool,
@@ -113,6 +115,7 @@ pub struct Policy {
     pub(super) trusted: Vec<Cidr>,
     pub(super) client_ip_from: ForwardedHeader,
     pub(super) max_body: u64,
+    pub(super) conns: Bounds,
     pub(super) v6_prefix: u8,
     pub(super) client_ip_header: Option<HeaderName>,
     pub(super) deny_on_daily_cap: bool,
@@ -204,6 +207,11 @@ impl Compiled {
             trusted: listen.trusted_proxies.clone(),
             client_ip_from: listen.client_ip_from,
             max_body: listen.max_body.0,
+            conns: Bounds {
+                max: listen.max_connections.get(),
+                per_ip: listen.max_connections_per_ip.get(),
+                head_timeout: listen.head_timeout.0,
+            },
             v6_prefix: cfg.xdp().ipv6_prefix.0,
             client_ip_header,
             deny_on_daily_cap: l.deny_on_daily_cap,
@@ -227,6 +235,7 @@ impl Compiled {
             trusted: self.trusted,
             client_ip_from: self.client_ip_from,
             max_body: self.max_body,
+            conns: self.conns,
             v6_prefix: self.v6_prefix,
             client_ip_header: self.client_ip_header,
             deny_on_daily_cap: self.deny_on_daily_cap,
