@@ -560,6 +560,17 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     tokio::time::timeout(within, read_all).await.is_ok()
 }
 
+/// Whether `f` holds within 5 s (polled every 10 ms).
+async fn until(f: impl Fn() -> bool) -> bool {
+    for _ in 0..500 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
+
 fn refused(h: &Harness, reason: &str) -> u64 {
     h.fwd.conns().refused().into_iter().find(|(r, _)| r.name() == reason).map_or(0, |(_, n)| n)
 }
@@ -586,7 +597,7 @@ async fn a_connection_without_a_request_head_is_closed_at_the_head_timeout() {
         assert!(closed_within(s, Duration::from_secs(5)).await, "connection {i} still open 5 s after a 1 s timeout");
     }
     assert_eq!(refused(&h, "head-timeout"), 4);
-    assert_eq!(h.fwd.conns().open(None).0, 0, "every slot given back");
+    assert!(until(|| h.fwd.conns().open(None).0 == 0).await, "every slot given back");
     // A visitor who does send a request is served.
     assert_eq!(h.get("/lookup/AB12CD", "198.51.100.1", SHOP).await.0, 200);
 }
@@ -601,13 +612,7 @@ async fn one_address_cannot_hold_more_than_its_cap_and_visitors_are_served() {
     }
     // Wait until the forwarder has taken all four (accept is asynchronous).
     let key = Some(std::net::IpAddr::from(attacker));
-    for _ in 0..500 {
-        if h.fwd.conns().open(key).1 == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(h.fwd.conns().open(key).1, 4);
+    assert!(until(|| h.fwd.conns().open(key).1 == 4).await);
     // The fifth is closed at once, before it sends anything.
     let mut fifth = connect_from(attacker, h.addr).await;
     assert!(closed_within(&mut fifth, Duration::from_secs(5)).await, "a fifth connection was kept");
@@ -631,15 +636,7 @@ async fn one_address_cannot_hold_more_than_its_cap_and_visitors_are_served() {
     // The attacker leaves: its places are free again.
     drop(held);
     drop(fifth);
-    let mut back = false;
-    for _ in 0..500 {
-        if h.fwd.conns().open(key).1 == 0 {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(back, "the attacker's places were not given back");
+    assert!(until(|| h.fwd.conns().open(key).1 == 0).await, "the attacker's places were not given back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,4 +655,34 @@ async fn a_request_head_over_32_kib_is_refused_431() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(h.api.calls().len(), 1);
+}
+
+// ---- Request framing and Origin (issue 14) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunked_framing_is_400_and_an_oversized_chunked_body_413() {
+    let h = Harness::start("").await;
+    let head = "POST /geocode HTTP/1.1\r\nHost: kw\r\nOrigin: https://shop.example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = h.call(&format!("{head}zz\r\nhello\r\n0\r\n\r\n")).await;
+    assert_eq!((status, problem_type(&body).as_str()), (400, "bad-request"), "{body}");
+    let big = "x".repeat(2000);
+    let (status, _, body) = h.call(&format!("{head}{:x}\r\n{big}\r\n0\r\n\r\n", big.len())).await;
+    assert_eq!((status, problem_type(&body).as_str()), (413, "body-too-large"), "{body}");
+    assert!(h.api.calls().is_empty(), "a refusal reached the upstream");
+    assert_eq!(h.spent(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_one_origin_is_refused_403() {
+    let h = Harness::start("").await;
+    for origins in [
+        "Origin: https://shop.example https://evil.example\r\n",
+        "Origin: https://shop.example\r\nOrigin: https://evil.example\r\n",
+        "Origin: https://shop.example\r\nOrigin: https://shop.example\r\n",
+    ] {
+        let (status, _, body) =
+            h.call(&format!("GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\n{origins}Connection: close\r\n\r\n")).await;
+        assert_eq!((status, problem_type(&body).as_str()), (403, "origin-not-allowed"), "{origins}");
+    }
+    assert!(h.api.calls().is_empty());
 }

@@ -1,9 +1,11 @@
-//! Hostile inputs against the real daemon in namespaces (issue 14): one
-//! address must not take the forwarder down. Idle and half-open connections
+//! Hostile inputs against the real daemon in namespaces (issue 14). One
+//! address must not take the forwarder down: idle and half-open connections
 //! are closed at the head deadline, one source cannot hold more than its
 //! connection cap while visitors and `/metrics` are served, the open-file
 //! limit is raised at start, and descriptor exhaustion makes no accept loop
-//! spin or flood the log.
+//! spin or flood the log. Nothing secret crosses in any encoding: an
+//! upstream echoing the key compressed, split, in a header name, in base64,
+//! upper case or JSON-escaped gets none of it to the client.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -12,12 +14,13 @@ use std::{
 };
 
 use keyward_tests::{
-    daemon::{self, Daemon, PORT},
+    daemon::{self, Daemon, KEY, PORT},
     fwd::{ORIGIN, XDP_OPEN, config},
     netns::{self, SERVER_V4, Topology},
     privileged,
     upstream::Upstream,
-    wait_for, wire,
+    wait_for,
+    wire::{self, HttpAnswer},
 };
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
@@ -201,4 +204,93 @@ fn descriptor_exhaustion_neither_spins_an_accept_loop_nor_outlasts_the_attacker(
     let back = wait_for(Duration::from_secs(15), || s.d.cli(&["status"]).status.success().then_some(()));
     assert!(back.is_some(), "admin socket did not recover");
     assert_eq!(wire::get(&s.t, PORT, "/postcodes/AB1", &[ORIGIN]).status, 200);
+}
+
+/// Every way the key shows in `a`, read by an independent decoder (not
+/// keyward's scrubber): raw or percent-decoded in any case, in JSON strings,
+/// in the values of one header name put together, in base64 at any offset.
+fn leaks(a: &HttpAnswer) -> Vec<String> {
+    use base64::Engine as _;
+    let key = KEY.to_ascii_lowercase();
+    let form: String = form_urlencoded::byte_serialize(KEY.as_bytes()).collect::<String>().to_ascii_lowercase();
+    let has = |text: &str| {
+        let t = text.to_ascii_lowercase();
+        let decoded: String =
+            form_urlencoded::parse(format!("x={t}").as_bytes()).map(|(_, v)| v.into_owned()).collect();
+        t.contains(&key) || t.contains(&form) || decoded.contains(&key)
+    };
+    let mut found = Vec::new();
+    if has(&a.raw) {
+        found.push("raw".to_owned());
+    }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&a.body) {
+        if has(&v.to_string()) || strings(&v).iter().any(|s| has(s)) {
+            found.push("json".to_owned());
+        }
+    }
+    let mut names: Vec<&str> = a.headers.iter().map(|(k, _)| k.as_str()).collect();
+    names.dedup();
+    for n in names {
+        let joined: String = a.headers.iter().filter(|(k, _)| k == n).map(|(_, v)| v.as_str()).collect();
+        if has(&joined) {
+            found.push(format!("header {n}"));
+        }
+    }
+    let cfg = base64::engine::GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent);
+    let engines = [
+        base64::engine::GeneralPurpose::new(&base64::alphabet::STANDARD, cfg),
+        base64::engine::GeneralPurpose::new(&base64::alphabet::URL_SAFE, cfg),
+    ];
+    for tok in a.raw.split(|c: char| !(c.is_ascii_alphanumeric() || "+/_-=".contains(c))).filter(|t| t.len() >= 8) {
+        let tok = tok.trim_end_matches('=');
+        for off in 0..4 {
+            let t = tok.get(off..).unwrap_or_default();
+            let t = t.get(..t.len() - t.len() % 4).unwrap_or_default();
+            for e in &engines {
+                if let Ok(b) = e.decode(t) {
+                    if String::from_utf8_lossy(&b).contains(KEY) {
+                        found.push(format!("base64 {tok}"));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    match v {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(a) => a.iter().flat_map(strings).collect(),
+        serde_json::Value::Object(o) => o.values().flat_map(strings).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[test]
+fn the_key_crosses_in_no_encoding() {
+    if !privileged() {
+        return;
+    }
+    let s = setup("");
+    // Before issue 14's fix each of these carried the key out.
+    for form in ["gzip", "split", "name", "base64", "upper", "json"] {
+        let a = wire::get(&s.t, PORT, &format!("/hostile/{form}"), &[ORIGIN]);
+        assert_eq!(a.status, 200, "{form}: {}", a.raw);
+        assert!(a.header("content-encoding").is_none(), "{form}: passed on encoded: {}", a.raw);
+        let found = leaks(&a);
+        assert!(found.is_empty(), "{form}: the key crossed as {found:?}:\n{}", a.raw);
+        // A header named after the key is dropped; elsewhere a marker stays.
+        assert!(form == "name" || a.raw.contains("[redacted]"), "{form}: nothing was scrubbed:\n{}", a.raw);
+    }
+    // A coding keyward cannot read is refused, not passed on unread.
+    let a = wire::get(&s.t, PORT, "/hostile/zstd", &[ORIGIN]);
+    assert_eq!(a.status, 502, "{}", a.raw);
+    assert!(leaks(&a).is_empty());
+    // The upstream saw the key every time; the daemon's log never did.
+    assert_eq!(s._up.calls().len(), 7);
+    let log = HttpAnswer { status: 0, headers: Vec::new(), body: String::new(), raw: s.d.log() };
+    assert!(!leaks(&log).iter().any(|l| l == "raw"), "the key is in the log");
 }

@@ -60,10 +60,19 @@ impl Origins {
         self.hosts.iter().any(|h| host == *h || host.strip_suffix(h.as_str()).is_some_and(|r| r.ends_with('.')))
     }
 
-    /// Check `Origin`, else `Referer`.
+    /// Check `Origin`, else `Referer`. More than one Origin (two header
+    /// lines, or a space-separated list in one) or more than one Referer is
+    /// refused whatever the values: a browser sends one, and which one a
+    /// check reads must not decide the verdict.
     pub fn check(&self, headers: &HeaderMap) -> OriginCheck {
-        let origin = headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok());
-        let referer = headers.get(http::header::REFERER).and_then(|v| v.to_str().ok());
+        let (Some(origin), Some(referer)) =
+            (single(headers, http::header::ORIGIN), single(headers, http::header::REFERER))
+        else {
+            return OriginCheck::Refused;
+        };
+        if origin.is_some_and(|o| o.trim().contains([' ', ',', '\t'])) {
+            return OriginCheck::Refused;
+        }
         match (origin, referer) {
             (Some(o), _) if o != "null" => {
                 if self.allows(o) {
@@ -82,6 +91,17 @@ impl Origins {
             _ if self.require => OriginCheck::Refused,
             _ => OriginCheck::Allowed(None),
         }
+    }
+}
+
+/// The one value of `name` (`Some(None)` when absent), or `None` when it
+/// is sent more than once or is not text.
+fn single(headers: &HeaderMap, name: http::header::HeaderName) -> Option<Option<&str>> {
+    let mut all = headers.get_all(name).iter();
+    match (all.next(), all.next()) {
+        (None, _) => Some(None),
+        (Some(v), None) => v.to_str().ok().map(Some),
+        (Some(_), Some(_)) => None,
     }
 }
 
@@ -205,6 +225,15 @@ mod tests {
         // Origin is checked first; a good Referer does not rescue a bad Origin.
         assert!(!ok(&[("origin", "https://evil.net"), ("referer", "https://www.example.com/")]));
         assert!(!ok(&[]));
+        // More than one Origin or Referer, whatever the values and order.
+        assert!(!ok(&[("origin", "https://www.example.com"), ("origin", "https://evil.net")]));
+        assert!(!ok(&[("origin", "https://www.example.com https://evil.net")]));
+        assert!(!ok(&[("origin", "https://www.example.com, https://www.example.com")]));
+        assert!(!ok(&[("referer", "https://www.example.com/"), ("referer", "https://evil.net/")]));
+        assert!(!matches!(
+            Origins::new(&[], false).check(&h(&[("origin", "a"), ("origin", "b")])),
+            OriginCheck::Allowed(_)
+        ));
         assert!(matches!(Origins::new(&[], false).check(&h(&[])), OriginCheck::Allowed(None)));
         assert_eq!(
             o.check(&h(&[("origin", "https://www.example.com")])),

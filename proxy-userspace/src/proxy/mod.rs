@@ -8,8 +8,8 @@
 //! Map: `pipeline` (the phases) · `policy` (config → compiled policy, the one
 //! home of validation) · `access` (origins, client address) · `route`
 //! (allow-list, parameters) · `limit` (per-IP bucket, daily caps, budget) ·
-//! `day` (the daily window) · `cache` · `inject` (the key in, the key
-//! scrubbed out) · `forward` (the upstream client) · `respond` (outcomes as
+//! `day` (the daily window) · `cache` · `inject` (the key in) ·
+//! `scrub` (the key out, in every encoding) · `forward` (the upstream client) · `respond` (outcomes as
 //! answers) · `counts` (request counting) · `alert` (budget alerts) ·
 //! `server`, `conns` and `tls` (the listener and its bounds).
 
@@ -29,6 +29,7 @@ mod pipeline;
 pub mod policy;
 pub mod respond;
 pub mod route;
+pub mod scrub;
 pub mod server;
 pub mod tls;
 

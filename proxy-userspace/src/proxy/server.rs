@@ -143,8 +143,16 @@ impl Conn {
         let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
         tokio::pin!(conn);
         tokio::select! {
-            _ = &mut conn => return,
+            biased;
             () = first.notified() => {}
+            _ = &mut conn => {
+                // hyper's own HTTP/1 head timer (the same length, started
+                // a little later) may end it first: still a head timeout.
+                if Instant::now() >= self.deadline {
+                    self.fwd.conns.count(Reason::HeadTimeout);
+                }
+                return;
+            }
             () = tokio::time::sleep_until(self.deadline) => {
                 self.fwd.conns.count(Reason::HeadTimeout);
                 return;
