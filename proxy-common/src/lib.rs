@@ -72,15 +72,26 @@ pub enum Reason {
     UnderRate = 4,
     /// A header was truncated or garbled; passed untouched, never dropped.
     Malformed = 5,
+    /// A SYN from a source not in the table while the admission bucket is
+    /// spent: passed without a table entry, to the kernel's own SYN cookies
+    /// (a spoofed flood of new sources must not lock new visitors out).
+    Untracked = 6,
 }
 
 /// Number of [`Reason`] values.
-pub const REASON_COUNT: u32 = 6;
+pub const REASON_COUNT: u32 = 7;
 
 impl Reason {
     /// Every reason, in discriminant order.
-    pub const ALL: [Reason; REASON_COUNT as usize] =
-        [Reason::Unguarded, Reason::Allowed, Reason::Denied, Reason::Rate, Reason::UnderRate, Reason::Malformed];
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::Unguarded,
+        Reason::Allowed,
+        Reason::Denied,
+        Reason::Rate,
+        Reason::UnderRate,
+        Reason::Malformed,
+        Reason::Untracked,
+    ];
 
     /// The metric label and CLI name.
     pub const fn name(self) -> &'static str {
@@ -91,6 +102,7 @@ impl Reason {
             Reason::Rate => "rate",
             Reason::UnderRate => "under_rate",
             Reason::Malformed => "malformed",
+            Reason::Untracked => "untracked",
         }
     }
 
@@ -99,7 +111,9 @@ impl Reason {
     pub const fn verdict(self) -> Action {
         match self {
             Reason::Denied | Reason::Rate => Action::Drop,
-            Reason::Unguarded | Reason::Allowed | Reason::UnderRate | Reason::Malformed => Action::Pass,
+            Reason::Unguarded | Reason::Allowed | Reason::UnderRate | Reason::Malformed | Reason::Untracked => {
+                Action::Pass
+            }
         }
     }
 }
