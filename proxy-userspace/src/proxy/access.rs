@@ -51,8 +51,22 @@ impl Origins {
 
     fn allows(&self, url: &str) -> bool {
         let u = url.trim().to_ascii_lowercase();
-        let at_boundary =
-            |p: &str| u.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#', ':']));
+        // Browsers never send user info; `https://allowed:@evil` is evil's.
+        let authority = u.split_once("://").map_or("", |(_, r)| r.split(['/', '?', '#']).next().unwrap_or(""));
+        if authority.contains('@') {
+            return false;
+        }
+        let at_boundary = |p: &str| {
+            u.strip_prefix(p).is_some_and(|rest| {
+                rest.is_empty()
+                    || rest.starts_with(['/', '?', '#'])
+                    || rest.strip_prefix(':').is_some_and(|port| {
+                        port.split(['/', '?', '#'])
+                            .next()
+                            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                    })
+            })
+        };
         if self.prefixes.iter().any(|p| at_boundary(p)) {
             return true;
         }
@@ -215,6 +229,11 @@ mod tests {
         assert!(ok(&[("origin", "https://www.example.com")]));
         assert!(ok(&[("origin", "https://WWW.example.com:443")]));
         assert!(!ok(&[("origin", "https://www.example.com.evil.net")]));
+        // User info makes the host another one (found by the fuzzer).
+        assert!(!ok(&[("origin", "https://www.example.com:@evil.net")]));
+        assert!(!ok(&[("origin", "https://www.example.com@evil.net")]));
+        assert!(!ok(&[("origin", "https://evil.net@example.org")]));
+        assert!(!ok(&[("origin", "https://www.example.com:x")]));
         assert!(!ok(&[("origin", "http://www.example.com")]));
         assert!(ok(&[("origin", "https://example.org")]));
         assert!(ok(&[("origin", "http://shop.example.org")]));

@@ -51,6 +51,31 @@ pub enum PolicyError {
     TokenKeys(#[from] crate::token::keys::KeyFileError),
 }
 
+impl PolicyError {
+    /// The table an error is about, when it is about one.
+    fn table(&self) -> Option<&'static str> {
+        match self {
+            PolicyError::Key(_) | PolicyError::Upstream(_) | PolicyError::Header(_) => Some("[upstream]"),
+            _ => None,
+        }
+    }
+}
+
+/// Where the line that opens `table` (e.g. `[upstream]`) is in `text`.
+fn table_span(text: &str, table: &str) -> Option<Range<usize>> {
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        let rest = t.strip_prefix(table).map(str::trim);
+        if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
+            let start = at + (line.len() - t.len());
+            return Some(start..start + table.len());
+        }
+        at += line.len();
+    }
+    None
+}
+
 /// Page tokens as configured: the key ring (loaded when the policy is
 /// built, so a reload picks up a rotated file) and the settings.
 #[derive(Debug, Clone)]
@@ -303,7 +328,11 @@ impl Loaded {
     /// Parse and compile `text`, naming `path` in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         let config = Config::parse(path, text)?;
-        let compiled = Compiled::new(&config).map_err(|e| ConfigError::at(path, text, e.span, e.error.to_string()))?;
+        let compiled = Compiled::new(&config).map_err(|e| {
+            // An unspanned error about one table points at its header.
+            let span = e.span.or_else(|| e.error.table().and_then(|t| table_span(text, t)));
+            ConfigError::at(path, text, span, e.error.to_string())
+        })?;
         Ok(Loaded { config, compiled })
     }
 

@@ -41,6 +41,8 @@ pub struct Scrubber {
     key: Vec<u8>,
     /// Base64 forms, matched exactly.
     b64: Vec<Vec<u8>>,
+    /// Bytes a form can start with; every other position is skipped.
+    starts: [bool; 256],
 }
 
 impl std::fmt::Debug for Scrubber {
@@ -70,11 +72,24 @@ impl Scrubber {
                 b64.push(n);
             }
         }
-        Scrubber { key: key.as_bytes().to_vec(), b64 }
+        let mut starts = [false; 256];
+        let first = key.as_bytes().first().copied().unwrap_or(b'%');
+        for b in [first.to_ascii_lowercase(), first.to_ascii_uppercase(), b'%', b'\\', b'&', b'+']
+            .into_iter()
+            .chain(b64.iter().filter_map(|n| n.first().copied()))
+        {
+            if let Some(s) = starts.get_mut(usize::from(b)) {
+                *s = true;
+            }
+        }
+        Scrubber { key: key.as_bytes().to_vec(), b64, starts }
     }
 
     /// The end of a form of the key starting at `hay[at]`, if one does.
     fn match_at(&self, hay: &[u8], at: usize) -> Option<usize> {
+        if !hay.get(at).is_some_and(|b| self.starts.get(usize::from(*b)).copied().unwrap_or(false)) {
+            return None;
+        }
         if let Some(end) = match_key(&self.key, hay, at) {
             return Some(end);
         }
