@@ -4,6 +4,12 @@
 //! the daemon both call the functions here, so the arithmetic that decides a
 //! drop is the arithmetic the host unit tests check.
 #![no_std]
+// The kernel runs this code: no panic, no unchecked indexing or arithmetic
+// (the host tests may use them).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects, clippy::panic, clippy::unwrap_used)
+)]
 
 pub mod bucket;
 pub mod prefix;
@@ -147,8 +153,8 @@ pub const STATS_LEN: u32 = REASON_COUNT * 2;
 /// Index of the (action, reason) counter in `STATS`.
 #[inline(always)]
 pub const fn stat_index(action: Action, reason: Reason) -> u32 {
-    // Both factors are tiny enums; cannot overflow.
-    (reason as u32) * 2 + action as u32
+    // Both factors are tiny enums: cannot overflow, so wrapping is exact.
+    (reason as u32).wrapping_mul(2).wrapping_add(action as u32)
 }
 
 /// One per-CPU counter slot.
@@ -266,14 +272,15 @@ const _: () = assert!(core::mem::size_of::<AllowValue>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with no
-    // implicit padding (sizes asserted above).
-    unsafe impl aya::Pod for super::Counter {}
-    unsafe impl aya::Pod for super::XdpConfig {}
-    unsafe impl aya::Pod for super::SourceKey {}
-    unsafe impl aya::Pod for super::Bucket {}
-    unsafe impl aya::Pod for super::DenyValue {}
-    unsafe impl aya::Pod for super::AllowValue {}
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: the type is #[repr(C)], Copy, made only of integers,
+            // with no implicit padding (sizes asserted above): every bit
+            // pattern is a valid value.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(super::Counter, super::XdpConfig, super::SourceKey, super::Bucket, super::DenyValue, super::AllowValue);
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 //! here; parsing in `parse`, the allow/deny/rate decision in `policy`.
 #![no_std]
 #![no_main]
+// The verifier and the packet path: no panic, no unchecked indexing or
+// arithmetic anywhere in the program.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects, clippy::panic, clippy::unwrap_used)]
 
 mod parse;
 mod policy;

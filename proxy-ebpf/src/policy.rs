@@ -1,6 +1,6 @@
 //! The decision for a parsed packet, in order: unguarded port → pass; deny
-//! list (unexpired) → drop; allow list → pass (the contract's order: a
-//! deny inside an allowed network wins); then the buckets. A packet whose
+//! list (unexpired) → drop; allow list → pass (a deny inside an allowed
+//! network wins; docs/kernel.md); then the buckets. A packet whose
 //! source is known but whose port is not (cut short, too many IPv6
 //! extension headers) meets the deny list and its source's buckets too, and
 //! passes as `malformed` when under them: it cannot be a way around either.
@@ -121,11 +121,11 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
 /// Give `own` a per-source entry.
 #[inline(always)]
 fn track(cfg: &XdpConfig, own: &SourceKey, now: u64) {
-    if SOURCES.insert(own, &Bucket::fresh(&cfg.source, now), BPF_NOEXIST).is_ok() {
-        if let Some(n) = NEW_SOURCES.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot.
-            unsafe { *n = (*n).wrapping_add(1) };
-        }
+    if SOURCES.insert(own, Bucket::fresh(&cfg.source, now), BPF_NOEXIST).is_ok()
+        && let Some(n) = NEW_SOURCES.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot.
+        unsafe { *n = (*n).wrapping_add(1) };
     }
 }
 
@@ -196,12 +196,11 @@ fn lists<K>(
     key: &Key<K>,
     now: u64,
 ) -> Option<Reason> {
-    if cfg.flags & FLAG_HAS_DENY != 0 {
-        if let Some(d) = deny.get(key) {
-            if d.active(now) {
-                return Some(Reason::Denied);
-            }
-        }
+    if cfg.flags & FLAG_HAS_DENY != 0
+        && let Some(d) = deny.get(key)
+        && d.active(now)
+    {
+        return Some(Reason::Denied);
     }
     if cfg.flags & FLAG_HAS_ALLOW != 0 && allow.get(key).is_some() {
         return Some(Reason::Allowed);
@@ -228,6 +227,6 @@ fn charge(p: &Params, wide: &SourceKey, now: u64) -> bool {
         return unsafe { &mut *b }.take(p, now);
     }
     // Losing a race to another CPU only means that CPU's entry wins.
-    let _ = AGGREGATES.insert(wide, &Bucket::fresh(p, now), BPF_NOEXIST);
+    let _ = AGGREGATES.insert(wide, Bucket::fresh(p, now), BPF_NOEXIST);
     true
 }

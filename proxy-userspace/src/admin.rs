@@ -213,6 +213,20 @@ pub struct ForwarderStatus {
     /// With `limits.dry_run`: refusals that would have happened.
     #[serde(default)]
     pub dry_run_would_refuse: Vec<RequestCount>,
+    /// With `limits.pace`: what the pace has released by now.
+    #[serde(default)]
+    pub released_micros: Option<u64>,
+    /// When the budget runs out at today's average spend rate, if before the reset.
+    #[serde(default)]
+    pub runs_out_unix: Option<i64>,
+    /// Page tokens: `off`, `optional` or `required`, and the proof-of-work mode.
+    #[serde(default)]
+    pub tokens: String,
+    #[serde(default)]
+    pub pow: String,
+    /// Tokens with calls counted today (live).
+    #[serde(default)]
+    pub live_tokens: usize,
 }
 
 /// Requests per route and outcome since start.

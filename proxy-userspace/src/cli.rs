@@ -398,6 +398,13 @@ fn print_status(s: &Status) {
         let bar = if std::io::stdout().is_terminal() && frac >= 0.9 { format!("\x1b[31m{bar}\x1b[0m") } else { bar };
         println!("  {:<11} {} {} of {} {bar} {:.0}%", "spend", f.spent, f.currency, f.budget, frac * 100.0);
         println!("  {:<11} in {} (day {})", "reset", until(f.reset_unix), f.day);
+        if let Some(r) = f.released_micros {
+            println!("  {:<11} {} {} released so far", "pace", crate::proxy::limit::format_amount(r), f.currency);
+        }
+        if let Some(t) = f.runs_out_unix {
+            println!("  {:<11} at this pace the budget runs out in {}", "velocity", until(t));
+        }
+        println!("  {:<11} {} (proof-of-work {}), {} live", "tokens", f.tokens, f.pow, f.live_tokens);
         println!("  {:<11} {} raised today", "alerts", f.alerts_raised);
         println!(
             "  {:<11} {} clients today; cache {} hits, {} misses",

@@ -547,10 +547,10 @@ impl Config {
         if access.require_token && access.token.keys_file.is_none() {
             return Err(invalid(here(), "[access] require_token needs [access.token] keys_file".into()));
         }
-        if let Some(u) = &cfg.upstream {
-            if u.key_env.is_some() == u.key_file.is_some() {
-                return Err(invalid(None, "[upstream] set exactly one of key_env and key_file".into()));
-            }
+        if let Some(u) = &cfg.upstream
+            && u.key_env.is_some() == u.key_file.is_some()
+        {
+            return Err(invalid(None, "[upstream] set exactly one of key_env and key_file".into()));
         }
         if cfg.listen.as_ref().is_some_and(|l| l.head_timeout.0.is_zero()) {
             return Err(invalid(None, "[listen] head_timeout must be more than 0s".into()));

@@ -9,9 +9,11 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{proxy::limit::DayCounts, units::Cidr};
+use crate::{proxy::limit::DayCounts, token::allowance::AllowanceEntry, units::Cidr};
 
 const DAY: TableDefinition<'static, &'static str, u64> = TableDefinition::new("day");
+/// Page-token call counts: nonce → `expiry << 32 | used`.
+const TOKENS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("tokens");
 
 /// A list the operator manages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +69,10 @@ pub trait ListStore: Send + Sync {
     fn remove(&self, list: List, cidr: &Cidr) -> Result<bool, StoreError>;
     /// All entries of a list, in CIDR text order.
     fn entries(&self, list: List) -> Result<Vec<Entry>, StoreError>;
+    /// Replace the persisted page-token call counts with `entries`.
+    fn save_tokens(&self, entries: &[AllowanceEntry]) -> Result<(), StoreError>;
+    /// The persisted page-token call counts.
+    fn load_tokens(&self) -> Result<Vec<AllowanceEntry>, StoreError>;
     /// Replace the persisted counters of the day with `c`.
     fn save_day(&self, c: &DayCounts) -> Result<(), StoreError>;
     /// The persisted counters, whatever day they are for.
@@ -141,6 +147,37 @@ impl ListStore for Embedded {
 
     fn load_day(&self) -> Result<Option<DayCounts>, StoreError> {
         self.read_day()
+    }
+
+    fn save_tokens(&self, entries: &[AllowanceEntry]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.delete_table(TOKENS)?;
+        {
+            let mut t = tx.open_table(TOKENS)?;
+            for e in entries {
+                let (k, v) = e.to_kv();
+                t.insert(k.as_str(), v)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn load_tokens(&self) -> Result<Vec<AllowanceEntry>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            if let Some(e) = AllowanceEntry::from_kv(k.value(), v.value()) {
+                out.push(e);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -4,10 +4,12 @@
 //! removed on drop, also when a test fails.
 
 pub mod bench;
+pub mod browser;
 pub mod daemon;
 pub mod frame;
 pub mod fwd;
 pub mod netns;
+pub mod tokenpage;
 pub mod upstream;
 pub mod wire;
 

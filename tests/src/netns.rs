@@ -84,6 +84,31 @@ impl Topology {
         ip(&["-n", &self.client_ns, "addr", "add", &format!("{addr}/24"), "dev", &self.client_if]);
     }
 
+    /// Give the client an address in another network (`addr/32`), routed
+    /// both ways over the veth: a client from elsewhere on the internet.
+    pub fn add_client_network(&self, addr: Ipv4Addr) {
+        ip(&["-n", &self.client_ns, "addr", "add", &format!("{addr}/32"), "dev", &self.client_if]);
+        ip(&["-n", &self.server_ns, "route", "add", &format!("{addr}/32"), "dev", &self.server_if]);
+    }
+
+    /// Give the client many addresses at once (`addr/32` or `addr/128`, each
+    /// routed back from the server): one `ip -batch` per namespace.
+    pub fn add_client_hosts(&self, addrs: &[std::net::IpAddr]) {
+        let mut client = String::new();
+        let mut server = String::new();
+        for a in addrs {
+            let (len, nodad) = if a.is_ipv4() { (32, "") } else { (128, " nodad") };
+            client.push_str(&format!("addr add {a}/{len} dev {}{nodad}\n", self.client_if));
+            server.push_str(&format!("route add {a}/{len} dev {}\n", self.server_if));
+        }
+        for (ns, batch) in [(&self.client_ns, client), (&self.server_ns, server)] {
+            let file = std::env::temp_dir().join(format!("{ns}.batch"));
+            std::fs::write(&file, batch).expect("batch file");
+            ip(&["-n", ns, "-batch", &file.display().to_string()]);
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+
     /// MACs for frames sent from the client to the server.
     pub fn macs(&self) -> Macs {
         Macs { src: CLIENT_MAC, dst: SERVER_MAC }

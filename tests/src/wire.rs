@@ -227,11 +227,20 @@ pub fn http_raw_in(
     port: u16,
     request: &[u8],
 ) -> std::io::Result<HttpAnswer> {
+    http_raw_at(client_ns, src.map(std::net::IpAddr::V4), std::net::SocketAddr::from((SERVER_V4, port)), request)
+}
+
+/// Like [`http_raw_in`], to any address (IPv4 or IPv6) from any source.
+pub fn http_raw_at(
+    client_ns: &str,
+    src: Option<std::net::IpAddr>,
+    addr: std::net::SocketAddr,
+    request: &[u8],
+) -> std::io::Result<HttpAnswer> {
     use std::io::{Read as _, Write as _};
-    let addr = std::net::SocketAddr::from((SERVER_V4, port));
     let request = request.to_vec();
     netns::in_ns(client_ns, move || {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
         if let Some(ip) = src {
             sock.bind(&std::net::SocketAddr::from((ip, 0)).into())?;
         }

@@ -29,8 +29,11 @@ fn scrape(t: &Topology) -> String {
     })
 }
 
+/// A series: its name and its sorted labels.
+type Series = (String, Vec<(String, String)>);
+
 /// Parse Prometheus text into (name, labels) → value.
-fn series(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
+fn series(text: &str) -> HashMap<Series, f64> {
     let mut m = HashMap::new();
     for line in text.lines().filter(|l| l.starts_with("keyward_")) {
         let Some((head, value)) = line.rsplit_once(' ') else { continue };
@@ -52,7 +55,7 @@ fn series(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
     m
 }
 
-fn get(m: &HashMap<(String, Vec<(String, String)>), f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+fn get(m: &HashMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut l: Vec<(String, String)> = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     l.sort();
     *m.get(&(name.to_owned(), l)).unwrap_or_else(|| panic!("no series {name}{labels:?}"))

@@ -147,7 +147,7 @@ fn allow_list_skips_rate_and_deny_wins_over_allow() {
     for _ in 0..50 {
         h.expect("allowed", &syn(SRC), XDP_PASS, "pass", "allowed");
     }
-    // The contract's order: a deny inside an allowed network wins.
+    // The documented order (docs/kernel.md): a deny inside an allowed network wins.
     let bad: Cidr = "192.0.2.10/32".parse().unwrap();
     h.dp.list_insert(List::Deny, &bad, 0).unwrap();
     h.expect("denied inside allowed", &syn(SRC), XDP_DROP, "drop", "denied");

@@ -1,11 +1,14 @@
 //! `cargo xtask`: what a plain `cargo` command cannot do by itself. `setup`
-//! installs the BPF toolchain idempotently (the recipe of
-//! ../shared/notes/bpf-toolchain.md, as code); `test` and `demo` run setup
-//! first, so the README's two commands work on a fresh machine.
+//! installs the BPF toolchain idempotently (README, Building, as code);
+//! `lint`, `test` and `demo` run setup first, so the README's commands work
+//! on a fresh machine.
 
 mod setup;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -22,6 +25,10 @@ enum Cmd {
     /// Install what the build needs (Debian packages, bpf-linker for LLVM 22,
     /// the `debian-bpf` toolchain link) and mount bpffs. Quick when done.
     Setup,
+    /// Setup, then check formatting (`cargo fmt --check`) and run clippy with
+    /// `-D warnings` over every crate: the host crates with all their targets,
+    /// the eBPF crates for the BPF target with the toolchain that builds them.
+    Lint,
     /// Setup, build, then run every test: host unit tests, BPF_PROG_TEST_RUN
     /// tests and network-namespace end-to-end tests (needs root).
     Test {
@@ -53,32 +60,25 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Lint => {
+            setup::run()?;
+            lint()
+        }
         Cmd::Test { args } => {
             setup::run()?;
             sweep_stale_namespaces();
             cargo(&["build", "--package", "keyward", "--bins"])?;
-            let mut a = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
+            let mut a = vec!["test", "--workspace"];
+            for p in EBPF_CRATES {
+                a.extend(["--exclude", p]);
+            }
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
         }
         Cmd::Dist => {
             setup::run()?;
             cargo(&["build", "--release", "--package", "keyward", "--bins"])?;
-            let root = workspace_root();
-            let out = root.join("target/dist");
-            let _ = std::fs::remove_dir_all(&out);
-            std::fs::create_dir_all(&out)?;
-            for (from, to) in [
-                ("target/release/keyward", "keyward"),
-                ("docs/keyward.example.toml", "keyward.toml.example"),
-                ("dist/keyward.service", "keyward.service"),
-                ("README.md", "README.md"),
-            ] {
-                std::fs::copy(root.join(from), out.join(to)).with_context(|| format!("copying {from}"))?;
-            }
-            eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md", out.display());
-            eprintln!("    install: see README.md, \"Install on a host\"");
-            Ok(())
+            dist()
         }
         Cmd::Bench { quick, tier } => {
             setup::run()?;
@@ -109,17 +109,90 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `cargo xtask dist`: the release binary with what an operator needs beside
+/// it, in `target/dist/`.
+fn dist() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let out = root.join("target/dist");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("docs"))?;
+    let mut files: Vec<(PathBuf, PathBuf)> = [
+        ("target/release/keyward", "keyward"),
+        ("docs/keyward.example.toml", "keyward.toml.example"),
+        ("dist/keyward.service", "keyward.service"),
+        ("README.md", "README.md"),
+        ("LICENSE-MIT", "LICENSE-MIT"),
+        ("LICENSE-APACHE", "LICENSE-APACHE"),
+        ("LICENSE-GPL-2.0", "LICENSE-GPL-2.0"),
+    ]
+    .into_iter()
+    .map(|(from, to)| (root.join(from), out.join(to)))
+    .collect();
+    // The reference, so that the README's links work in the bundle too.
+    for e in std::fs::read_dir(root.join("docs")).context("reading docs/")? {
+        let e = e?;
+        files.push((e.path(), out.join("docs").join(e.file_name())));
+    }
+    for (from, to) in files {
+        std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+    }
+    eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md, docs/, LICENSE-*", out.display());
+    eprintln!("    install: see README.md, \"Install on a host\"");
+    Ok(())
+}
+
+/// The crates that build for the BPF target only (from build scripts): never
+/// part of a host build, test run or host clippy.
+const EBPF_CRATES: [&str; 2] = ["proxy-ebpf", "keyward-bench-ebpf"];
+
+/// `cargo xtask lint`. The eBPF crates are linted for `bpfel-unknown-none`
+/// with the toolchain that builds them (`debian-bpf`, whose clippy is
+/// Debian's rust-web-clippy), in their own target directory so the two
+/// toolchains do not invalidate each other's builds. Every step runs, so
+/// one report shows every finding.
+fn lint() -> anyhow::Result<()> {
+    let fmt = cargo(&["fmt", "--all", "--", "--check"]);
+    let mut host = vec!["clippy", "--workspace", "--all-targets"];
+    for p in EBPF_CRATES {
+        host.extend(["--exclude", p]);
+    }
+    host.extend(["--", "-D", "warnings"]);
+    let host = cargo(&host);
+    let mut bpf = vec!["run", setup::TOOLCHAIN, "cargo", "clippy", "--release", "--target", "bpfel-unknown-none"];
+    bpf.extend(["--target-dir", "target/lint-bpf"]);
+    for p in EBPF_CRATES {
+        bpf.extend(["--package", p]);
+    }
+    bpf.extend(["--", "-D", "warnings"]);
+    let bpf = run("rustup", &bpf);
+    let failed: Vec<String> = [fmt, host, bpf].into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+    if !failed.is_empty() {
+        bail!("lint failed:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
+}
+
 /// Run cargo (the one that runs us) with `args` in the workspace root.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("==> cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
+    run(&cargo, args)
+}
+
+/// Run `program` with `args` in the workspace root; an error names the command.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let shown = format!(
+        "{} {}",
+        Path::new(program).file_name().map_or(program.into(), |n| n.to_string_lossy()),
+        args.join(" ")
+    );
+    eprintln!("==> {shown}");
+    let status = Command::new(program)
         .args(args)
         .current_dir(workspace_root())
         .status()
-        .with_context(|| format!("running {cargo}"))?;
+        .with_context(|| format!("running {program}"))?;
     if !status.success() {
-        bail!("cargo {} failed ({status})", args.join(" "));
+        bail!("{shown} failed ({status})");
     }
     Ok(())
 }

@@ -1,18 +1,22 @@
-//! Idempotent install of the BPF build toolchain on Debian 12, as verified in
-//! ../shared/notes/bpf-toolchain.md: Debian's rustc 1.96 with a prebuilt
+//! Idempotent install of the BPF build toolchain on Debian 12 (README,
+//! Building): Debian's rustc 1.96 (and its clippy) with a prebuilt
 //! `core` for `bpfel-unknown-none` (no rust-src needed), bpf-linker 0.13.0
 //! built against LLVM 22, and that toolchain linked into rustup as
 //! `debian-bpf`. Each step checks first, so a second run takes a second.
+//! Also Debian's Chromium, for the real-browser tests of the page script.
 //! Fails with one sentence where it cannot proceed.
 
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
+/// `rust-web-clippy` is the clippy of that rustc, for `cargo xtask lint` on
+/// the eBPF crates.
 const PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
+    &["rustc-web", "cargo-web", "rust-web-clippy", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const TOOLCHAIN: &str = "debian-bpf";
+/// The rustup name of the toolchain that builds (and lints) the eBPF crates.
+pub const TOOLCHAIN: &str = "debian-bpf";
 
 pub fn run() -> anyhow::Result<()> {
     check_platform()?;
@@ -20,6 +24,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     toolchain_link()?;
     bpffs();
+    browser()?;
     eprintln!("==> setup: BPF toolchain ready");
     Ok(())
 }
@@ -113,6 +118,28 @@ fn packages() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Debian's Chromium (and a font for screenshots), for the real-browser tests
+/// of the page script (tests/src/browser.rs).
+fn browser() -> anyhow::Result<()> {
+    const BROWSER: &[&str] = &["chromium", "fonts-dejavu-core"];
+    let missing: Vec<&str> = BROWSER.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the browser tests need {}: run cargo xtask setup as root, or `apt-get install {}` yourself",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("==> setup: apt-get install {} (the browser tests drive headless Chromium)", missing.join(" "));
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args).map_err(|e| anyhow::anyhow!("{e}; the browser tests cannot run without Debian's chromium"))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

@@ -170,6 +170,7 @@ impl Daemon {
         let (forwarder, escalations) = match policy {
             Some(p) => {
                 let h = Forwarder::new(p, clock.clone(), store.load_day()?);
+                h.forwarder.token_allowance().restore(store.load_tokens()?, clock.unix_secs());
                 (Some(h.forwarder), Some(h.escalations))
             }
             None => (None, None),

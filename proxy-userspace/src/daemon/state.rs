@@ -140,6 +140,11 @@ impl State {
                     Err(e) => warn!(error = %e, "saving today's counters"),
                 }
             }
+            if let Some(t) = f.token_allowance().take_dirty(self.clock.unix_secs())
+                && let Err(e) = self.store.save_tokens(&t)
+            {
+                warn!(error = %e, "saving page-token call counts");
+            }
         }
     }
 

@@ -95,6 +95,7 @@ impl State {
         let (counts, window) = f.limiter().today(now);
         let limits = f.limiter().limits();
         let (hits, misses, _, _) = f.cache().stats();
+        let velocity = f.limiter().velocity(now);
         let rows = |m: std::collections::HashMap<(String, crate::proxy::respond::Outcome), u64>| {
             let mut v: Vec<RequestCount> = m
                 .into_iter()
@@ -119,6 +120,11 @@ impl State {
             cache_misses: misses,
             requests: rows(f.counts().0),
             dry_run_would_refuse: rows(f.would_refuse()),
+            released_micros: limits.pace.map(|_| velocity.released),
+            runs_out_unix: velocity.runs_out,
+            tokens: f.token_mode().0.to_owned(),
+            pow: f.token_mode().1.to_owned(),
+            live_tokens: f.token_allowance().len(),
         }
     }
 }

@@ -23,10 +23,6 @@ use crate::config::{AttachMode, Xdp as XdpConfig};
 /// The XDP object built by `build.rs`, embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
-/// The benchmark programs (floor, baseline drop, live-frames generators),
-/// built from the same crate; only `cargo xtask bench` loads them.
-pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyward-bench-xdp"));
-
 /// Why the data plane could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -97,7 +97,9 @@ impl Origins {
             }
             (_, Some(r)) => {
                 if self.allows(r) {
-                    OriginCheck::Allowed(None)
+                    // Same-origin GETs carry no Origin: the page is the
+                    // Referer's origin (what a token is bound to).
+                    OriginCheck::Allowed(origin_of(r))
                 } else {
                     OriginCheck::Refused
                 }
@@ -117,6 +119,14 @@ fn single(headers: &HeaderMap, name: http::header::HeaderName) -> Option<Option<
         (Some(v), None) => v.to_str().ok().map(Some),
         (Some(_), Some(_)) => None,
     }
+}
+
+/// `scheme://host[:port]` of a URL, lower-cased.
+fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.trim().split_once("://")?;
+    let auth = rest.split(['/', '?', '#']).next()?;
+    let auth = auth.rsplit('@').next()?;
+    (!auth.is_empty()).then(|| format!("{scheme}://{auth}").to_ascii_lowercase())
 }
 
 /// The host of `scheme://host[:port]/...`.
@@ -151,12 +161,11 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr], from: Forw
         let Ok(v) = v.to_str() else { continue };
         for elem in v.split(',') {
             for pair in elem.split(';') {
-                if let Some((k, val)) = pair.trim().split_once('=') {
-                    if k.eq_ignore_ascii_case("for") {
-                        if let Some(ip) = parse_node(val) {
-                            hops.push(ip);
-                        }
-                    }
+                if let Some((k, val)) = pair.trim().split_once('=')
+                    && k.eq_ignore_ascii_case("for")
+                    && let Some(ip) = parse_node(val)
+                {
+                    hops.push(ip);
                 }
             }
         }

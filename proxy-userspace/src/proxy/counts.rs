@@ -5,6 +5,11 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter},
+};
+
 use super::respond::Outcome;
 
 /// The label of requests that matched no route.
@@ -67,6 +72,45 @@ impl Counts {
             })
             .collect();
         (requests, c.upstream.clone())
+    }
+
+    /// Encode the three counter families straight from the counts, under
+    /// their lock (a few entries per route: nothing is copied).
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.lock();
+        let mut m = enc.encode_descriptor(
+            "keyward_requests",
+            "Requests answered, by route and outcome (forwarded, cache_hit, or the refusal's type suffix).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (route, per) in &c.requests {
+            for (o, n) in Outcome::ALL.iter().zip(per).filter(|(_, n)| **n > 0) {
+                ConstCounter::new(*n).encode(m.encode_family(&[("route", route.as_str()), ("outcome", o.name())])?)?;
+            }
+        }
+        if !c.would_refuse.is_empty() {
+            let mut m = enc.encode_descriptor(
+                "keyward_dry_run_would_refuse",
+                "With limits.dry_run: requests that would have been refused, by route and outcome.",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((route, o), n) in &c.would_refuse {
+                ConstCounter::new(*n).encode(m.encode_family(&[("route", route.as_str()), ("outcome", o.name())])?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "keyward_upstream_responses",
+            "Upstream answers, by route and status code.",
+            None,
+            MetricType::Counter,
+        )?;
+        let mut code = itoa::Buffer::new();
+        for ((route, c), n) in &c.upstream {
+            ConstCounter::new(*n).encode(m.encode_family(&[("route", route.as_str()), ("code", code.format(*c))])?)?;
+        }
+        Ok(())
     }
 
     /// Dry run's would-be refusals.

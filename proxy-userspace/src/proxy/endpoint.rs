@@ -75,11 +75,11 @@ impl Forwarder {
         let OriginCheck::Allowed(Some(origin)) = cors else {
             return Err(Refused::new(Outcome::OriginNotAllowed, "tokens are minted only for an allowed page"));
         };
-        if !self.allowed(client) {
-            if let Err(r) = self.limiter.rate(key, self.clock.monotonic_ns()) {
-                let super::limit::Refusal::Rate { retry_after } = r else { unreachable!("rate only") };
-                return Err(Refused::new(Outcome::RateLimited, "too many tokens asked for").retry(retry_after));
-            }
+        if !self.allowed(client)
+            && let Err(r) = self.limiter.rate(key, self.clock.monotonic_ns())
+        {
+            let super::limit::Refusal::Rate { retry_after } = r else { unreachable!("rate only") };
+            return Err(Refused::new(Outcome::RateLimited, "too many tokens asked for").retry(retry_after));
         }
         let answer = match (req.method().clone(), path.as_str()) {
             (Method::GET, "/.keyward/token") => {
@@ -100,7 +100,8 @@ impl Forwarder {
                 let sub = Submission::from_json(&body).map_err(pow_refusal)?;
                 rt.pow.redeem(&sub, &origin, client).map_err(pow_refusal)?;
                 let solved = rt.pow.config().solved_max_calls.map(std::num::NonZeroU32::get);
-                (json(StatusCode::OK, &rt.tokens.mint(&origin, client, Level::Pow, solved)), Outcome::TokenMinted)
+                let m = rt.tokens.mint(&origin, client, Level::Pow, solved);
+                (json(StatusCode::OK, &token::Issue::solved(m)), Outcome::TokenMinted)
             }
             _ => return Err(Refused::new(Outcome::NoRoute, "no such endpoint")),
         };

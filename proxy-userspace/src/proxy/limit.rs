@@ -160,6 +160,15 @@ pub struct Limiter {
     inner: Mutex<Inner>,
 }
 
+/// How fast the budget is going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Velocity {
+    /// What may have been spent by now (pacing), in micro-units.
+    pub released: u64,
+    /// When the budget runs out at today's average spend rate (Unix s).
+    pub runs_out: Option<i64>,
+}
+
 /// An alert threshold crossed by a charge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alert {
@@ -241,8 +250,10 @@ impl Limiter {
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
         let verdict = check(&l, &inner, ip, cost, exempt, now_unix);
-        if verdict.is_err() && !l.dry_run {
-            return Err(verdict.unwrap_err());
+        if let Err(e) = verdict
+            && !l.dry_run
+        {
+            return Err(e);
         }
         let day = inner.counts.day;
         let network = if exempt { None } else { l.prefix.map(|p| p.network(ip)) };
@@ -334,11 +345,35 @@ impl Limiter {
         Some(inner.counts.clone())
     }
 
+    /// Today's spend and window, without copying the per-client counts.
+    pub fn spent(&self, now_unix: i64) -> (u64, Window) {
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        (inner.counts.spent, inner.window)
+    }
+
     /// Today's counts and window.
     pub fn today(&self, now_unix: i64) -> (DayCounts, Window) {
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
         (inner.counts.clone(), inner.window)
+    }
+
+    /// Spend velocity: what the pace has released by `now` (the budget without
+    /// pacing), and when the budget runs out if spending goes on at today's
+    /// average rate (`None` before any spend, or when it lasts the day).
+    pub fn velocity(&self, now_unix: i64) -> Velocity {
+        let l = self.limits();
+        let (spent, w) = self.spent(now_unix);
+        let released = l.pace.map_or(l.budget, |p| p.released(l.budget, &w, now_unix));
+        let elapsed = (now_unix - w.start).max(1);
+        let runs_out = (spent > 0)
+            .then(|| {
+                let secs = u128::from(l.budget) * u128::try_from(elapsed).unwrap_or(1) / u128::from(spent);
+                w.start.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX))
+            })
+            .filter(|t| *t < w.end);
+        Velocity { released, runs_out }
     }
 
     /// Forget full buckets (their state equals a fresh one), bounding memory.
@@ -366,10 +401,10 @@ fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64, exempt: bool, now: i6
     if after > l.budget {
         return Err(Refusal::Budget { reset });
     }
-    if let Some(pace) = l.pace {
-        if after > pace.released(l.budget, &inner.window, now) {
-            return Err(Refusal::Paced { retry_after: pace.wait_for(l.budget, &inner.window, now, after) });
-        }
+    if let Some(pace) = l.pace
+        && after > pace.released(l.budget, &inner.window, now)
+    {
+        return Err(Refusal::Paced { retry_after: pace.wait_for(l.budget, &inner.window, now, after) });
     }
     Ok(())
 }

@@ -40,63 +40,18 @@ impl std::fmt::Debug for Scrape {
     }
 }
 
-type ByRoute<K> = std::collections::HashMap<(String, K), u64>;
-
-fn counter_family<K>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &str,
-    rows: &ByRoute<K>,
-    value: impl Fn(&K) -> String,
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for ((route, k), n) in rows {
-        let v = value(k);
-        let l = [("route", route.as_str()), (label, v.as_str())];
-        ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
-    }
-    Ok(())
-}
-
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let f = &self.fwd;
-        let (requests, upstream) = f.counts();
-        counter_family(
-            &mut enc,
-            "keyward_requests",
-            "Requests answered, by route and outcome (forwarded, cache_hit, or the refusal's type suffix).",
-            "outcome",
-            &requests,
-            |o| o.name().to_owned(),
-        )?;
-        let would = f.would_refuse();
-        if !would.is_empty() {
-            counter_family(
-                &mut enc,
-                "keyward_dry_run_would_refuse",
-                "With limits.dry_run: requests that would have been refused, by route and outcome.",
-                "outcome",
-                &would,
-                |o| o.name().to_owned(),
-            )?;
-        }
-        counter_family(
-            &mut enc,
-            "keyward_upstream_responses",
-            "Upstream answers, by route and status code.",
-            "code",
-            &upstream,
-            u16::to_string,
-        )?;
+        f.counts.encode(&mut enc)?;
         encode_conns(&mut enc, f.conns())?;
-        let (counts, window) = f.limiter().today(f.clock.unix_secs() as i64);
+        let now = f.clock.unix_secs() as i64;
+        let (spent, window) = f.limiter().spent(now);
         let currency = f.currency();
         let cur = [("currency", currency.as_str())];
         let micros = limit::MICROS as f64;
         for (name, help, v) in [
-            ("keyward_budget_spent", "Spent today, in the routes' cost unit.", counts.spent as f64 / micros),
+            ("keyward_budget_spent", "Spent today, in the routes' cost unit.", spent as f64 / micros),
             (
                 "keyward_budget_limit",
                 "The daily budget, in the routes' cost unit.",
@@ -106,6 +61,22 @@ impl Collector for Scrape {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(m.encode_family(&cur)?)?;
         }
+        let v = f.limiter().velocity(now);
+        {
+            let mut m = enc.encode_descriptor(
+                "keyward_budget_released",
+                "What the pace has released by now (the whole budget without pacing), in the cost unit.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(v.released as f64 / micros).encode(m.encode_family(&cur)?)?;
+        }
+        ConstGauge::new(v.runs_out.map_or(0.0, |t| t as f64)).encode(enc.encode_descriptor(
+            "keyward_budget_runs_out_timestamp",
+            "When the budget runs out at today's average spend rate (Unix time; 0 when it lasts the day).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?)?;
         ConstGauge::new(window.end as f64).encode(enc.encode_descriptor(
             "keyward_budget_reset_timestamp",
             "When today's counters reset (Unix time).",

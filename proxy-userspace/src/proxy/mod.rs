@@ -90,6 +90,7 @@ pub struct Handles {
 
 impl Forwarder {
     /// A forwarder for `policy`, starting from today's persisted counts.
+    #[expect(clippy::new_ret_no_self, reason = "the forwarder comes with the receiving end of its escalations")]
     pub fn new(policy: Policy, clock: Arc<dyn Clock>, restored: Option<limit::DayCounts>) -> Handles {
         let now = clock.unix_secs() as i64;
         let limiter = Limiter::new(policy.limits.clone(), policy.schedule.clone(), now, restored);
@@ -129,6 +130,23 @@ impl Forwarder {
 
     fn token_runtime(&self) -> Option<Arc<endpoint::TokenRuntime>> {
         self.token_rt.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Page tokens (`off`, `optional`, `required`) and proof-of-work mode
+    /// (`off`, `suspicious`, `always`), for status.
+    pub fn token_mode(&self) -> (&'static str, &'static str) {
+        use crate::token::config::PowMode;
+        match self.token_runtime() {
+            None => ("off", "off"),
+            Some(rt) => (
+                if rt.required { "required" } else { "optional" },
+                match rt.pow.config().mode {
+                    PowMode::Off => "off",
+                    PowMode::Suspicious => "suspicious",
+                    PowMode::Always => "always",
+                },
+            ),
+        }
     }
 
     /// Per-token call counts (for persistence and status).

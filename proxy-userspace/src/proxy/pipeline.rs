@@ -439,11 +439,11 @@ impl Forwarder {
             warn!(route = %call.route.name, error = %e, "upstream answer refused");
             Refused::new(Outcome::UpstreamUnavailable, "the upstream's answer could not be checked")
         })?;
-        if let (Some(ttl), Some(key)) = (call.route.cache_ttl, cache_key) {
-            if answer.status.is_success() {
-                let ttl_ns = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
-                self.cache.put(key, answer.status, headers.clone(), body.clone(), call.now_ns, ttl_ns);
-            }
+        if let (Some(ttl), Some(key)) = (call.route.cache_ttl, cache_key)
+            && answer.status.is_success()
+        {
+            let ttl_ns = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+            self.cache.put(key, answer.status, headers.clone(), body.clone(), call.now_ns, ttl_ns);
         }
         let mut r = Response::new(Full::new(body));
         *r.status_mut() = answer.status;
@@ -574,10 +574,10 @@ fn upstream_request(call: &Call<'_>, parts: &Parts, body: Bytes) -> Result<Reque
     }
     h.insert(header::USER_AGENT, HeaderValue::from_static(concat!("keyward/", env!("CARGO_PKG_VERSION"))));
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    if let Some(hn) = &p.client_ip_header {
-        if let Ok(v) = HeaderValue::from_str(&call.client.to_string()) {
-            h.insert(hn.clone(), v);
-        }
+    if let Some(hn) = &p.client_ip_header
+        && let Ok(v) = HeaderValue::from_str(&call.client.to_string())
+    {
+        h.insert(hn.clone(), v);
     }
     p.injector.headers(h);
     Ok(up)

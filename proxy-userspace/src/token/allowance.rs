@@ -53,6 +53,8 @@ struct Count {
 #[derive(Debug, Default)]
 pub struct Allowance {
     counts: Mutex<HashMap<Nonce, Count>>,
+    /// Changed since the last [`Allowance::take_dirty`].
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Allowance {
@@ -79,6 +81,7 @@ impl Allowance {
             return Err(TokenError::Exhausted);
         }
         c.used += 1;
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(max_calls - c.used)
     }
 
@@ -86,7 +89,13 @@ impl Allowance {
     pub fn refund(&self, nonce: Nonce) {
         if let Some(c) = self.lock().get_mut(&nonce) {
             c.used = c.used.saturating_sub(1);
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The live counts when they changed since the last call (persistence).
+    pub fn take_dirty(&self, now_unix: u64) -> Option<Vec<AllowanceEntry>> {
+        self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed).then(|| self.snapshot(now_unix))
     }
 
     /// Calls taken so far by `nonce`.

@@ -130,11 +130,15 @@ pub struct PowConfig {
     pub solved_max_calls: Option<NonZeroU32>,
 }
 
-/// Default KDF iterations per attempt (see [`PowConfig`] and the README's
-/// measurements).
+/// Default KDF iterations per attempt. With [`DEFAULT_COUNTER`] a token
+/// costs 5 M PBKDF2 iterations on average: Altcha's published rate for a
+/// Galaxy A14 (25 M iterations in 9.5 s on 4 threads) gives about 1.9 s there
+/// and about 1 s on a phone twice as fast; headless Chromium on the 2-core
+/// development machine took 0.8 to 1.1 s, and the native solver 0.7 to 1.1
+/// CPU-seconds (docs/page-tokens.md, "Cost").
 pub const DEFAULT_COST: u32 = 1_000;
-/// Default counter range.
-pub const DEFAULT_COUNTER: [u32; 2] = [100, 200];
+/// Default counter range (the client's work is uniform in it).
+pub const DEFAULT_COUNTER: [u32; 2] = [3_000, 7_000];
 
 impl Default for PowConfig {
     fn default() -> Self {

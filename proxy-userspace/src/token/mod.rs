@@ -29,7 +29,8 @@
 //!   {"payload":"<base64 of {\"challenge\":{…},\"solution\":{…}}>"}   (what <altcha-widget verifyurl=…> sends;
 //!                                                                    kw.js sends this too)
 //!   or {"challenge":{…as issued…},"solution":{"counter":1234,"derivedKey":"<64 hex>","time":812.5}}
-//!   200 {"token":…,"expires_in":…,"max_calls":…,"min_age":…,"level":"pow"}        ([`Minted`])
+//!   200 {"token":…,"expires_in":…,"max_calls":…,"min_age":…,"level":"pow","verified":true,"payload":"<the token>"}
+//!       ([`Issue::solved`]; `verified` and `payload` are what the Altcha widget reads)
 //!   403 problem+json challenge-invalid | challenge-expired | challenge-spent       ([`pow::PowError`])
 //! GET /.keyward/challenge          (optional, for <altcha-widget challenge="/.keyward/challenge">)
 //!   200 the bare Altcha challenge object (no "challenge" wrapper).
@@ -144,12 +145,32 @@ pub struct Minted {
     pub level: Level,
 }
 
-/// What `GET /.keyward/token` answers: a token, or a challenge to solve first.
+/// What the token endpoint answers: `GET` a token or a challenge to solve
+/// first; `POST` (a solution) a [`Issue::solved`] token.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(untagged)]
 pub enum Issue {
     Token(Minted),
-    Challenge { challenge: altcha::Challenge },
+    Challenge {
+        challenge: altcha::Challenge,
+    },
+    /// A token minted against a solution, with the two fields that make
+    /// `<altcha-widget verifyurl=…>` show "verified" and hand the token to
+    /// the page in its `verified` event (`payload`).
+    Solved {
+        #[serde(flatten)]
+        minted: Minted,
+        verified: bool,
+        payload: String,
+    },
+}
+
+impl Issue {
+    /// The answer to a redeemed solution.
+    pub fn solved(minted: Minted) -> Issue {
+        let payload = minted.token.clone();
+        Issue::Solved { minted, verified: true, payload }
+    }
 }
 
 /// A call admitted by its token (one call of its allowance taken).

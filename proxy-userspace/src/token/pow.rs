@@ -16,7 +16,9 @@ use std::{
     time::Duration,
 };
 
-use altcha::{Challenge, CreateChallengeOptions, Solution, SolveChallengeOptions, VerifySolutionOptions};
+/// The Altcha v2 challenge and solution types (JSON as the widget speaks it).
+pub use altcha::{Challenge, Solution};
+use altcha::{CreateChallengeOptions, SolveChallengeOptions, VerifySolutionOptions};
 use base64::Engine as _;
 use hmac::Mac as _;
 use serde::Deserialize;

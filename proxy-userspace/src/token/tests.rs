@@ -57,9 +57,12 @@ fn round_trip() {
     assert_eq!((a.level, a.max_calls, a.remaining), (Level::Pow, 300, 299));
     assert_ne!(a.nonce, claims.nonce, "each token has its own nonce");
     // The JSON the endpoint sends.
-    let j = serde_json::to_value(Issue::Token(m)).unwrap();
+    let j = serde_json::to_value(Issue::Token(m.clone())).unwrap();
     assert_eq!(j["level"], "plain");
     assert_eq!(j["expires_in"], 600);
+    assert!(j.get("verified").is_none());
+    let j = serde_json::to_value(Issue::solved(m.clone())).unwrap();
+    assert_eq!((&j["token"], &j["payload"], &j["verified"]), (&m.token.clone().into(), &m.token.into(), &true.into()));
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: keyward measured side by side with its peers in one
-//! run, on one topology, as ratios (../shared/notes/performance-anchors.md,
-//! Part C). Every tier interleaves its variants round by round and reports
-//! per-variant medians with min–max and per-round ratios against an in-run
-//! baseline. Figures are information, never pass/fail.
+//! run, on one topology, as ratios of CPU time per unit of work (README,
+//! Benchmarks). Every tier interleaves its variants round by round and
+//! reports per-variant medians with min–max and per-round ratios against an
+//! in-run baseline. Figures are information, never pass/fail.
 
 pub mod env;
 pub mod http;
@@ -11,6 +11,10 @@ pub mod packet;
 pub mod program;
 
 use serde_json::{Value, json};
+
+/// The benchmark's XDP programs (floor, baseline drop, live-frames
+/// generators from `tests/bench-ebpf`), built by this crate's build script.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keyward-bench-xdp"));
 
 /// Median, min and max of a sample.
 pub fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -48,7 +52,7 @@ pub fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;

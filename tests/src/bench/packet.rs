@@ -71,7 +71,7 @@ impl Generator {
         let frame = frame::tcp4(t.macs(), std::net::Ipv4Addr::new(10, 66, 0, 9), SERVER_V4, 40_000, PORT);
         netns::spawn_in_ns(&t.client_ns, move || {
             pin_self(0);
-            let mut ebpf = aya::Ebpf::load(keyward::dataplane::BENCH_OBJECT).expect("bench object");
+            let mut ebpf = aya::Ebpf::load(super::OBJECT).expect("bench object");
             for p in ["bench_tx", "bench_tx_spoof"] {
                 let x: &mut Xdp = ebpf.program_mut(p).expect(p).try_into().expect("xdp");
                 x.load().expect("load generator");
@@ -164,7 +164,7 @@ impl Variant {
 /// The receiver side of one variant, set up and counted.
 enum Receiver {
     Drop(aya::Ebpf),
-    Keyward(Dataplane),
+    Keyward(Box<Dataplane>),
     Netfilter,
 }
 
@@ -189,15 +189,15 @@ fn setup(t: &Topology, v: Variant) -> Receiver {
         Variant::XdpDrop => {
             let iface = t.server_if.clone();
             Receiver::Drop(netns::in_ns(&t.server_ns, move || {
-                let mut e = aya::Ebpf::load(keyward::dataplane::BENCH_OBJECT).expect("bench object");
+                let mut e = aya::Ebpf::load(super::OBJECT).expect("bench object");
                 let x: &mut Xdp = e.program_mut("bench_drop").unwrap().try_into().unwrap();
                 x.load().expect("load bench_drop");
                 x.attach(&iface, XdpMode::Driver).expect("attach bench_drop");
                 e
             }))
         }
-        Variant::KeywardOne | Variant::KeywardSpoof => Receiver::Keyward(keyward_dp(t, false)),
-        Variant::KeywardDeny => Receiver::Keyward(keyward_dp(t, true)),
+        Variant::KeywardOne | Variant::KeywardSpoof => Receiver::Keyward(Box::new(keyward_dp(t, false))),
+        Variant::KeywardDeny => Receiver::Keyward(Box::new(keyward_dp(t, true))),
         Variant::NftOne | Variant::NftSpoof => {
             let rules = format!(
                 "table netdev kwb {{\n  set persrc {{\n    type ipv4_addr\n    size 65536\n    flags dynamic,timeout\n    timeout 10s\n  }}\n  chain ingress {{\n    type filter hook ingress device \"{}\" priority 0; policy accept;\n    counter\n    ip protocol tcp update @persrc {{ ip saddr limit rate over 200/second burst 400 packets }} drop\n  }}\n}}",

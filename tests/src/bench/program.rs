@@ -47,13 +47,13 @@ fn each_ns(p: &Xdp, frames: &[Vec<u8>]) -> f64 {
 /// Fill a trie with `n` random prefixes (/8 to /32), plus `hit` at /32.
 fn fill(d: &mut Dataplane, list: List, n: usize, hit: Ipv4Addr, rng: &mut Rng) {
     for _ in 0..n.saturating_sub(1) {
-        let len = 8 + (rng.next() % 25) as u8;
-        let a = Ipv4Addr::from(rng.next() as u32);
+        let len = 8 + (rng.next_u64() % 25) as u8;
+        let a = Ipv4Addr::from(rng.next_u64() as u32);
         let masked = Ipv4Addr::from(proxy_common::prefix::mask_v4(a.octets(), u32::from(len)));
-        if let Ok(c) = format!("{masked}/{len}").parse::<Cidr>() {
-            if !c.contains(hit.into()) {
-                let _ = d.list_insert(list, &c, 0);
-            }
+        if let Ok(c) = format!("{masked}/{len}").parse::<Cidr>()
+            && !c.contains(hit.into())
+        {
+            let _ = d.list_insert(list, &c, 0);
         }
     }
     d.list_insert(list, &format!("{hit}/32").parse().unwrap(), 0).unwrap();
@@ -74,13 +74,13 @@ enum Kind {
 
 /// Run tier 1; returns the JSON and the markdown table.
 pub fn run(rounds: usize, repeat: u32, each: usize) -> (Value, String) {
-    let mut bench = aya::Ebpf::load(keyward::dataplane::BENCH_OBJECT).expect("bench object");
+    let mut bench = aya::Ebpf::load(super::OBJECT).expect("bench object");
     let floor: &mut Xdp = bench.program_mut("bench_pass").expect("bench_pass").try_into().expect("xdp");
     floor.load().expect("load bench_pass");
     let floor: &Xdp = bench.program("bench_pass").expect("bench_pass").try_into().expect("xdp");
 
     let open = "rate_pps = 1000000000\nburst = 1000000000\naggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 1000000000, burst = 1000000000 }";
-    let mut rng = Rng(0x6b65_7977_6172_64);
+    let mut rng = Rng(0x006b_6579_7761_7264);
     let mut sc: Vec<Scenario> = Vec::new();
     let udp = frame::udp4(Macs::TEST, SRC, DST, 40_000, 53, b"q");
     sc.push(Scenario { name: "unguarded (UDP to another port)".into(), dp: dp(open, 1024), kind: Kind::Repeat(udp) });

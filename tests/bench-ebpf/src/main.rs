@@ -1,5 +1,5 @@
-//! XDP programs for `cargo xtask bench`, built into a second object that
-//! the daemon never loads:
+//! XDP programs for `cargo xtask bench`, built by `keyward-tests`' build
+//! script into an object of their own that keyward never embeds nor loads:
 //! - `bench_pass` and `bench_drop`: the floor and the baseline that
 //!   keyward's program is measured against (`bench_drop` counts what it saw);
 //! - `bench_tx` and `bench_tx_spoof`: live-frames generators
@@ -8,6 +8,7 @@
 //!   `11.0.0.0 + n % SPOOF_SOURCES` with an incremental checksum update.
 #![no_std]
 #![no_main]
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects, clippy::panic, clippy::unwrap_used)]
 
 use aya_ebpf::{
     bindings::xdp_action,
