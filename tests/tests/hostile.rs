@@ -141,7 +141,7 @@ fn one_source_cannot_hold_more_than_its_cap_and_visitors_and_metrics_are_served(
     s.t.add_client_address(visitor);
     // The attacker opens 300 idle connections (the 1,100 took every
     // descriptor of a daemon left at the soft limit of 1024).
-    let mut held = open_conns(&s.t, None, 300, b"");
+    let held = open_conns(&s.t, None, 300, b"");
     assert_eq!(held.len(), 300, "the kernel completes every handshake");
     let counted =
         wait_for(Duration::from_secs(10), || (refused(&scrape(&s.t), "max-connections-per-ip") == 250).then_some(()));
@@ -223,10 +223,10 @@ fn leaks(a: &HttpAnswer) -> Vec<String> {
     if has(&a.raw) {
         found.push("raw".to_owned());
     }
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&a.body) {
-        if has(&v.to_string()) || strings(&v).iter().any(|s| has(s)) {
-            found.push("json".to_owned());
-        }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&a.body)
+        && (has(&v.to_string()) || strings(&v).iter().any(|s| has(s)))
+    {
+        found.push("json".to_owned());
     }
     let mut names: Vec<&str> = a.headers.iter().map(|(k, _)| k.as_str()).collect();
     names.dedup();
@@ -249,10 +249,10 @@ fn leaks(a: &HttpAnswer) -> Vec<String> {
             let t = tok.get(off..).unwrap_or_default();
             let t = t.get(..t.len() - t.len() % 4).unwrap_or_default();
             for e in &engines {
-                if let Ok(b) = e.decode(t) {
-                    if String::from_utf8_lossy(&b).contains(KEY) {
-                        found.push(format!("base64 {tok}"));
-                    }
+                if let Ok(b) = e.decode(t)
+                    && String::from_utf8_lossy(&b).contains(KEY)
+                {
+                    found.push(format!("base64 {tok}"));
                 }
             }
         }
