@@ -380,4 +380,8 @@ fn a_new_visitor_connects_while_spoofed_new_sources_spend_admission() {
     // The spoofed sources got no table entries beyond the admission rate.
     assert!(s.packets("pass", "untracked") > 5_000);
     assert!(s.tracked_sources < 2_000, "{} sources tracked", s.tracked_sources);
+    // The visitor did: its handshake's ACK was proven (admission was spent).
+    let top: serde_json::Value = serde_json::from_str(&d.ok(&["top", "-n", "5000", "--json"])).unwrap();
+    let tracked = top["sources"].as_array().is_some_and(|a| a.iter().any(|e| e["source"] == "10.77.0.2"));
+    assert!(tracked, "the visitor was never tracked: its ACKs were not proven");
 }
