@@ -401,7 +401,7 @@ fn print_status(s: &Status) {
         if let Some(r) = f.released_micros {
             println!("  {:<11} {} {} released so far", "pace", crate::proxy::limit::format_amount(r), f.currency);
         }
-        if let Some(t) = f.runs_out_unix {
+        if let Some(t) = f.runs_out_unix.filter(|_| f.spent_micros < f.budget_micros) {
             println!("  {:<11} at this pace the budget runs out in {}", "velocity", until(t));
         }
         println!("  {:<11} {} (proof-of-work {}), {} live", "tokens", f.tokens, f.pow, f.live_tokens);

@@ -36,6 +36,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The property-based fuzz targets (config parser, route re-encoding,
+    /// client address and Origin parsing, the key scrubber) with many more
+    /// cases than `cargo test` runs: about ten minutes at the default.
+    Fuzz {
+        /// Cases per target.
+        #[arg(long, default_value_t = 200_000)]
+        cases: u32,
+    },
     /// Setup, build, then play the demo: namespaces, the real daemon with XDP
     /// attached, legitimate traffic and floods, and a report.
     Demo {
@@ -74,6 +82,19 @@ fn main() -> anyhow::Result<()> {
             }
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
+        }
+        Cmd::Fuzz { cases } => {
+            setup::run()?;
+            let status = Command::new(env!("CARGO"))
+                .args(["test", "--release", "--package", "keyward", "--test", "properties"])
+                .env("KEYWARD_FUZZ_CASES", cases.to_string())
+                .current_dir(workspace_root())
+                .status()
+                .context("running cargo")?;
+            if !status.success() {
+                bail!("a fuzz target failed (its minimal input is printed above)");
+            }
+            Ok(())
         }
         Cmd::Dist => {
             setup::run()?;
