@@ -5,23 +5,26 @@
 //! extension headers) meets the deny list and its source's buckets too, and
 //! passes as `malformed` when under them: it cannot be a way around either.
 //!
-//! Rate: a known source is charged to its own bucket only; when over it,
-//! it is dropped and charged to the aggregate bucket of its wider prefix
-//! too. An unknown source is first charged to the aggregate bucket, then to
-//! the host-wide admission bucket, and gets a per-source entry only when
-//! both admit it: a flood that rotates sources inside one prefix is held by
-//! the aggregate, one spread over many prefixes by the admission bucket,
-//! and neither can churn the per-source table at line rate (an LRU insert
-//! costs several times a lookup).
+//! Rate: a known source is charged to its own bucket, then, until it has
+//! shown a real TCP handshake, to the aggregate bucket of its wider prefix;
+//! over its own bucket it is dropped and its excess charged to the
+//! aggregate too. An unknown source is first charged to the aggregate
+//! bucket, then to the host-wide admission bucket, and gets a per-source
+//! entry only when both admit it: a flood that rotates sources inside one
+//! prefix is held by the aggregate, one spread over many prefixes by the
+//! admission bucket, and neither can churn the per-source table at line
+//! rate (an LRU insert costs several times a lookup).
 //!
-//! Neither can be turned against real visitors (issue 14). Spoofed
-//! neighbours that spend a prefix's aggregate do not touch a known visitor
-//! under its own rate. And when the admission bucket is spent, a new
-//! source's SYN passes untracked (`Untracked`) to the kernel, whose SYN
-//! cookies keep spoofed SYNs from holding any state; its other packets pass,
-//! and the source is tracked, only when they prove a real handshake: the
-//! kernel's cookie check accepts the ACK, or the kernel holds a connection
-//! or request for the 4-tuple. Spoofed packets cannot do either.
+//! Neither can be turned against real visitors (issue 14). A handshake is
+//! shown by a non-SYN packet the kernel vouches for: its raw SYN-cookie
+//! check accepts the ACK, or it holds a connection or request for the
+//! 4-tuple; spoofed packets cannot do either. A source that has shown one
+//! (`Bucket::PROVEN`) is held by its own bucket only, so spoofed neighbours
+//! that spend its prefix's aggregate do not touch it. And when the admission
+//! bucket is spent, a new source's SYN passes untracked (`Untracked`) to the
+//! kernel, whose SYN cookies keep spoofed SYNs from holding any state; its
+//! other packets pass, and it is tracked, only once it has shown a
+//! handshake.
 //!
 //! The allow and deny tries are skipped while they are empty (flags the
 //! daemon keeps in `CONFIG`).
@@ -93,35 +96,52 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
         // SAFETY: a live LRU element; concurrent updates from other CPUs can
         // only make the count approximate, never unsafe (cilium does the same).
         let b = unsafe { &mut *b };
-        if b.take(&cfg.source, now) {
+        if !b.take(&cfg.source, now) {
+            // Over its own rate: its excess counts against its prefix too.
+            let _ = charge(&cfg.aggregate, wide, now);
+            return Reason::Rate;
+        }
+        // A source that has shown a real handshake is held by its own
+        // bucket only: spoofed neighbours cannot spend its prefix for it.
+        if b.proven() {
             return Reason::UnderRate;
         }
-        // Over its own rate: its excess counts against its prefix too.
-        let _ = charge(&cfg.aggregate, wide, now);
-        return Reason::Rate;
+        if tcp.is_some_and(|t| t.flags & TCP_SYN == 0 && proven(ctx, t)) {
+            b.set_proven();
+            return Reason::UnderRate;
+        }
+        if !charge(&cfg.aggregate, wide, now) {
+            b.drops = b.drops.wrapping_add(1);
+            return Reason::Rate;
+        }
+        return Reason::UnderRate;
     }
     if !charge(&cfg.aggregate, wide, now) {
         return Reason::Rate;
     }
     if admit(&cfg.admit, now) {
-        track(cfg, own, now);
+        track(cfg, own, now, false);
         return Reason::UnderRate;
     }
     match tcp {
         // A new connection: the kernel's SYN cookies hold no state for it.
         Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => Reason::Untracked,
         Some(t) if proven(ctx, t) => {
-            track(cfg, own, now);
+            track(cfg, own, now, true);
             Reason::UnderRate
         }
         _ => Reason::Rate,
     }
 }
 
-/// Give `own` a per-source entry.
+/// Give `own` a per-source entry (`proven`: it showed a real handshake).
 #[inline(always)]
-fn track(cfg: &XdpConfig, own: &SourceKey, now: u64) {
-    if SOURCES.insert(own, Bucket::fresh(&cfg.source, now), BPF_NOEXIST).is_ok()
+fn track(cfg: &XdpConfig, own: &SourceKey, now: u64, proven: bool) {
+    let mut b = Bucket::fresh(&cfg.source, now);
+    if proven {
+        b.set_proven();
+    }
+    if SOURCES.insert(own, b, BPF_NOEXIST).is_ok()
         && let Some(n) = NEW_SOURCES.get_ptr_mut(0)
     {
         // SAFETY: per-CPU slot.

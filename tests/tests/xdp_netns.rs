@@ -385,3 +385,30 @@ fn a_new_visitor_connects_while_spoofed_new_sources_spend_admission() {
     let tracked = top["sources"].as_array().is_some_and(|a| a.iter().any(|e| e["source"] == "10.77.0.2"));
     assert!(tracked, "the visitor was never tracked: its ACKs were not proven");
 }
+
+#[test]
+fn real_addresses_in_one_24_each_get_their_own_rate_once_they_show_a_handshake() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    // Per source 10 pps, burst 20; per /24 1 pps, burst 10.
+    let d = Daemon::start(&t, "aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 1, burst = 10 }");
+    let _l = Listener::start(&t, PORT);
+    // Five addresses an attacker really holds in one /24: each completes a
+    // real handshake (the listener accepts and closes).
+    let held: Vec<Ipv4Addr> = (10..15).map(|i| Ipv4Addr::new(10, 77, 0, i)).collect();
+    for a in &held {
+        t.add_client_address(*a);
+        let _ = wire::http_raw_from(&t, Some(*a), PORT, b"x");
+    }
+    let frames: Vec<Vec<u8>> = held.iter().flat_map(|a| syns(&t, *a, 20)).collect();
+    let (seen, took) = wire::deliver(&t, frames);
+    let passed: u64 = held.iter().map(|a| from(&seen, (*a).into(), TCP)).sum();
+    // What this gives an attacker: each such address its own rate, where
+    // the /24's aggregate alone allowed its burst of 10.
+    eprintln!("5 handshake-proven addresses of one /24 passed {passed} of 100 SYNs in {took:?}; the /24's burst is 10");
+    assert!(passed > 30, "proven sources were held by their prefix: {passed} passed");
+    assert!(passed <= 5 * ceiling(took), "{passed} passed: more than five own buckets allow");
+    assert!(d.status().packets("drop", "rate") > 0);
+}
