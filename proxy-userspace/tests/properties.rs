@@ -54,6 +54,9 @@ upstream_path = "/postcodes/{postcode}"
 params = { postcode = "[A-Z0-9]{2,8}" }
 cost = 0.02
 
+[access]
+allowed_origins = ["https://shop.example"]
+
 [limits]
 per_ip_rate = 1
 per_ip_burst = 3

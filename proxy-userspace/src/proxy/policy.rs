@@ -64,6 +64,7 @@ impl PolicyError {
     fn table(&self) -> Option<&'static str> {
         match self {
             PolicyError::Key(_) | PolicyError::Upstream(_) | PolicyError::Header(_) => Some("[upstream]"),
+            PolicyError::NoOrigins => Some("[access]"),
             _ => None,
         }
     }
