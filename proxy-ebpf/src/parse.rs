@@ -38,6 +38,24 @@ pub enum Source {
 pub struct Tcp {
     pub source: Source,
     pub dport: u16,
+    /// The TCP flags byte (`TCP_SYN`, `TCP_ACK`, ...).
+    pub flags: u8,
+    /// The IP and TCP headers, checked to lie inside the packet, for the
+    /// kernel's SYN-cookie check and socket lookup.
+    pub hdrs: Hdrs,
+}
+
+/// `TCP_SYN` in [`Tcp::flags`].
+pub const TCP_SYN: u8 = 0x02;
+/// `TCP_ACK` in [`Tcp::flags`].
+pub const TCP_ACK: u8 = 0x10;
+
+/// Pointers to a packet's headers, each checked by [`ptr_at`] to lie
+/// wholly inside the packet (what the helpers taking headers require).
+#[derive(Clone, Copy)]
+pub enum Hdrs {
+    V4 { ip: *const Ipv4Hdr, tcp: *const TcpHdr },
+    V6 { ip: *const Ipv6Hdr, tcp: *const TcpHdr },
 }
 
 /// A packet whose IP header (and so its source) parsed, but whose TCP header
@@ -62,7 +80,7 @@ impl From<Reason> for Miss {
 }
 
 #[repr(C)]
-struct Ipv4Hdr {
+pub struct Ipv4Hdr {
     version_ihl: u8,
     tos: u8,
     total_len: [u8; 2],
@@ -71,18 +89,18 @@ struct Ipv4Hdr {
     ttl: u8,
     proto: u8,
     check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
 }
 
 #[repr(C)]
-struct Ipv6Hdr {
+pub struct Ipv6Hdr {
     vtcfl: [u8; 4],
     payload_len: [u8; 2],
     next: u8,
     hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
 }
 
 /// The first two bytes of every extension header we walk.
@@ -101,10 +119,13 @@ struct FragHdr {
 }
 
 #[repr(C)]
-struct TcpHdr {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    rest: [u8; 16],
+pub struct TcpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// Sequence and acknowledgement numbers, data offset, then `flags`.
+    seq_ack_off: [u8; 9],
+    pub flags: u8,
+    rest: [u8; 6],
 }
 
 /// The bounds-checked accessor: a pointer to a `T` at `off`, or `Malformed`
@@ -172,8 +193,10 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
     if u16::from_be_bytes(frag) & 0x1fff != 0 {
         return Err(Miss::Verdict(Reason::Unguarded));
     }
-    let dport = tcp_dport(ctx, off.wrapping_add(ihl)).map_err(|_| Miss::Source(Unattributed(Source::V4(src))))?;
-    Ok(Tcp { source: Source::V4(src), dport })
+    let tcp = tcp_hdr(ctx, off.wrapping_add(ihl)).map_err(|_| Miss::Source(Unattributed(Source::V4(src))))?;
+    // SAFETY: tcp_hdr checked the whole fixed header is inside the packet.
+    let (dport, flags) = unsafe { (u16::from_be_bytes((*tcp).dport), (*tcp).flags) };
+    Ok(Tcp { source: Source::V4(src), dport, flags, hdrs: Hdrs::V4 { ip, tcp } })
 }
 
 #[inline(always)]
@@ -189,10 +212,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
     let mut off = off.wrapping_add(size_of::<Ipv6Hdr>());
     for _ in 0..MAX_V6_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => {
-                let dport = tcp_dport(ctx, off).map_err(|_| unattributed())?;
-                return Ok(Tcp { source: Source::V6(src), dport });
-            }
+            IPPROTO_TCP => return v6_tcp(ctx, off, ip, src).map_err(|_| unattributed()),
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let h = read::<ExtHdr>(ctx, off).map_err(|_| unattributed())?;
                 next = h.next;
@@ -215,21 +235,26 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
         }
     }
     if next == IPPROTO_TCP {
-        let dport = tcp_dport(ctx, off).map_err(|_| unattributed())?;
-        return Ok(Tcp { source: Source::V6(src), dport });
+        return v6_tcp(ctx, off, ip, src).map_err(|_| unattributed());
     }
     // Still inside extension headers after the walk's bound: the stack may
     // well accept it, so it must not be a way around deny and rate.
     Err(unattributed())
 }
 
-/// The TCP destination port, requiring the whole fixed TCP header.
+/// The whole fixed TCP header at `off`.
 #[inline(always)]
-fn tcp_dport(ctx: &XdpContext, off: usize) -> Result<u16, Reason> {
-    let t = ptr_at::<TcpHdr>(ctx, off)?;
-    // SAFETY: ptr_at checked the whole fixed header is inside the packet.
-    let dport = unsafe { (*t).dport };
-    Ok(u16::from_be_bytes(dport))
+fn tcp_hdr(ctx: &XdpContext, off: usize) -> Result<*const TcpHdr, Reason> {
+    ptr_at::<TcpHdr>(ctx, off)
+}
+
+/// The TCP packet behind an IPv6 header.
+#[inline(always)]
+fn v6_tcp(ctx: &XdpContext, off: usize, ip: *const Ipv6Hdr, src: [u8; 16]) -> Result<Tcp, Reason> {
+    let tcp = tcp_hdr(ctx, off)?;
+    // SAFETY: tcp_hdr checked the whole fixed header is inside the packet.
+    let (dport, flags) = unsafe { (u16::from_be_bytes((*tcp).dport), (*tcp).flags) };
+    Ok(Tcp { source: Source::V6(src), dport, flags, hdrs: Hdrs::V6 { ip, tcp } })
 }
 
 // Derive Copy for the headers read by value.

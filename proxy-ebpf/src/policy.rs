@@ -5,19 +5,39 @@
 //! extension headers) meets the deny list and its source's buckets too, and
 //! passes as `malformed` when under them: it cannot be a way around either.
 //!
-//! Rate: a known source is charged to its own bucket, then to the aggregate
-//! bucket of its wider prefix. An unknown source is first charged to the
-//! aggregate bucket, then to the host-wide admission bucket, and gets a
-//! per-source entry only when both admit it: a flood that rotates sources
-//! inside one prefix is held by the aggregate, one spread over many prefixes
-//! by the admission bucket, and neither can churn the per-source table at
-//! line rate (an LRU insert costs several times a lookup).
+//! Rate: a known source is charged to its own bucket, then, until it has
+//! shown a real TCP handshake, to the aggregate bucket of its wider prefix;
+//! over its own bucket it is dropped and its excess charged to the
+//! aggregate too. An unknown source is first charged to the aggregate
+//! bucket, then to the host-wide admission bucket, and gets a per-source
+//! entry only when both admit it: a flood that rotates sources inside one
+//! prefix is held by the aggregate, one spread over many prefixes by the
+//! admission bucket, and neither can churn the per-source table at line
+//! rate (an LRU insert costs several times a lookup).
+//!
+//! Neither can be turned against real visitors (issue 14). A handshake is
+//! shown by a non-SYN packet the kernel vouches for: its raw SYN-cookie
+//! check accepts the ACK, or it holds a connection or request for the
+//! 4-tuple; spoofed packets cannot do either. A source that has shown one
+//! (`Bucket::PROVEN`) is held by its own bucket only, so spoofed neighbours
+//! that spend its prefix's aggregate do not touch it. And when the admission
+//! bucket is spent, a new source's SYN passes untracked (`Untracked`) to the
+//! kernel, whose SYN cookies keep spoofed SYNs from holding any state; its
+//! other packets pass, and it is tracked, only once it has shown a
+//! handshake.
 //!
 //! The allow and deny tries are skipped while they are empty (flags the
 //! daemon keeps in `CONFIG`).
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, iphdr, ipv6hdr, tcphdr,
+    },
+    helpers::{
+        bpf_ktime_get_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_raw_check_syncookie_ipv4,
+        bpf_tcp_raw_check_syncookie_ipv6,
+    },
     maps::{LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
@@ -29,7 +49,7 @@ use proxy_common::{
 
 use crate::{
     ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES,
-    parse::{self, Source},
+    parse::{self, Hdrs, Source, TCP_ACK, TCP_SYN, Tcp},
 };
 
 /// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new source).
@@ -38,16 +58,16 @@ const BPF_NOEXIST: u64 = 1;
 /// Decide the reason for this packet.
 #[inline(always)]
 pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
-    let (source, unattributed) = match parse::tcp(ctx) {
+    let (source, tcp) = match parse::tcp(ctx) {
         Ok(t) => {
             match PORTS.get(u32::from(t.dport)) {
                 Some(g) if *g != 0 => {}
                 _ => return Reason::Unguarded,
             }
-            (t.source, false)
+            (t.source, Some(t))
         }
         Err(parse::Miss::Verdict(r)) => return r,
-        Err(parse::Miss::Source(parse::Unattributed(s))) => (s, true),
+        Err(parse::Miss::Source(parse::Unattributed(s))) => (s, None),
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -64,20 +84,31 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
     if let Some(r) = listed {
         return r;
     }
-    match rate(cfg, &own, &wide, now) {
-        Reason::UnderRate if unattributed => Reason::Malformed,
+    match rate(ctx, cfg, tcp.as_ref(), &own, &wide, now) {
+        Reason::UnderRate if tcp.is_none() => Reason::Malformed,
         r => r,
     }
 }
 
 #[inline(always)]
-fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason {
+fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason {
     if let Some(b) = SOURCES.get_ptr_mut(own) {
         // SAFETY: a live LRU element; concurrent updates from other CPUs can
         // only make the count approximate, never unsafe (cilium does the same).
         let b = unsafe { &mut *b };
         if !b.take(&cfg.source, now) {
+            // Over its own rate: its excess counts against its prefix too.
+            let _ = charge(&cfg.aggregate, wide, now);
             return Reason::Rate;
+        }
+        // A source that has shown a real handshake is held by its own
+        // bucket only: spoofed neighbours cannot spend its prefix for it.
+        if b.proven() {
+            return Reason::UnderRate;
+        }
+        if tcp.is_some_and(|t| t.flags & TCP_SYN == 0 && proven(ctx, t)) {
+            b.set_proven();
+            return Reason::UnderRate;
         }
         if !charge(&cfg.aggregate, wide, now) {
             b.drops = b.drops.wrapping_add(1);
@@ -85,16 +116,95 @@ fn rate(cfg: &XdpConfig, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason 
         }
         return Reason::UnderRate;
     }
-    if !charge(&cfg.aggregate, wide, now) || !admit(&cfg.admit, now) {
+    if !charge(&cfg.aggregate, wide, now) {
         return Reason::Rate;
     }
-    if SOURCES.insert(own, Bucket::fresh(&cfg.source, now), BPF_NOEXIST).is_ok()
+    if admit(&cfg.admit, now) {
+        track(cfg, own, now, false);
+        return Reason::UnderRate;
+    }
+    match tcp {
+        // A new connection: the kernel's SYN cookies hold no state for it.
+        Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => Reason::Untracked,
+        Some(t) if proven(ctx, t) => {
+            track(cfg, own, now, true);
+            Reason::UnderRate
+        }
+        _ => Reason::Rate,
+    }
+}
+
+/// Give `own` a per-source entry (`proven`: it showed a real handshake).
+#[inline(always)]
+fn track(cfg: &XdpConfig, own: &SourceKey, now: u64, proven: bool) {
+    let mut b = Bucket::fresh(&cfg.source, now);
+    if proven {
+        b.set_proven();
+    }
+    if SOURCES.insert(own, b, BPF_NOEXIST).is_ok()
         && let Some(n) = NEW_SOURCES.get_ptr_mut(0)
     {
         // SAFETY: per-CPU slot.
         unsafe { *n = (*n).wrapping_add(1) };
     }
-    Reason::UnderRate
+}
+
+/// Whether a non-SYN packet from an untracked source belongs to a real
+/// handshake: the ACK of a SYN cookie the kernel sent, or a 4-tuple the
+/// kernel holds a connection or request for. A spoofed source saw no SYN-ACK
+/// and can show neither.
+#[inline(always)]
+fn proven(ctx: &XdpContext, t: &Tcp) -> bool {
+    // SAFETY: the parser checked that each header lies wholly inside the
+    // packet; the helpers only read them; the tuple lives on the stack.
+    unsafe {
+        let mut tup: bpf_sock_tuple = core::mem::zeroed();
+        let size = match t.hdrs {
+            Hdrs::V4 { ip, tcp } => {
+                if bpf_tcp_raw_check_syncookie_ipv4(ip as *mut iphdr, tcp as *mut tcphdr) == 0 {
+                    return true;
+                }
+                tup.__bindgen_anon_1.ipv4 = Tuple4 {
+                    saddr: u32::from_ne_bytes((*ip).src),
+                    daddr: u32::from_ne_bytes((*ip).dst),
+                    sport: u16::from_ne_bytes((*tcp).sport),
+                    dport: u16::from_ne_bytes((*tcp).dport),
+                };
+                core::mem::size_of::<Tuple4>()
+            }
+            Hdrs::V6 { ip, tcp } => {
+                if bpf_tcp_raw_check_syncookie_ipv6(ip as *mut ipv6hdr, tcp as *mut tcphdr) == 0 {
+                    return true;
+                }
+                tup.__bindgen_anon_1.ipv6 = Tuple6 {
+                    saddr: words((*ip).src),
+                    daddr: words((*ip).dst),
+                    sport: u16::from_ne_bytes((*tcp).sport),
+                    dport: u16::from_ne_bytes((*tcp).dport),
+                };
+                core::mem::size_of::<Tuple6>()
+            }
+        };
+        let sk = bpf_skc_lookup_tcp(ctx.ctx.cast(), &mut tup, size as u32, BPF_F_CURRENT_NETNS as u64, 0);
+        if sk.is_null() {
+            return false;
+        }
+        let state = (*sk).state;
+        bpf_sk_release(sk.cast());
+        state != BPF_TCP_LISTEN
+    }
+}
+
+/// An IPv6 address as four network-order words.
+#[inline(always)]
+fn words(a: [u8; 16]) -> [u32; 4] {
+    let [a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15] = a;
+    [
+        u32::from_ne_bytes([a0, a1, a2, a3]),
+        u32::from_ne_bytes([a4, a5, a6, a7]),
+        u32::from_ne_bytes([a8, a9, a10, a11]),
+        u32::from_ne_bytes([a12, a13, a14, a15]),
+    ]
 }
 
 /// The (unexpired) deny list, then the allow list, each skipped while empty.

@@ -243,6 +243,30 @@ pub struct Listen {
     pub client_ip_from: ForwardedHeader,
     #[serde(default = "default_max_body")]
     pub max_body: Size,
+    /// Connection bounds (issue 14): open client connections in all, and
+    /// per client address (IPv6: per `ipv6_prefix`; trusted proxies are
+    /// held only to the total). The total is also kept below the open-file
+    /// limit. A new connection over either is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: NonZeroU32,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: NonZeroU32,
+    /// From accept to the first complete request head (TLS handshake and
+    /// HTTP/2 preface included); a connection silent that long is closed.
+    #[serde(default = "default_head_timeout")]
+    pub head_timeout: Span,
+}
+
+fn default_max_connections() -> NonZeroU32 {
+    NonZeroU32::new(8192).unwrap_or(NonZeroU32::MIN)
+}
+
+fn default_max_connections_per_ip() -> NonZeroU32 {
+    NonZeroU32::new(128).unwrap_or(NonZeroU32::MIN)
+}
+
+fn default_head_timeout() -> Span {
+    Span(std::time::Duration::from_secs(10))
 }
 
 /// The header that carries the client address behind trusted proxies.
@@ -623,6 +647,9 @@ impl Config {
             && u.key_env.is_some() == u.key_file.is_some()
         {
             return Err(invalid(None, "[upstream] set exactly one of key_env and key_file".into()));
+        }
+        if cfg.listen.as_ref().is_some_and(|l| l.head_timeout.0.is_zero()) {
+            return Err(invalid(None, "[listen] head_timeout must be more than 0s".into()));
         }
         if cfg.listen.is_some() && (cfg.upstream.is_none() || cfg.routes.is_empty()) {
             return Err(invalid(None, "[listen] needs [upstream] and at least one [[route]]".into()));

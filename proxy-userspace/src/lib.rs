@@ -2,6 +2,7 @@
 //! integration tests in `tests/` can drive the data plane directly.
 #![deny(unsafe_code)]
 
+pub mod accept;
 pub mod admin;
 pub mod cli;
 pub mod clock;

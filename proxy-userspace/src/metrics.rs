@@ -199,12 +199,16 @@ pub fn registry(reader: Arc<MapReader>, sample: Arc<SourceSample>, lists: &ListG
 /// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, ready: Arc<Readiness>) {
     use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut backoff = crate::accept::Backoff::new("metrics");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // EMFILE and friends: back off instead of spinning.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
         };
+        backoff.succeeded();
         let registry = registry.clone();
         let ready = ready.clone();
         tokio::spawn(async move {

@@ -180,11 +180,28 @@ impl Harness {
 
     /// With extra `[access]` keys too.
     async fn start_with(extra_access: &str, extra_limits: &str) -> Harness {
-        Harness::start_journaled(extra_access, extra_limits, None).await
+        let access = format!("require_origin = true\n{extra_access}\n");
+        Harness::start_edited(extra_limits, |t| t.replace("require_origin = true\n", &access), None).await
+    }
+
+    /// With extra `[listen]` keys.
+    async fn start_listen(extra_listen: &str) -> Harness {
+        let listen = format!("max_body = \"1KiB\"\n{extra_listen}\n");
+        Harness::start_edited("", |t| t.replace("max_body = \"1KiB\"\n", &listen), None).await
     }
 
     /// With reservations made durable in `journal` before each call leaves.
-    async fn start_journaled(extra_access: &str, extra_limits: &str, journal: Option<Journal>) -> Harness {
+    async fn start_journaled(journal: Journal) -> Harness {
+        Harness::start_edited("", |t| t, Some(journal)).await
+    }
+
+    /// With the config text edited by `edit`, and reservations made durable
+    /// in `journal` when given.
+    async fn start_edited(
+        extra_limits: &str,
+        edit: impl FnOnce(String) -> String,
+        journal: Option<Journal>,
+    ) -> Harness {
         let api = StandIn::start().await;
         let dir = std::env::temp_dir().join(format!("kw-fwd-{}-{}", std::process::id(), next_id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -192,8 +209,7 @@ impl Harness {
         let key_file = dir.0.join("key");
         std::fs::write(&key_file, KEY).unwrap();
         let path = dir.0.join("keyward.toml");
-        let text = config(api.addr, &key_file, extra_limits)
-            .replace("require_origin = true\n", &format!("require_origin = true\n{extra_access}\n"));
+        let text = edit(config(api.addr, &key_file, extra_limits));
         let (_cfg, policy) = Loaded::parse(&path, &text).unwrap().with_key(&path).unwrap();
         let clock = Arc::new(FakeClock::at(NOON));
         let Handles { forwarder, escalations } = Forwarder::with_journal(policy.unwrap(), clock.clone(), None, journal);
@@ -395,7 +411,7 @@ async fn a_reservation_that_cannot_be_saved_is_refused_and_given_back() {
     let fail = Arc::new(AtomicBool::new(false));
     let backend = Flaky { fail: fail.clone(), ..Flaky::default() };
     let db = Arc::new(redb::Database::builder().create_with_backend(backend).unwrap());
-    let h = Harness::start_journaled("", "", Some(Journal::start(db).unwrap())).await;
+    let h = Harness::start_journaled(Journal::start(db).unwrap()).await;
     let (status, head, body) = h.get("/lookup/AB12CD", "198.51.100.7", SHOP).await;
     assert_eq!(status, 200, "{head}{body}");
     fail.store(true, Ordering::SeqCst);
@@ -410,7 +426,7 @@ async fn a_reservation_that_cannot_be_saved_is_refused_and_given_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_goes_away_while_its_reservation_is_written_is_given_back() {
     let db = Arc::new(redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap());
-    let h = Harness::start_journaled("", "", Some(Journal::start(db.clone()).unwrap())).await;
+    let h = Harness::start_journaled(Journal::start(db.clone()).unwrap()).await;
     // Hold the store's write lock: the reservation cannot reach the disk.
     let blocker = db.begin_write().unwrap();
     let mut s = TcpStream::connect(h.addr).await.unwrap();
@@ -601,4 +617,156 @@ async fn only_listed_countries_are_served_and_a_reload_reads_a_new_database() {
     let (_c, p) = Loaded::parse(&path, &text).unwrap().with_key(&path).unwrap();
     h.fwd.reconfigure(p.unwrap());
     assert_eq!(h.get("/lookup/AB12CD", "203.0.113.7", SHOP).await.0, 200);
+}
+
+// ---- Connection bounds (issue 14) ----
+
+/// A connection from `src` (a loopback address other than the trusted
+/// 127.0.0.1, so that it is held to the per-address cap).
+async fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::from((src, 0))).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Whether the server closes `s` within `within` (EOF or reset), reading
+/// and discarding whatever it sends first.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read_all).await.is_ok()
+}
+
+/// Whether `f` holds within 5 s (polled every 10 ms).
+async fn until(f: impl Fn() -> bool) -> bool {
+    for _ in 0..500 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
+
+fn refused(h: &Harness, reason: &str) -> u64 {
+    h.fwd.conns().refused().into_iter().find(|(r, _)| r.name() == reason).map_or(0, |(_, n)| n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_request_head_is_closed_at_the_head_timeout() {
+    let h = Harness::start_listen("head_timeout = \"1s\"").await;
+    // Silent; the first line of the HTTP/2 preface (stuck in hyper-util's
+    // version sniff); the whole preface and SETTINGS but no request; half an
+    // HTTP/1 head.
+    let openers: [&[u8]; 4] = [
+        b"",
+        b"PRI * HTTP/2.0\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        b"GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\n",
+    ];
+    let mut conns = Vec::new();
+    for o in openers {
+        let mut s = connect_from([127, 0, 0, 2], h.addr).await;
+        s.write_all(o).await.unwrap();
+        conns.push(s);
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(5)).await, "connection {i} still open 5 s after a 1 s timeout");
+    }
+    assert_eq!(refused(&h, "head-timeout"), 4);
+    assert!(until(|| h.fwd.conns().open(None).0 == 0).await, "every slot given back");
+    // A visitor who does send a request is served.
+    assert_eq!(h.get("/lookup/AB12CD", "198.51.100.1", SHOP).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_more_than_its_cap_and_visitors_are_served() {
+    let h = Harness::start_listen("max_connections = 6\nmax_connections_per_ip = 4").await;
+    let attacker = [127, 0, 0, 2];
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from(attacker, h.addr).await);
+    }
+    // Wait until the forwarder has taken all four (accept is asynchronous).
+    let key = Some(std::net::IpAddr::from(attacker));
+    assert!(until(|| h.fwd.conns().open(key).1 == 4).await);
+    // The fifth is closed at once, before it sends anything.
+    let mut fifth = connect_from(attacker, h.addr).await;
+    assert!(closed_within(&mut fifth, Duration::from_secs(5)).await, "a fifth connection was kept");
+    assert_eq!(refused(&h, "max-connections-per-ip"), 1);
+    // Another visitor is served while the attacker holds its cap.
+    let mut v = connect_from([127, 0, 0, 3], h.addr).await;
+    v.write_all(
+        b"GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\nOrigin: https://shop.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), v.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    // The total: two more idle connections fill it; the next is refused.
+    let _a = connect_from([127, 0, 0, 4], h.addr).await;
+    let _b = connect_from([127, 0, 0, 5], h.addr).await;
+    let mut over = connect_from([127, 0, 0, 6], h.addr).await;
+    assert!(closed_within(&mut over, Duration::from_secs(5)).await, "the total cap was not held");
+    assert_eq!(refused(&h, "max-connections"), 1);
+    // The attacker leaves: its places are free again.
+    drop(held);
+    drop(fifth);
+    assert!(until(|| h.fwd.conns().open(key).1 == 0).await, "the attacker's places were not given back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_over_32_kib_is_refused_431() {
+    let h = Harness::start("").await;
+    let big = "a".repeat(40 << 10);
+    let (status, _, _) =
+        h.call(&format!("GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\nX-Big: {big}\r\nConnection: close\r\n\r\n")).await;
+    assert_eq!(status, 431);
+    // Just under the bound is still read.
+    let ok = "a".repeat(24 << 10);
+    let (status, _, _) = h
+        .call(&format!(
+            "GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\nOrigin: https://shop.example\r\nX-Big: {ok}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(h.api.calls().len(), 1);
+}
+
+// ---- Request framing and Origin (issue 14) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunked_framing_is_400_and_an_oversized_chunked_body_413() {
+    let h = Harness::start("").await;
+    let head = "POST /geocode HTTP/1.1\r\nHost: kw\r\nOrigin: https://shop.example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = h.call(&format!("{head}zz\r\nhello\r\n0\r\n\r\n")).await;
+    assert_eq!((status, problem_type(&body).as_str()), (400, "bad-request"), "{body}");
+    let big = "x".repeat(2000);
+    let (status, _, body) = h.call(&format!("{head}{:x}\r\n{big}\r\n0\r\n\r\n", big.len())).await;
+    assert_eq!((status, problem_type(&body).as_str()), (413, "body-too-large"), "{body}");
+    assert!(h.api.calls().is_empty(), "a refusal reached the upstream");
+    assert_eq!(h.spent(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_one_origin_is_refused_403() {
+    let h = Harness::start("").await;
+    for origins in [
+        "Origin: https://shop.example https://evil.example\r\n",
+        "Origin: https://shop.example\r\nOrigin: https://evil.example\r\n",
+        "Origin: https://shop.example\r\nOrigin: https://shop.example\r\n",
+    ] {
+        let (status, _, body) =
+            h.call(&format!("GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\n{origins}Connection: close\r\n\r\n")).await;
+        assert_eq!((status, problem_type(&body).as_str()), (403, "origin-not-allowed"), "{origins}");
+    }
+    assert!(h.api.calls().is_empty());
 }

@@ -19,7 +19,8 @@ impl Macs {
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
-const SYN: u8 = 0x02;
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
 
 /// Ethernet frame with optional VLAN tags (outer first).
 pub fn ethernet(m: Macs, vlans: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -56,12 +57,19 @@ fn checksum(chunks: &[&[u8]]) -> u16 {
 
 /// A TCP SYN header (no payload) with its checksum over `pseudo`.
 fn tcp_syn(sport: u16, dport: u16, pseudo: &[u8]) -> Vec<u8> {
+    tcp_flags(sport, dport, SYN, pseudo)
+}
+
+fn tcp_flags(sport: u16, dport: u16, flags: u8, pseudo: &[u8]) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&sport.to_be_bytes());
     t[2..4].copy_from_slice(&dport.to_be_bytes());
     t[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    if flags & ACK != 0 {
+        t[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
+    }
     t[12] = 5 << 4;
-    t[13] = SYN;
+    t[13] = flags;
     t[14..16].copy_from_slice(&64240u16.to_be_bytes());
     let c = checksum(&[pseudo, &t]);
     t[16..18].copy_from_slice(&c.to_be_bytes());
@@ -163,6 +171,13 @@ pub fn frag6(offset: u16, more: bool) -> Vec<u8> {
 /// IPv4 TCP SYN frame.
 pub fn tcp4(m: Macs, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let t = tcp_syn(sport, dport, &pseudo4(src, dst, TCP, 20));
+    ethernet(m, &[], 0x0800, &ipv4(src, dst, TCP, &[], 0, &t))
+}
+
+/// IPv4 TCP frame with the given flags (an ACK carries an acknowledgement
+/// number no SYN cookie produced: what a spoofed source can send).
+pub fn tcp4_with(m: Macs, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let t = tcp_flags(sport, dport, flags, &pseudo4(src, dst, TCP, 20));
     ethernet(m, &[], 0x0800, &ipv4(src, dst, TCP, &[], 0, &t))
 }
 

@@ -1,6 +1,7 @@
 //! The forwarder configuration the tests and the demo share: a stand-in
 //! upstream with routes for every behaviour (`/postcodes`, a cached route,
-//! an echoing route, a failing one, a slow one, a POST), allowed origins,
+//! an echoing route, one echoing the key in hostile encodings, a failing one,
+//! a slow one, a POST), allowed origins,
 //! and `[limits]` with test defaults that each caller overrides key by key.
 
 use crate::{daemon::PORT, upstream::Upstream};
@@ -44,6 +45,12 @@ method = "GET"
 path = "/echo/{{x}}"
 upstream_path = "/echo/{{x}}"
 query = ["q"]
+cost = 0.02
+
+[[route]]
+method = "GET"
+path = "/hostile/{{x}}"
+upstream_path = "/hostile/{{x}}"
 cost = 0.02
 
 [[route]]

@@ -6,7 +6,9 @@
 //!   line, key included, as some real APIs do in their errors;
 //! - `/fail/{x}`: 500 (not billable under `charge_on = "2xx"`);
 //! - `/slow/{x}`: answers after 3 s (for timeouts);
-//! - `/hook`: records alert webhook posts, answers 204.
+//! - `/hook`: records alert webhook posts, answers 204;
+//! - `/hostile/{form}`: 200 echoing the key it was given in one of the
+//!   forms an attacker would try to get it out in (see [`hostile`]).
 
 use std::{
     net::SocketAddr,
@@ -174,6 +176,13 @@ async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response
         tokio::time::sleep(Duration::from_secs(3)).await;
         return reply(200, "{\"slow\":true}".into());
     }
+    if let Some(form) = path.strip_prefix("/v1/hostile/") {
+        let key = form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "api_key")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        return hostile(form, &key, &target);
+    }
     if path.starts_with("/v1/hook") {
         let mut r = reply(204, String::new());
         *r.status_mut() = StatusCode::NO_CONTENT;
@@ -204,4 +213,56 @@ fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
         .expect("server config");
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), ca_cert.pem())
+}
+
+/// An answer carrying `key` in `form`: `gzip` (the echo gzip-compressed,
+/// although keyward asked for identity), `zstd` (a coding keyward cannot
+/// read), `split` (over two `x-echo` lines), `name` (in a header name,
+/// form-encoded as a name allows), `base64` (standard and URL-safe, padded
+/// and not, at every alignment), `upper`, `json` (every character
+/// `\u`-escaped).
+pub fn hostile(form: &str, key: &str, target: &str) -> Response<Full<Bytes>> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let mut r = Response::new(Full::new(Bytes::new()));
+    let h = r.headers_mut();
+    let body = match form {
+        "gzip" | "zstd" => {
+            use std::io::Write as _;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let _ = gz.write_all(format!("{{\"request\":\"{target}\",\"key\":\"{key}\"}}").as_bytes());
+            h.insert("content-encoding", form.replace("zstd", "zstd, gzip").parse().expect("coding"));
+            Bytes::from(gz.finish().unwrap_or_default())
+        }
+        "split" => {
+            let (a, b) = key.split_at(key.len() / 2);
+            h.append("x-echo", a.parse().expect("half"));
+            h.append("x-echo", b.parse().expect("half"));
+            Bytes::from_static(b"{}")
+        }
+        "name" => {
+            let name: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
+            h.insert(
+                http::HeaderName::from_bytes(format!("x-{}", name.to_ascii_lowercase()).as_bytes()).expect("name"),
+                "1".parse().expect("v"),
+            );
+            Bytes::from_static(b"{}")
+        }
+        "base64" => Bytes::from(
+            ["", "a", "ab"]
+                .iter()
+                .flat_map(|p| [STANDARD.encode(format!("{p}{key}")), URL_SAFE_NO_PAD.encode(format!("{p}{key};"))])
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        "upper" => Bytes::from(format!("KEY={}", key.to_uppercase())),
+        "json" => Bytes::from(format!(
+            "{{\"key\":\"{}\"}}",
+            key.chars().map(|c| format!("\\u{:04x}", c as u32)).collect::<String>()
+        )),
+        _ => Bytes::from_static(b"{}"),
+    };
+    h.insert("content-type", "application/json".parse().expect("ctype"));
+    *r.body_mut() = Full::new(body);
+    r
 }

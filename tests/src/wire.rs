@@ -97,6 +97,38 @@ pub fn send(t: &Topology, frames: Vec<Vec<u8>>) -> Duration {
     })
 }
 
+/// Send frames made by `make(i)` from the client end at about `pps`, in
+/// steps of a millisecond on one socket, until `stop` is set (or 30 s pass);
+/// returns the frames sent and the seconds taken.
+pub fn send_until(
+    t: &Topology,
+    pps: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut make: impl FnMut(u64) -> Vec<u8> + Send + 'static,
+) -> (u64, f64) {
+    let iface = t.client_if.clone();
+    netns::in_ns(&t.client_ns, move || {
+        let (mut tx, _rx) = channel(&iface);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30) {
+            let due = (start.elapsed().as_secs_f64() * pps as f64) as u64;
+            if sent >= due {
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
+            for i in sent..due {
+                match tx.send_to(&make(i), None) {
+                    Some(Ok(())) => {}
+                    other => panic!("sending a frame: {other:?}"),
+                }
+            }
+            sent = due;
+        }
+        (sent, start.elapsed().as_secs_f64())
+    })
+}
+
 /// Count frames from the client that arrive while `frames` are sent.
 pub fn deliver(t: &Topology, frames: Vec<Vec<u8>>) -> (Vec<Summary>, Duration) {
     let c = Counter::start(t);

@@ -304,6 +304,115 @@ fn reload_changes_rates_live_and_refuses_a_bad_config() {
     assert!(t.server_link().contains("prog/xdp"), "reload must not detach");
 }
 
+/// Connection attempts from the client (2 s each) while spoofed SYNs from
+/// `src(i)` flood at about `pps`; returns the successes and the rate the
+/// flood ran at.
+fn connects_during(t: &Topology, tries: usize, pps: u64, src: fn(u64) -> Ipv4Addr) -> (usize, f64) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let macs = t.macs();
+    let make = move |i: u64| frame::tcp4(macs, src(i), SERVER_V4, 1024 + (i % 60_000) as u16, PORT);
+    std::thread::scope(|s| {
+        let f = s.spawn(|| wire::send_until(t, pps, stop.clone(), make));
+        // Let the flood spend the buckets first.
+        std::thread::sleep(Duration::from_millis(500));
+        let ok = (0..tries).filter(|_| wire::connects(t, PORT, Duration::from_secs(2))).count();
+        stop.store(true, Ordering::SeqCst);
+        let (sent, secs) = f.join().expect("flood thread");
+        (ok, sent as f64 / secs)
+    })
+}
+
+#[test]
+fn a_known_visitor_is_served_while_its_24_neighbours_are_spoofed() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t, "aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 50, burst = 50 }");
+    let _l = Listener::start(&t, PORT);
+    assert!(wire::connects(&t, PORT, Duration::from_secs(5)), "the visitor connects before the flood");
+    // Its /24 neighbours (10.77.0.3-254), spoofed, at 20 kpps: far over the
+    // prefix's 50 pps. Before issue 14's fix the visitor got 0 of 3.
+    let neighbour = |i: u64| Ipv4Addr::new(10, 77, 0, 3 + (i % 250) as u8);
+    let (ok, pps) = connects_during(&t, 3, 20_000, neighbour);
+    eprintln!("known visitor: {ok} of 3 connected during a {pps:.0} pps spoofed flood from its /24");
+    assert!(pps > 5_000.0, "the flood ran at only {pps:.0} pps");
+    assert_eq!(ok, 3, "the known visitor was locked out by its neighbours");
+    let s = d.status();
+    assert!(s.packets("drop", "rate") > 5_000, "the neighbours were not dropped: {}", s.packets("drop", "rate"));
+}
+
+#[test]
+fn a_new_visitor_connects_while_spoofed_new_sources_spend_admission() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t, "new_sources = { rate_pps = 100, burst = 100 }");
+    let _l = Listener::start(&t, PORT);
+    // The kernel answers spoofed SYNs towards the client end (which drops
+    // them), so its SYN queue fills and it uses SYN cookies, as on a host
+    // with a default route.
+    let st = std::process::Command::new("ip")
+        .args(["-n", &t.server_ns, "route", "add", "11.0.0.0/8", "via", "10.77.0.2"])
+        .status()
+        .expect("ip route");
+    assert!(st.success());
+    // Never-seen sources, one per /24 (the aggregate cannot help), at
+    // 20 kpps: 200 times the admission rate. Before issue 14's fix a new
+    // visitor got 0 of 10.
+    let spread = |i: u64| Ipv4Addr::new(11, (i >> 8) as u8, i as u8, 1);
+    let (ok, pps) = connects_during(&t, 10, 20_000, spread);
+    let s = d.status_sampled();
+    eprintln!(
+        "new visitor: {ok} of 10 connected during a {pps:.0} pps spoofed flood; untracked SYNs passed: {}, \
+         dropped: {}, tracked sources: {}",
+        s.packets("pass", "untracked"),
+        s.packets("drop", "rate"),
+        s.tracked_sources
+    );
+    assert!(pps > 5_000.0, "the flood ran at only {pps:.0} pps");
+    assert_eq!(ok, 10, "a new visitor was locked out by spoofed sources");
+    // The spoofed sources got no table entries beyond the admission rate.
+    assert!(s.packets("pass", "untracked") > 5_000);
+    assert!(s.tracked_sources < 2_000, "{} sources tracked", s.tracked_sources);
+    // The visitor did: its handshake's ACK was proven (admission was spent).
+    let top: serde_json::Value = serde_json::from_str(&d.ok(&["top", "-n", "5000", "--json"])).unwrap();
+    let tracked = top["sources"].as_array().is_some_and(|a| a.iter().any(|e| e["source"] == "10.77.0.2"));
+    assert!(tracked, "the visitor was never tracked: its ACKs were not proven");
+}
+
+#[test]
+fn real_addresses_in_one_24_each_get_their_own_rate_once_they_show_a_handshake() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    // Per source 10 pps, burst 20; per /24 1 pps, burst 10.
+    let d = Daemon::start(&t, "aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 1, burst = 10 }");
+    let _l = Listener::start(&t, PORT);
+    // Five addresses an attacker really holds in one /24: each completes a
+    // real handshake (the listener accepts and closes).
+    let held: Vec<Ipv4Addr> = (10..15).map(|i| Ipv4Addr::new(10, 77, 0, i)).collect();
+    for a in &held {
+        t.add_client_address(*a);
+        let _ = wire::http_raw_from(&t, Some(*a), PORT, b"x");
+    }
+    let frames: Vec<Vec<u8>> = held.iter().flat_map(|a| syns(&t, *a, 20)).collect();
+    let (seen, took) = wire::deliver(&t, frames);
+    let passed: u64 = held.iter().map(|a| from(&seen, (*a).into(), TCP)).sum();
+    // What this gives an attacker: each such address its own rate, where
+    // the /24's aggregate alone allowed its burst of 10.
+    eprintln!("5 handshake-proven addresses of one /24 passed {passed} of 100 SYNs in {took:?}; the /24's burst is 10");
+    assert!(passed > 30, "proven sources were held by their prefix: {passed} passed");
+    assert!(passed <= 5 * ceiling(took), "{passed} passed: more than five own buckets allow");
+    assert!(d.status().packets("drop", "rate") > 0);
+}
+
 #[test]
 fn list_files_apply_as_a_difference_on_reload_and_every_deny_says_why() {
     if !privileged() {

@@ -265,15 +265,24 @@ fn admission_bucket_holds_floods_spread_over_many_prefixes() {
     let mut h = Harness::new("new_sources = { rate_pps = 1, burst = 10 }");
     // A source tracked before the flood keeps its own bucket.
     h.expect("known", &syn(SRC), XDP_PASS, "pass", "under_rate");
+    let ack = |src| frame::tcp4_with(Macs::TEST, src, DST, 40_000, PORT, frame::ACK);
     let mut passed = 0;
     for i in 0..200u32 {
         // One new source in each of 200 different /24s: the aggregate cannot help.
         let src = Ipv4Addr::from(0x0b00_0000 + (i << 8));
-        passed += u32::from(h.run(&syn(src)) == XDP_PASS);
+        passed += u32::from(h.run(&ack(src)) == XDP_PASS);
     }
     assert!((9..=11).contains(&passed), "{passed} of 200 new sources admitted");
     assert_eq!(h.dp.new_sources().unwrap(), u64::from(passed) + 1, "refused sources got no table entry");
     h.expect("known during the flood", &syn(SRC), XDP_PASS, "pass", "under_rate");
+    // With admission spent, a new source's SYN goes untracked to the
+    // kernel's SYN cookies (a real visitor must be able to connect); its ACK
+    // without a cookie the kernel issued, or any state the kernel holds, is
+    // dropped; neither gets a table entry.
+    let new = Ipv4Addr::new(11, 250, 0, 1);
+    h.expect("new SYN, admission spent", &syn(new), XDP_PASS, "pass", "untracked");
+    h.expect("new spoofed ACK, admission spent", &ack(new), XDP_DROP, "drop", "rate");
+    assert_eq!(h.dp.new_sources().unwrap(), u64::from(passed) + 1, "untracked SYNs got a table entry");
 }
 
 #[test]
@@ -370,4 +379,33 @@ fn cost_per_packet_is_reported() {
     let r = p.test_run(TestRunOptions { data_in: Some(&f), repeat: 100_000, ..TestRunOptions::default() }).unwrap();
     assert_eq!(r.return_value, XDP_PASS);
     eprintln!("info: keyward_xdp, known source under the limit: {} ns/packet (test run)", r.duration.as_nanos());
+}
+
+#[test]
+fn tracked_sources_stay_held_by_their_prefix_until_they_show_a_handshake() {
+    if !privileged() {
+        return;
+    }
+    // Per source 10 pps, burst 20; per /24 1 pps, burst 10.
+    let mut h = Harness::new("aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 1, burst = 10 }");
+    let at = |i: u8| Ipv4Addr::new(203, 0, 113, i);
+    let ack = |i: u8| frame::tcp4_with(Macs::TEST, at(i), DST, 40_000, PORT, frame::ACK);
+    // Ten addresses of one /24 become tracked, each through the aggregate.
+    for i in 1..=10 {
+        h.expect("new source", &syn(at(i)), XDP_PASS, "pass", "under_rate");
+    }
+    // The aggregate is spent: an eleventh new address is refused, and the
+    // tracked ones, which never showed a handshake (spoofed SYNs, an ACK no
+    // cookie or socket vouches for), stay held by it: a rotation through one
+    // prefix cannot buy each address its own rate.
+    h.expect("eleventh new source", &syn(at(11)), XDP_DROP, "drop", "rate");
+    let mut passed = 10;
+    for i in 1..=10 {
+        for _ in 0..9 {
+            passed += u32::from(h.run(&syn(at(i))) == XDP_PASS);
+        }
+        passed += u32::from(h.run(&ack(i)) == XDP_PASS);
+    }
+    assert!(passed <= 11, "{passed} packets of an unproven /24 passed; its aggregate burst is 10");
+    assert_eq!(h.dp.new_sources().unwrap(), 10);
 }

@@ -79,6 +79,23 @@ impl Admin {
     }
 }
 
+/// The next admin connection; accept errors (EMFILE while the forwarder
+/// holds every descriptor) back off instead of spinning the daemon's loop.
+/// Cancel-safe: the back-off state lives in `backoff`.
+pub async fn accept(listener: &UnixListener, backoff: &mut crate::accept::Backoff) -> UnixStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                return stream;
+            }
+            Err(e) => {
+                backoff.failed(&e).await;
+            }
+        }
+    }
+}
+
 /// Read one request from `stream` and write its answer.
 pub async fn answer(admin: Arc<Admin>, stream: UnixStream) {
     let (r, mut w) = stream.into_split();

@@ -116,3 +116,18 @@ pub fn mount_bpffs() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Raise the open-file limit's soft value to its hard one (systemd's default
+/// soft limit is 1024: one source with 1,100 idle connections used to take
+/// every descriptor). The forwarder's connection cap is then sized from it.
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => warn!(error = %e, soft, hard, "could not raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "reading the open-file limit"),
+    }
+}

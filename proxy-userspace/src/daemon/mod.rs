@@ -54,6 +54,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let (config, policy) = crate::proxy::policy::Loaded::read(config_path)?.with_key(config_path)?;
+    // Before any socket is bound or the forwarder sizes its connection cap.
+    host::raise_nofile();
     for w in config.warnings() {
         warn!("{w}");
     }
@@ -221,6 +223,7 @@ impl Daemon {
         self.ops.ready(&summary);
         info!(%summary, "ready");
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut backoff = crate::accept::Backoff::new("admin");
         let watchdog = self.ops.watchdog_period();
         let mut wd = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         loop {
@@ -239,10 +242,9 @@ impl Daemon {
                     s.flush();
                 }
                 Some(e) = recv(&mut self.escalations) => lock(&state).escalate(&e),
-                conn = self.socket.listener().accept() => match conn {
-                    Ok((stream, _)) => { tokio::spawn(admin_server::answer(self.admin.clone(), stream)); }
-                    Err(e) => warn!(error = %e, "admin accept"),
-                },
+                stream = admin_server::accept(self.socket.listener(), &mut backoff) => {
+                    tokio::spawn(admin_server::answer(self.admin.clone(), stream));
+                }
             }
         }
     }

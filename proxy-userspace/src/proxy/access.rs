@@ -59,8 +59,22 @@ impl Origins {
             return true;
         }
         let u = url.trim().to_ascii_lowercase();
-        let at_boundary =
-            |p: &str| u.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#', ':']));
+        // Browsers never send user info; `https://allowed:@evil` is evil's.
+        let authority = u.split_once("://").map_or("", |(_, r)| r.split(['/', '?', '#']).next().unwrap_or(""));
+        if authority.contains('@') {
+            return false;
+        }
+        let at_boundary = |p: &str| {
+            u.strip_prefix(p).is_some_and(|rest| {
+                rest.is_empty()
+                    || rest.starts_with(['/', '?', '#'])
+                    || rest.strip_prefix(':').is_some_and(|port| {
+                        port.split(['/', '?', '#'])
+                            .next()
+                            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                    })
+            })
+        };
         if self.prefixes.iter().any(|p| at_boundary(p)) {
             return true;
         }
@@ -68,10 +82,19 @@ impl Origins {
         self.hosts.iter().any(|h| host == *h || host.strip_suffix(h.as_str()).is_some_and(|r| r.ends_with('.')))
     }
 
-    /// Check `Origin`, else `Referer`.
+    /// Check `Origin`, else `Referer`. More than one Origin (two header
+    /// lines, or a space-separated list in one) or more than one Referer is
+    /// refused whatever the values: a browser sends one, and which one a
+    /// check reads must not decide the verdict.
     pub fn check(&self, headers: &HeaderMap) -> OriginCheck {
-        let origin = headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok());
-        let referer = headers.get(http::header::REFERER).and_then(|v| v.to_str().ok());
+        let (Some(origin), Some(referer)) =
+            (single(headers, http::header::ORIGIN), single(headers, http::header::REFERER))
+        else {
+            return OriginCheck::Refused;
+        };
+        if origin.is_some_and(|o| o.trim().contains([' ', ',', '\t'])) {
+            return OriginCheck::Refused;
+        }
         match (origin, referer) {
             (Some(o), _) if o != "null" => {
                 if self.allows(o) {
@@ -92,6 +115,17 @@ impl Origins {
             _ if self.require => OriginCheck::Refused,
             _ => OriginCheck::Allowed(None),
         }
+    }
+}
+
+/// The one value of `name` (`Some(None)` when absent), or `None` when it
+/// is sent more than once or is not text.
+fn single(headers: &HeaderMap, name: http::header::HeaderName) -> Option<Option<&str>> {
+    let mut all = headers.get_all(name).iter();
+    match (all.next(), all.next()) {
+        (None, _) => Some(None),
+        (Some(v), None) => v.to_str().ok().map(Some),
+        (Some(_), Some(_)) => None,
     }
 }
 
@@ -174,7 +208,7 @@ fn parse_node(v: &str) -> Option<IpAddr> {
 }
 
 /// IPv4-mapped IPv6 peers (dual-stack sockets) are IPv4 clients.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -212,6 +246,11 @@ mod tests {
         assert!(ok(&[("origin", "https://www.example.com")]));
         assert!(ok(&[("origin", "https://WWW.example.com:443")]));
         assert!(!ok(&[("origin", "https://www.example.com.evil.net")]));
+        // User info makes the host another one (found by the fuzzer).
+        assert!(!ok(&[("origin", "https://www.example.com:@evil.net")]));
+        assert!(!ok(&[("origin", "https://www.example.com@evil.net")]));
+        assert!(!ok(&[("origin", "https://evil.net@example.org")]));
+        assert!(!ok(&[("origin", "https://www.example.com:x")]));
         assert!(!ok(&[("origin", "http://www.example.com")]));
         assert!(ok(&[("origin", "https://example.org")]));
         assert!(ok(&[("origin", "http://shop.example.org")]));
@@ -222,6 +261,15 @@ mod tests {
         // Origin is checked first; a good Referer does not rescue a bad Origin.
         assert!(!ok(&[("origin", "https://evil.net"), ("referer", "https://www.example.com/")]));
         assert!(!ok(&[]));
+        // More than one Origin or Referer, whatever the values and order.
+        assert!(!ok(&[("origin", "https://www.example.com"), ("origin", "https://evil.net")]));
+        assert!(!ok(&[("origin", "https://www.example.com https://evil.net")]));
+        assert!(!ok(&[("origin", "https://www.example.com, https://www.example.com")]));
+        assert!(!ok(&[("referer", "https://www.example.com/"), ("referer", "https://evil.net/")]));
+        assert!(!matches!(
+            Origins::new(&[], false).check(&h(&[("origin", "a"), ("origin", "b")])),
+            OriginCheck::Allowed(_)
+        ));
         assert!(matches!(Origins::new(&[], false).check(&h(&[])), OriginCheck::Allowed(None)));
         assert_eq!(
             o.check(&h(&[("origin", "https://www.example.com")])),

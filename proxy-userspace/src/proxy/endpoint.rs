@@ -137,7 +137,10 @@ async fn read_submission(req: Request<Incoming>) -> Result<Bytes, Refused> {
     let body = Limited::new(req.into_body(), MAX_SUBMISSION).collect();
     match tokio::time::timeout(Duration::from_secs(10), body).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(_)) => Err(Refused::new(Outcome::BodyTooLarge, "the submission is too large")),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(Refused::new(Outcome::BodyTooLarge, "the submission is too large"))
+        }
+        Ok(Err(_)) => Err(Refused::new(Outcome::BadRequest, "the submission's framing is malformed")),
         Err(_) => Err(Refused::new(Outcome::RequestTimeout, "the submission did not arrive in time")),
     }
 }

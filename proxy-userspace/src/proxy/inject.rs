@@ -1,7 +1,8 @@
 //! The secret: where it comes from (`key_env` or `key_file`, read at start
 //! and on reload, never from the TOML itself), how it is put on the upstream
 //! request (a query parameter or a header, after any client-sent copy is
-//! removed), and how it is scrubbed from anything the upstream sends back.
+//! removed), and how it is scrubbed from anything the upstream sends back
+//! (the forms it is found in: [`super::scrub`]).
 //! [`Secret`] prints as `[redacted]` everywhere, including `Debug`.
 
 use std::{fmt, path::Path};
@@ -11,8 +12,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{Inject, Upstream};
 
-/// What replaces the key wherever it would appear.
-pub const REDACTED: &str = "[redacted]";
+pub use super::scrub::REDACTED;
+use super::scrub::{Scrubber, Unreadable};
 
 /// The upstream key. No `Display`; `Debug` is redacted.
 #[derive(Clone)]
@@ -75,8 +76,8 @@ fn read_file(path: &Path) -> Result<String, KeyError> {
 pub struct Injector {
     secret: Secret,
     place: Place,
-    /// Forms of the key that may appear in an echoed answer.
-    needles: Vec<Vec<u8>>,
+    /// Finds the key in an echoed answer, in any form.
+    scrubber: Scrubber,
 }
 
 impl fmt::Debug for Injector {
@@ -135,21 +136,8 @@ impl Injector {
                 Place::Header(name, v)
             }
         };
-        // Every form an echo may take: raw, form-encoded, percent-encoded in
-        // upper and lower case hex, and JSON-escaped (`\/`).
-        let k = secret.0.as_bytes();
-        let enc: String = form_urlencoded::byte_serialize(k).collect();
-        let pct: String =
-            percent_encoding::utf8_percent_encode(&secret.0, percent_encoding::NON_ALPHANUMERIC).collect();
-        let lower = lower_hex(&pct);
-        let json = secret.0.replace('/', "\\/");
-        let mut needles: Vec<Vec<u8>> = Vec::new();
-        for n in [secret.0.clone(), enc.clone(), lower_hex(&enc), pct, lower, json] {
-            if !needles.contains(&n.as_bytes().to_vec()) {
-                needles.push(n.into_bytes());
-            }
-        }
-        Ok(Injector { secret, place, needles })
+        let scrubber = Scrubber::new(&secret.0);
+        Ok(Injector { secret, place, scrubber })
     }
 
     /// The query key a client must not send, if the key goes in the query.
@@ -177,16 +165,9 @@ impl Injector {
         }
     }
 
-    /// Replace every occurrence of the key in `b`.
+    /// Replace every form of the key in `b`.
     pub fn scrub(&self, b: &[u8]) -> Option<Vec<u8>> {
-        let mut out: Option<Vec<u8>> = None;
-        for n in &self.needles {
-            let cur = out.as_deref().unwrap_or(b);
-            if let Some(r) = replace(cur, n, REDACTED.as_bytes()) {
-                out = Some(r);
-            }
-        }
-        out
+        self.scrubber.scrub(b)
     }
 
     /// Scrub a body.
@@ -194,59 +175,20 @@ impl Injector {
         self.scrub(&b).map_or(b, Bytes::from)
     }
 
-    /// Scrub header values in place.
+    /// Scrub headers in place: names, values, and values of one name
+    /// together.
     pub fn scrub_headers(&self, h: &mut HeaderMap) {
-        for v in h.values_mut() {
-            if let Some(clean) = self.scrub(v.as_bytes()) {
-                *v = HeaderValue::from_bytes(&clean).unwrap_or_else(|_| HeaderValue::from_static(REDACTED));
-            }
-        }
+        self.scrubber.headers(h);
     }
-}
 
-/// `%2F` → `%2f`: the hex digits of percent escapes in lower case.
-fn lower_hex(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut hex = 0;
-    for c in s.chars() {
-        if c == '%' {
-            hex = 2;
-            out.push(c);
-        } else if hex > 0 {
-            hex -= 1;
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
+    /// An upstream answer made safe to pass on: a `Content-Encoding` we did
+    /// not ask for undone (bounded), then headers and body scrubbed. An
+    /// answer that cannot be read is refused rather than passed on unread.
+    pub fn scrub_answer(&self, h: &mut HeaderMap, body: Bytes) -> Result<Bytes, Unreadable> {
+        let body = super::scrub::decode(h, body, super::forward::MAX_ANSWER)?;
+        self.scrub_headers(h);
+        Ok(self.scrub_body(body))
     }
-    out
-}
-
-/// `hay` with every `needle` replaced, or `None` when there is none.
-fn replace(hay: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    let mut out = Vec::new();
-    let mut i = 0;
-    let mut last = 0;
-    let mut found = false;
-    while i + needle.len() <= hay.len() {
-        if hay.get(i..i + needle.len()) == Some(needle) {
-            out.extend_from_slice(hay.get(last..i).unwrap_or_default());
-            out.extend_from_slice(with);
-            i += needle.len();
-            last = i;
-            found = true;
-        } else {
-            i += 1;
-        }
-    }
-    if !found {
-        return None;
-    }
-    out.extend_from_slice(hay.get(last..).unwrap_or_default());
-    Some(out)
 }
 
 #[cfg(test)]

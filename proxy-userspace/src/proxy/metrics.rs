@@ -1,15 +1,16 @@
 //! The forwarder's Prometheus series: requests by route and outcome, dry
 //! run's would-be refusals, upstream answers by code and how long they took,
-//! and today's budget. [`register`] puts them into the daemon's registry;
-//! they are read from the forwarder at scrape time. Outcome labels are the
-//! names defined once in `proxy::respond`.
+//! today's budget, and client connections open and refused by reason.
+//! [`register`] puts them into the daemon's registry; they are read from the
+//! forwarder at scrape time. Outcome labels are the names defined once in
+//! `proxy::respond`, connection reasons in `proxy::conns`.
 
 use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{MetricType, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
@@ -43,6 +44,7 @@ impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let f = &self.fwd;
         f.counts.encode(&mut enc)?;
+        encode_conns(&mut enc, f.conns())?;
         let now = f.clock.unix_secs() as i64;
         let (spent, window) = f.limiter().spent(now);
         let currency = f.currency();
@@ -83,4 +85,25 @@ impl Collector for Scrape {
         )?)?;
         Ok(())
     }
+}
+
+/// Open client connections, and those refused or closed early by reason.
+fn encode_conns(enc: &mut DescriptorEncoder, c: &super::conns::Conns) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(i64::from(c.open(None).0)).encode(enc.encode_descriptor(
+        "keyward_connections_open",
+        "Client connections open on the forwarder.",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    let mut m = enc.encode_descriptor(
+        "keyward_connections_refused",
+        "Client connections refused (max-connections, max-connections-per-ip) or closed before a request \
+         (head-timeout, tls-handshake).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (r, n) in c.refused() {
+        ConstCounter::new(n).encode(m.encode_family(&[("reason", r.name())])?)?;
+    }
+    Ok(())
 }

@@ -9,14 +9,15 @@
 //! home of validation) · `access` (origins, client address) · `route`
 //! (allow-list, parameters) · `limit` (per-IP bucket, daily caps, budget) ·
 //! `durable` (reservations on disk before the call leaves) ·
-//! `day` (the daily window) · `cache` · `inject` (the key in, the key
-//! scrubbed out) · `forward` (the upstream client) · `respond` (outcomes as
+//! `day` (the daily window) · `cache` · `inject` (the key in) ·
+//! `scrub` (the key out, in every encoding) · `forward` (the upstream client) · `respond` (outcomes as
 //! answers) · `counts` (request counting) · `alert` (budget alerts) ·
-//! `server` and `tls` (the listener).
+//! `server`, `conns` and `tls` (the listener and its bounds).
 
 pub mod access;
 pub mod alert;
 pub mod cache;
+pub mod conns;
 pub mod counts;
 pub mod day;
 mod durable;
@@ -30,6 +31,7 @@ mod pipeline;
 pub mod policy;
 pub mod respond;
 pub mod route;
+pub mod scrub;
 pub mod server;
 pub mod tls;
 
@@ -77,6 +79,8 @@ pub struct Forwarder {
     token_state: endpoint::TokenState,
     /// Tokens as the current policy sets them up.
     token_rt: RwLock<Option<Arc<endpoint::TokenRuntime>>>,
+    /// Open client connections and refusals (outlive reloads).
+    conns: Arc<conns::Conns>,
     /// The listener's certificate, replaced on reload.
     certs: Option<Arc<tls::Certs>>,
     /// Where reservations are made durable before their call leaves
@@ -125,6 +129,7 @@ impl Forwarder {
             logged: Mutex::new(HashMap::new()),
             token_state,
             token_rt,
+            conns: Arc::default(),
             certs: policy_tls,
             journal,
         });
@@ -190,6 +195,11 @@ impl Forwarder {
     /// The limiter (for persistence and status).
     pub fn limiter(&self) -> &Limiter {
         &self.limiter
+    }
+
+    /// Open connections and refusals by reason (for metrics and tests).
+    pub fn conns(&self) -> &Arc<conns::Conns> {
+        &self.conns
     }
 
     /// The cache (for status).

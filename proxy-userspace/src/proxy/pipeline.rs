@@ -192,7 +192,7 @@ impl Forwarder {
         let up = upstream_request(call, parts, body)?;
         let reservation = self.reserve(call).await?;
         let answer = self.exchange(call, up, reservation).await?;
-        Ok(Answered { response: self.finish(call, answer, cache_key), outcome: Outcome::Forwarded })
+        Ok(Answered { response: self.finish(call, answer, cache_key)?, outcome: Outcome::Forwarded })
     }
 
     /// In dry run, count the refusal and let the call go on.
@@ -429,14 +429,18 @@ impl Forwarder {
         }
     }
 
-    /// The answer for the client: hop-by-hop headers dropped, the key
-    /// scrubbed, a success cached, CORS for the allowed origin.
-    fn finish(&self, call: &Call<'_>, answer: Answer, cache_key: Option<String>) -> Response<Body> {
+    /// The answer for the client: hop-by-hop headers dropped, an encoding
+    /// we did not ask for undone and the key scrubbed (an answer that cannot
+    /// be read is refused 502, never passed on unread), a success cached,
+    /// CORS for the allowed origin.
+    fn finish(&self, call: &Call<'_>, answer: Answer, cache_key: Option<String>) -> Result<Response<Body>, Refused> {
         let p = call.policy;
         let mut headers = answer.headers;
         forward::strip_hop_by_hop(&mut headers);
-        p.injector.scrub_headers(&mut headers);
-        let body = p.injector.scrub_body(answer.body);
+        let body = p.injector.scrub_answer(&mut headers, answer.body).map_err(|e| {
+            warn!(route = %call.route.name, error = %e, "upstream answer refused");
+            Refused::new(Outcome::UpstreamUnavailable, "the upstream's answer could not be checked")
+        })?;
         if let (Some(ttl), Some(key)) = (call.route.cache_ttl, cache_key)
             && answer.status.is_success()
         {
@@ -449,7 +453,7 @@ impl Forwarder {
         if let Some(o) = &call.origin {
             respond::allow_origin(r.headers_mut(), o);
         }
-        r
+        Ok(r)
     }
 }
 
@@ -507,7 +511,12 @@ async fn read_body(call: &Call<'_>, _parts: &Parts, body: Incoming) -> Result<By
     let max = usize::try_from(call.policy.max_body).unwrap_or(usize::MAX);
     match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(_)) => Err(Refused::new(Outcome::BodyTooLarge, "request body too large")),
+        // Over `max_body` is 413; any other body error is the client's
+        // framing (malformed chunked, a length it did not keep to): 400.
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(Refused::new(Outcome::BodyTooLarge, "request body too large"))
+        }
+        Ok(Err(_)) => Err(Refused::new(Outcome::BadRequest, "the request body's framing is malformed")),
         Err(_) => Err(Refused::new(Outcome::RequestTimeout, "the request body did not arrive in time")),
     }
 }

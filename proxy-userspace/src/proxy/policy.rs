@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use super::{
     access::Origins,
+    conns::Bounds,
     day::Schedule,
     forward::{self, Upstream},
     geo::Countries,
@@ -56,6 +57,32 @@ pub enum PolicyError {
     NoOrigins,
     #[error("[listen] {0}")]
     Tls(#[from] super::tls::TlsError),
+}
+
+impl PolicyError {
+    /// The table an error is about, when it is about one.
+    fn table(&self) -> Option<&'static str> {
+        match self {
+            PolicyError::Key(_) | PolicyError::Upstream(_) | PolicyError::Header(_) => Some("[upstream]"),
+            PolicyError::NoOrigins => Some("[access]"),
+            _ => None,
+        }
+    }
+}
+
+/// Where the line that opens `table` (e.g. `[upstream]`) is in `text`.
+fn table_span(text: &str, table: &str) -> Option<Range<usize>> {
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        let rest = t.strip_prefix(table).map(str::trim);
+        if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
+            let start = at + (line.len() - t.len());
+            return Some(start..start + table.len());
+        }
+        at += line.len();
+    }
+    None
 }
 
 /// Page tokens as configured: the key ring (loaded when the policy is
@@ -100,6 +127,7 @@ pub struct Compiled {
     trusted: Vec<Cidr>,
     client_ip_from: ForwardedHeader,
     max_body: u64,
+    conns: Bounds,
     v6_prefix: u8,
     client_ip_header: Option<HeaderName>,
     deny_on_daily_cap: bool,
@@ -124,6 +152,7 @@ pub struct Policy {
     pub(super) trusted: Vec<Cidr>,
     pub(super) client_ip_from: ForwardedHeader,
     pub(super) max_body: u64,
+    pub(super) conns: Bounds,
     pub(super) v6_prefix: u8,
     pub(super) client_ip_header: Option<HeaderName>,
     pub(super) deny_on_daily_cap: bool,
@@ -233,6 +262,11 @@ impl Compiled {
             trusted: listen.trusted_proxies.clone(),
             client_ip_from: listen.client_ip_from,
             max_body: listen.max_body.0,
+            conns: Bounds {
+                max: listen.max_connections.get(),
+                per_ip: listen.max_connections_per_ip.get(),
+                head_timeout: listen.head_timeout.0,
+            },
             v6_prefix: cfg.xdp().ipv6_prefix.0,
             client_ip_header,
             deny_on_daily_cap: l.deny_on_daily_cap,
@@ -257,6 +291,7 @@ impl Compiled {
             trusted: self.trusted,
             client_ip_from: self.client_ip_from,
             max_body: self.max_body,
+            conns: self.conns,
             v6_prefix: self.v6_prefix,
             client_ip_header: self.client_ip_header,
             deny_on_daily_cap: self.deny_on_daily_cap,
@@ -324,7 +359,11 @@ impl Loaded {
     /// Parse and compile `text`, naming `path` in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         let config = Config::parse(path, text)?;
-        let compiled = Compiled::new(&config).map_err(|e| ConfigError::at(path, text, e.span, e.error.to_string()))?;
+        let compiled = Compiled::new(&config).map_err(|e| {
+            // An unspanned error about one table points at its header.
+            let span = e.span.or_else(|| e.error.table().and_then(|t| table_span(text, t)));
+            ConfigError::at(path, text, span, e.error.to_string())
+        })?;
         Ok(Loaded { config, compiled })
     }
 

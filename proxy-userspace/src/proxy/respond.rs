@@ -37,6 +37,7 @@ pub enum Outcome {
     ChallengeSpent,
     Script,
     BodyTooLarge,
+    BadRequest,
     RequestTimeout,
     RateLimited,
     DailyCapReached,
@@ -51,7 +52,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 27] = [
+    pub const ALL: [Outcome; 28] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
@@ -70,6 +71,7 @@ impl Outcome {
         Outcome::ChallengeSpent,
         Outcome::Script,
         Outcome::BodyTooLarge,
+        Outcome::BadRequest,
         Outcome::RequestTimeout,
         Outcome::RateLimited,
         Outcome::DailyCapReached,
@@ -102,6 +104,7 @@ impl Outcome {
             Outcome::ChallengeSpent => "challenge-spent",
             Outcome::Script => "script",
             Outcome::BodyTooLarge => "body-too-large",
+            Outcome::BadRequest => "bad-request",
             Outcome::RequestTimeout => "request-timeout",
             Outcome::RateLimited => "rate-limited",
             Outcome::DailyCapReached => "daily-cap-reached",
@@ -123,7 +126,7 @@ impl Outcome {
             | Outcome::Script => StatusCode::OK,
             Outcome::Preflight => StatusCode::NO_CONTENT,
             Outcome::NoRoute => StatusCode::NOT_FOUND,
-            Outcome::BadParameter => StatusCode::BAD_REQUEST,
+            Outcome::BadParameter | Outcome::BadRequest => StatusCode::BAD_REQUEST,
             Outcome::OriginNotAllowed
             | Outcome::CountryNotAllowed
             | Outcome::TokenRequired
@@ -160,6 +163,7 @@ impl Outcome {
             Outcome::ChallengeExpired => "The proof-of-work challenge has expired",
             Outcome::ChallengeSpent => "The proof-of-work challenge was already used",
             Outcome::BodyTooLarge => "Request body too large",
+            Outcome::BadRequest => "The request is malformed",
             Outcome::RequestTimeout => "The request body did not arrive in time",
             Outcome::RateLimited => "Too many requests from your address",
             Outcome::DailyCapReached => "Daily limit for your address reached",
