@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod metrics;
 pub mod paths;
 pub mod proxy;
+pub mod shared;
 pub mod store;
 pub mod token;
 pub mod units;

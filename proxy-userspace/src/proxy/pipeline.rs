@@ -23,6 +23,8 @@
 //! the refusals a limit or origin check would make are counted and the call
 //! goes on.
 
+mod fleet;
+
 use std::{borrow::Cow, net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -189,7 +191,7 @@ impl Forwarder {
         }
         let body = read_body(call, parts, body).await?;
         let up = upstream_request(call, parts, body)?;
-        let reservation = self.reserve(call)?;
+        let reservation = self.reserve(call).await?;
         let answer = self.exchange(call, up, reservation).await?;
         Ok(Answered { response: self.finish(call, answer, cache_key), outcome: Outcome::Forwarded })
     }
@@ -308,6 +310,9 @@ impl Forwarder {
                 Refused::new(Outcome::BudgetPaced, "the service is busy; the budget is released over the day")
                     .retry(retry_after)
             }
+            Refusal::Unleased => {
+                Refused::new(Outcome::BudgetUnavailable, "the service is briefly unavailable").retry(1)
+            }
         }
     }
 
@@ -359,7 +364,7 @@ impl Forwarder {
 
     /// Take the call's cost and per-IP count (given back by `settle` if the
     /// answer is not billable).
-    fn reserve(&self, call: &Call<'_>) -> Result<Reservation, Refused> {
+    async fn reserve(&self, call: &Call<'_>) -> Result<Reservation, Refused> {
         if let Some(c) = &call.token {
             let now = u64::try_from(call.now).unwrap_or(0);
             self.token_state
@@ -367,7 +372,7 @@ impl Forwarder {
                 .take(c.nonce, c.max_calls, c.expires_at, now)
                 .map_err(|e| Refused::new(Outcome::TokenExhausted, e.to_string()))?;
         }
-        self.limiter.reserve(call.key, call.route.cost, call.now, call.exempt).map_err(|r| {
+        self.take_limits(call).await.map_err(|r| {
             self.give_back_token(call);
             self.refusal(call, r)
         })
@@ -422,6 +427,7 @@ impl Forwarder {
                 alert::raise(call.policy, &a);
             }
         } else {
+            self.untake_shared(call, &reservation);
             self.limiter.refund(reservation);
             self.give_back_token(call);
         }

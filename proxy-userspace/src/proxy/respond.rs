@@ -43,13 +43,15 @@ pub enum Outcome {
     PrefixCapReached,
     BudgetExhausted,
     BudgetPaced,
+    /// The shared store is down and this host's leases are spent.
+    BudgetUnavailable,
     UpstreamTimeout,
     UpstreamUnavailable,
 }
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 26] = [
+    pub const ALL: [Outcome; 27] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
@@ -74,6 +76,7 @@ impl Outcome {
         Outcome::PrefixCapReached,
         Outcome::BudgetExhausted,
         Outcome::BudgetPaced,
+        Outcome::BudgetUnavailable,
         Outcome::UpstreamTimeout,
         Outcome::UpstreamUnavailable,
     ];
@@ -105,6 +108,7 @@ impl Outcome {
             Outcome::PrefixCapReached => "prefix-cap-reached",
             Outcome::BudgetExhausted => "budget-exhausted",
             Outcome::BudgetPaced => "budget-paced",
+            Outcome::BudgetUnavailable => "budget-unavailable",
             Outcome::UpstreamTimeout => "upstream-timeout",
             Outcome::UpstreamUnavailable => "upstream-unavailable",
         }
@@ -134,7 +138,9 @@ impl Outcome {
             Outcome::RateLimited | Outcome::DailyCapReached | Outcome::PrefixCapReached => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Outcome::BudgetExhausted | Outcome::BudgetPaced => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::BudgetExhausted | Outcome::BudgetPaced | Outcome::BudgetUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Outcome::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Outcome::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         }
@@ -160,6 +166,7 @@ impl Outcome {
             Outcome::PrefixCapReached => "Daily limit for your network reached",
             Outcome::BudgetExhausted => "Service temporarily unavailable",
             Outcome::BudgetPaced => "Service busy; try again later",
+            Outcome::BudgetUnavailable => "Service temporarily unavailable; try again shortly",
             Outcome::UpstreamTimeout => "The upstream service timed out",
             Outcome::UpstreamUnavailable => "The upstream service is unavailable",
             Outcome::Forwarded
