@@ -64,6 +64,7 @@ struct Breaker {
 /// One host's connection to the shared store.
 pub struct Store {
     conn: ConnectionManager,
+    url: String,
     prefix: String,
     timeout: Duration,
     breaker: Mutex<Breaker>,
@@ -88,6 +89,7 @@ impl Store {
             .map_err(|_| StoreError::Timeout(connect_within))??;
         let store = Store {
             conn,
+            url: redact(&cfg.url),
             prefix: format!("{{kw:{}}}", cfg.site),
             timeout: cfg.timeout,
             breaker: Mutex::new(Breaker { failures: 0, open_until: None }),
@@ -104,6 +106,11 @@ impl Store {
     /// A key under this site's namespace.
     pub fn key(&self, rest: &str) -> String {
         format!("{}:{rest}", self.prefix)
+    }
+
+    /// The URL, password redacted.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Whether the last call was answered (for metrics and status).
