@@ -518,9 +518,9 @@ impl Store {
             return Err("[store] timeout must be between 1ms and 5s".into());
         }
         let Some(url) = &self.redis_url else { return Ok(()) };
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        if !["redis://", "rediss://", "unix://", "redis+unix://"].iter().any(|s| url.starts_with(s)) {
             return Err(format!(
-                "[store] redis_url must start with redis:// or rediss:// (Sentinel is not supported yet), not `{}`",
+                "[store] redis_url must start with redis://, rediss:// or unix:// (Sentinel is not supported yet), not `{}`",
                 crate::shared::redact(url)
             ));
         }
@@ -673,6 +673,22 @@ burst = 400
 
     fn err(t: &str) -> String {
         parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_shared_store_url_is_checked_and_never_printed_with_its_password() {
+        let with = |store: &str| format!("{MINIMAL}\n[store]\n{store}\n");
+        let c = parse(&with("redis_url = \"redis://:s3cret@10.0.0.5:6379/0\"\nsite = \"shop\"")).unwrap();
+        assert_eq!(c.store.timeout.0, std::time::Duration::from_millis(50));
+        assert_eq!(c.store.site, "shop");
+        assert!(!c.to_toml().contains("s3cret"), "{}", c.to_toml());
+        assert!(parse(&with("redis_url = \"rediss://h:6380\"")).is_ok());
+        assert!(parse(&with("redis_url = \"unix:///run/redis.sock\"")).is_ok());
+        let e = err(&with("redis_url = \"http://h:6379\""));
+        assert!(e.starts_with("k.toml:") && e.contains("redis_url must start with"), "{e}");
+        assert!(err(&with("redis_url = \"redis://h:notaport\"")).contains("redis_url"));
+        assert!(err(&with("site = \"a b\"")).contains("site"));
+        assert!(err(&with("timeout = \"0s\"")).contains("timeout"));
     }
 
     #[test]
