@@ -146,7 +146,8 @@ impl Fleet {
     /// another's request uses its grant). `state` reads the limiter's lease
     /// (`None` when the day rolled), `add` credits a grant to a day, which
     /// refuses grants for another day than the limiter's (they are handed back).
-    /// Returns the amount granted; 0 when the fleet's budget is used up.
+    /// Returns the amount granted; 0 when the fleet's budget is used up;
+    /// `NextDay` when the grant was for a day this host is not in yet.
     /// Grants come in multiples of `unit` (one call's cost); nothing is asked
     /// when this host already has `enough` unspent.
     pub async fn top_up(
@@ -173,7 +174,7 @@ impl Fleet {
         self.fleet_granted.store(total, Ordering::Relaxed);
         if grant > 0 && !add(day, grant) {
             self.hand_back(day, grant).await?;
-            return Ok(0);
+            return Err(StoreError::NextDay);
         }
         self.granted.fetch_add(grant, Ordering::Relaxed);
         Ok(grant)

@@ -34,6 +34,10 @@ pub enum StoreError {
     Open,
     #[error("the shared store: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis's clock is past this host's reset boundary (the grant, for the
+    /// next day, was handed back); the host's day rolls within a moment.
+    #[error("the shared store's clock is past this host's reset boundary")]
+    NextDay,
 }
 
 /// How to reach the shared store.
