@@ -38,6 +38,13 @@ pub enum Request {
         #[serde(rename = "for_secs", with = "opt_secs", default)]
         lasting: Option<Duration>,
     },
+    /// Many at once (`keyward deny add -f FILE`): all or none.
+    ListAddMany {
+        list: List,
+        cidrs: Vec<Cidr>,
+        #[serde(rename = "for_secs", with = "opt_secs", default)]
+        lasting: Option<Duration>,
+    },
     ListRemove {
         list: List,
         cidr: Cidr,
@@ -178,6 +185,11 @@ pub struct Status {
     pub new_sources: u64,
     pub allow_entries: usize,
     pub deny_entries: usize,
+    /// Of those, the entries only `[xdp] allow_files` / `deny_files` list.
+    #[serde(default)]
+    pub allow_from_files: usize,
+    #[serde(default)]
+    pub deny_from_files: usize,
     pub counters: Vec<ReasonCount>,
     /// The three heaviest sources in the kernel table.
     #[serde(default)]
@@ -329,7 +341,7 @@ pub struct ListShow {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The daemon is not running or the socket is wrong (CLI exit 2).
-    #[error("cannot reach the keyward daemon at {path}: {source}")]
+    #[error("cannot reach the keyward daemon at {path}: {source} (is it running? see `systemctl status keyward`)")]
     Unreachable {
         path: PathBuf,
         #[source]

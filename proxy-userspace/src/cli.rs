@@ -1,7 +1,8 @@
 //! The command line: one binary, the daemon (`run`), config validation
 //! (`check`) and the operator verbs that talk to a running daemon over its
 //! admin socket. Help text is written for an operator, with an example per
-//! verb. Exit codes: 0 success, 1 refused or invalid, 2 daemon unreachable.
+//! verb. Exit codes: 0 success, 1 refused or invalid, 2 daemon unreachable,
+//! 64 usage error (sysexits' EX_USAGE).
 
 use std::{
     io::IsTerminal as _,
@@ -25,7 +26,7 @@ use crate::{
     name = "keyward",
     version,
     propagate_version = true,
-    after_help = "Examples:\n  keyward check -c /etc/keyward/keyward.toml\n  keyward run -c /etc/keyward/keyward.toml\n  keyward status\n  keyward top -n 20 --watch\n  keyward usage --json\n  keyward deny add 198.51.100.0/24 --for 1h\n  keyward allow add 192.0.2.10\n  keyward reload\n\nExit codes: 0 done, 1 refused or invalid, 2 the daemon could not be reached."
+    after_help = "Examples:\n  keyward check -c /etc/keyward/keyward.toml\n  keyward run -c /etc/keyward/keyward.toml\n  keyward status\n  keyward top -n 20 --watch\n  keyward usage --json\n  keyward deny add 198.51.100.0/24 --for 1h\n  keyward allow add 192.0.2.10\n  keyward reload\n\nExit codes: 0 done, 1 refused or invalid, 2 the daemon could not be reached, 64 usage error."
 )]
 pub struct Cli {
     /// Config file: `run`/`check` read it; other verbs take `admin.socket` from it.
@@ -34,6 +35,9 @@ pub struct Cli {
     /// Admin socket of the daemon to talk to (default: from -c, else /run/keyward/admin.sock).
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Log lines as text or JSON (default: `[log] format` of the config, else text).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::config::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -95,6 +99,17 @@ pub enum Command {
     ///
     /// Example: keyward reload -c /etc/keyward/keyward.toml
     Reload,
+    /// Print shell completions (bash, zsh, fish, …) to stdout.
+    ///
+    /// Example: keyward completions bash > /etc/bash_completion.d/keyward
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, keyward(1), as roff (the package ships it).
+    #[command(hide = true)]
+    Manpage,
 }
 
 /// `--json`.
@@ -108,12 +123,18 @@ pub struct JsonFlag {
 /// `allow`/`deny` sub-verbs.
 #[derive(Debug, Subcommand)]
 pub enum ListAction {
-    /// Add a CIDR (a bare address means /32 or /128); takes effect in the kernel at once.
+    /// Add a CIDR (a bare address means /32 or /128), or every one in a file; takes effect in the kernel at once.
     ///
     /// Example: keyward deny add 198.51.100.0/24 --for 2h
+    /// Example: keyward deny add -f drop.txt   (one CIDR per line, `#` and `;` comments)
     Add {
         /// IPv4 or IPv6 network, host bits zero (e.g. 10.1.0.0/16, 2001:db8::/32, 192.0.2.7).
-        cidr: String,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        cidr: Option<String>,
+        /// Add every network in this file instead (all or none). For a list
+        /// kept in a file and re-read on reload, use `[xdp] deny_files`/`allow_files`.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
         /// Deny only: expire after this long (e.g. 30s, 10m, 2h, 1d).
         #[arg(long = "for", value_name = "DURATION")]
         for_: Option<String>,
@@ -125,7 +146,7 @@ pub enum ListAction {
         /// The network to remove.
         cidr: String,
     },
-    /// List the entries, with their expiry.
+    /// List the entries, with their expiry, when they were added and why.
     ///
     /// Example: keyward deny ls --json
     Ls(JsonFlag),
@@ -136,20 +157,45 @@ pub enum ListAction {
 pub enum CliError {
     #[error(transparent)]
     Admin(#[from] CallError),
+    /// What was typed cannot be meant (a bad CIDR, a flag that does not apply).
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// Invalid for another reason (the config's policy, a garbled answer).
+    #[error("{0}")]
+    Invalid(String),
 }
 
+/// sysexits' EX_USAGE: the command line was wrong.
+pub const EXIT_USAGE: i32 = 64;
+
 impl CliError {
-    /// 2 when the daemon could not be reached, else 1.
+    /// 2 when the daemon could not be reached, 64 for a usage error, else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Admin(CallError::Unreachable { .. }) => 2,
+            CliError::Usage(_) => EXIT_USAGE,
             _ => 1,
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text
+/// is already part of the line (a wrapped error that prints its source) is
+/// not repeated.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
 }
 
 impl Cli {
@@ -179,19 +225,48 @@ pub fn check(path: &Path) -> Result<(), CliError> {
     // as a warning, since the service's environment is not this shell's.
     let loaded = crate::proxy::policy::Loaded::read(path)?;
     let c = loaded.config.clone();
-    let warning = match loaded.with_key(path) {
-        Ok(_) => None,
-        Err(LoadError::Key { source: e @ (KeyError::Env(_) | KeyError::File { .. }), .. }) => Some(e.to_string()),
+    let mut warnings = c.warnings();
+    // The list files, as the daemon would read them (all or nothing).
+    let mut files = Vec::new();
+    for (key, paths) in [("allow_files", &c.xdp().allow_files), ("deny_files", &c.xdp().deny_files)] {
+        if !paths.is_empty() {
+            let n = crate::lists::read_all(paths).map_err(|e| CliError::Invalid(format!("[xdp] {key}: {e}")))?.len();
+            files.push(format!("[xdp] {key}: {n} networks"));
+        }
+    }
+    match loaded.with_key(path) {
+        Ok(_) => {}
+        Err(LoadError::Key { source: e @ (KeyError::Env(_) | KeyError::File { .. }), .. }) => {
+            warnings.push(format!("{e} (here; the service may have it)"));
+        }
         Err(LoadError::Config(e)) => return Err(e.into()),
-        Err(e) => return Err(CliError::Usage(e.to_string())),
-    };
+        Err(e) => return Err(CliError::Invalid(e.to_string())),
+    }
     println!("# {}: valid. Effective configuration:", path.display());
-    if let Some(w) = warning {
-        println!("# warning: {w} (here; the service may have it)");
+    for f in &files {
+        println!("# {f}");
+    }
+    for w in &warnings {
+        println!("# warning: {w}");
     }
     println!();
     print!("{}", c.to_toml());
     Ok(())
+}
+
+/// `completions SHELL` and `manpage`: generated from the command line's own definition.
+pub fn generate(command: &Command) -> Result<(), CliError> {
+    use clap::CommandFactory as _;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "keyward", &mut out);
+            Ok(())
+        }
+        _ => clap_mangen::Man::new(Cli::command())
+            .render(&mut out)
+            .map_err(|e| CliError::Invalid(format!("writing the man page: {e}"))),
+    }
 }
 
 /// Run a verb that talks to the daemon.
@@ -199,7 +274,9 @@ pub fn verb(cli: &Cli) -> Result<(), CliError> {
     let socket = cli.socket()?;
     let call = |r: &Request| admin::call(&socket, r).map_err(CliError::from);
     match &cli.command {
-        Command::Run | Command::Check => Err(CliError::Usage("not a client verb".into())),
+        Command::Run | Command::Check | Command::Completions { .. } | Command::Manpage => {
+            Err(CliError::Invalid("not a client verb".into()))
+        }
         Command::Status(j) => {
             let v = call(&Request::Status)?;
             if j.json {
@@ -281,10 +358,9 @@ fn list_verb(
 ) -> Result<(), CliError> {
     let name = list.name();
     match action {
-        ListAction::Add { cidr, for_ } => {
+        ListAction::Add { cidr, file, for_ } => {
             // Parsed here, once: a typo is refused even with no daemon, and
             // the daemon gets a CIDR and a duration, not text.
-            let c = parse_cidr(cidr)?;
             let for_secs = match for_ {
                 None => None,
                 Some(_) if list == List::Allow => {
@@ -295,7 +371,16 @@ fn list_verb(
                     Some(s.0.as_secs().max(1))
                 }
             };
-            call(&Request::ListAdd { list, cidr: c, lasting: for_secs.map(std::time::Duration::from_secs) })?;
+            let lasting = for_secs.map(std::time::Duration::from_secs);
+            if let Some(f) = file {
+                let cidrs = crate::lists::read(f).map_err(|e| CliError::Invalid(e.to_string()))?;
+                let n = cidrs.len();
+                call(&Request::ListAddMany { list, cidrs, lasting })?;
+                println!("{name}: {n} entries from {}", f.display());
+                return Ok(());
+            }
+            let c = parse_cidr(cidr.as_deref().unwrap_or_default())?;
+            call(&Request::ListAdd { list, cidr: c, lasting })?;
             match for_secs {
                 Some(s) => println!("{name} {c} (expires in {s}s)"),
                 None => println!("{name} {c}"),
@@ -323,10 +408,14 @@ fn list_verb(
                         let s = t.saturating_sub(now);
                         format!("in {}h{:02}m{:02}s", s / 3600, (s % 3600) / 60, s % 60)
                     });
-                    vec![e.cidr.to_string(), exp]
+                    let added = e.added_unix.map_or("-".to_owned(), |t| {
+                        jiff::Timestamp::from_second(t as i64)
+                            .map_or("-".to_owned(), |t| t.strftime("%Y-%m-%d %H:%M:%SZ").to_string())
+                    });
+                    vec![e.cidr.to_string(), exp, added, e.reason.clone().unwrap_or_else(|| "-".into())]
                 })
                 .collect();
-            print_table(&["CIDR", "EXPIRES"], &rows);
+            print_table(&["CIDR", "EXPIRES", "ADDED", "REASON"], &rows);
             Ok(())
         }
     }
@@ -339,7 +428,7 @@ fn parse_cidr(s: &str) -> Result<Cidr, CliError> {
 
 /// Decode a daemon answer.
 fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, CliError> {
-    serde_json::from_value(v).map_err(|e| CliError::Usage(format!("bad answer from the daemon: {e}")))
+    serde_json::from_value(v).map_err(|e| CliError::Invalid(format!("bad answer from the daemon: {e}")))
 }
 
 fn print_json(v: &serde_json::Value) -> Result<(), CliError> {
@@ -367,7 +456,13 @@ fn print_status(s: &Status) {
         ("new sources", format!("admitted at {} pps, burst {} (host-wide)", s.new_sources_pps, s.new_sources_burst)),
         ("dry run", if s.dry_run { "yes: nothing is dropped".into() } else { "no".into() }),
         ("sources", format!("{} tracked of {}, {} created", s.tracked_sources, s.table_size, s.new_sources)),
-        ("lists", format!("{} allow, {} deny", s.allow_entries, s.deny_entries)),
+        (
+            "lists",
+            format!(
+                "{} allow, {} deny (of which {} and {} from list files)",
+                s.allow_entries, s.deny_entries, s.allow_from_files, s.deny_from_files
+            ),
+        ),
     ];
     for (k, v) in kv {
         println!("  {k:<11} {v}");

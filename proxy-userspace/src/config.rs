@@ -2,7 +2,8 @@
 //! validation, and its errors, which always carry `file:line:col`. Values are
 //! checked while they are parsed (newtypes with `try_from`), so the TOML
 //! parser attaches the offending value's position to every error; the few
-//! checks that span several keys report the position of their table.
+//! checks that span several keys report the position of the key that is
+//! wrong (fields kept as `Spanned` for that), else of their table.
 //!
 //! The key of the paid API is never part of the config: only where to find it
 //! (`key_env` / `key_file`).
@@ -70,6 +71,8 @@ pub struct Config {
     pub store: Store,
     #[serde(default)]
     pub admin: Admin,
+    #[serde(default)]
+    pub log: Log,
 }
 
 /// How the XDP program is attached.
@@ -119,6 +122,12 @@ pub struct Xdp {
     /// prefixes, which the aggregate bucket cannot).
     #[serde(default)]
     pub new_sources: NewSources,
+    /// Files of CIDRs to drop (blocklist feeds), re-read on reload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_files: Vec<PathBuf>,
+    /// Files of CIDRs that bypass rate limits (a CDN's ranges), re-read on reload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_files: Vec<PathBuf>,
 }
 
 /// `[xdp] new_sources`.
@@ -220,10 +229,12 @@ impl From<PrefixV6> for u8 {
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub addr: std::net::SocketAddr,
+    /// Certificate chain (PEM); re-read on reload. Needs `tls_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_cert: Option<PathBuf>,
+    pub tls_cert: Option<Spanned<PathBuf>>,
+    /// Private key (PEM) of `tls_cert`; re-read on reload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_key: Option<PathBuf>,
+    pub tls_key: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
     /// Which header trusted proxies write the client into (an extension):
@@ -321,12 +332,13 @@ pub struct Route {
 }
 
 /// `[access]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Access {
-    #[serde(default)]
+    /// Pages allowed to call; the forwarder refuses to start without a
+    /// list (`["*"]` is an explicit "any Origin").
     pub allowed_origins: Vec<String>,
-    #[serde(default)]
+    /// A call with neither Origin nor Referer is refused (the default).
     pub require_origin: bool,
     #[serde(default)]
     pub require_token: bool,
@@ -344,6 +356,20 @@ pub struct Access {
     pub pow: crate::token::config::PowConfig,
 }
 
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            allowed_origins: Vec::new(),
+            require_origin: true,
+            require_token: false,
+            countries: Vec::new(),
+            geo_db: None,
+            token: Default::default(),
+            pow: Default::default(),
+        }
+    }
+}
+
 /// `[limits]`. Keys left out take the defaults shown in the example config.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -353,11 +379,11 @@ pub struct Limits {
     pub per_ip_daily: NonZeroU32,
     pub daily: f64,
     pub currency: String,
-    pub reset_at: String,
-    pub timezone: String,
+    pub reset_at: Spanned<String>,
+    pub timezone: Spanned<String>,
     pub dry_run: bool,
     pub alert_at: Vec<f64>,
-    pub alert_webhook: String,
+    pub alert_webhook: Spanned<String>,
     pub deny_on_daily_cap: bool,
     /// Billable calls a day shared by the addresses of one network.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -422,11 +448,11 @@ impl Default for Limits {
             per_ip_daily: n(200),
             daily: 50.0,
             currency: "GBP".into(),
-            reset_at: "00:00".into(),
-            timezone: "UTC".into(),
+            reset_at: Spanned::new(0..0, "00:00".into()),
+            timezone: Spanned::new(0..0, "UTC".into()),
             dry_run: false,
             alert_at: vec![0.9, 1.0],
-            alert_webhook: String::new(),
+            alert_webhook: Spanned::new(0..0, String::new()),
             deny_on_daily_cap: true,
             per_prefix_daily: None,
             pace: None,
@@ -541,7 +567,50 @@ pub struct Admin {
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
     #[serde(default = "default_metrics")]
-    pub metrics: String,
+    pub metrics: MetricsAddr,
+}
+
+/// `admin.metrics`: where `/metrics`, `/healthz` and `/readyz` are served,
+/// or `""` for nowhere. Checked as it is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+impl TryFrom<String> for MetricsAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.trim() {
+            "" => Ok(MetricsAddr(None)),
+            a => a.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| {
+                format!("admin.metrics `{a}` is not an address:port (e.g. \"127.0.0.1:9901\"; \"\" disables)")
+            }),
+        }
+    }
+}
+
+impl From<MetricsAddr> for String {
+    fn from(m: MetricsAddr) -> String {
+        m.0.map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `text` (the default) or `json` (one object per line, for shippers);
+    /// `--log-format` overrides it.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Admin {
@@ -554,8 +623,8 @@ fn default_socket() -> PathBuf {
     PathBuf::from(paths::ADMIN_SOCKET)
 }
 
-fn default_metrics() -> String {
-    "127.0.0.1:9901".into()
+fn default_metrics() -> MetricsAddr {
+    MetricsAddr(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9901))))
 }
 
 impl Config {
@@ -606,6 +675,13 @@ impl Config {
         if cfg.listen.is_some() && (cfg.upstream.is_none() || cfg.routes.is_empty()) {
             return Err(invalid(None, "[listen] needs [upstream] and at least one [[route]]".into()));
         }
+        if let Some(l) = &cfg.listen {
+            match (&l.tls_cert, &l.tls_key) {
+                (Some(c), None) => return Err(invalid(Some(c.span()), "[listen] tls_cert needs tls_key".into())),
+                (None, Some(k)) => return Err(invalid(Some(k.span()), "[listen] tls_key needs tls_cert".into())),
+                _ => {}
+            }
+        }
         Ok(cfg)
     }
 
@@ -614,12 +690,26 @@ impl Config {
         self.xdp.get_ref()
     }
 
+    /// What is valid but probably not meant: printed by `check`, logged at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(l) = &self.listen {
+            let port = l.addr.port();
+            if !self.xdp().ports.iter().any(|p| p.get() == port) {
+                w.push(format!(
+                    "[listen] addr port {port} is not in [xdp] ports: floods to the forwarder are not dropped in XDP"
+                ));
+            }
+        }
+        w
+    }
+
     /// The effective config as TOML (defaults filled in). Holds no secret:
     /// the key is never part of the config.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         // A webhook URL may carry a token (user info or query): not printed.
-        let hook = &mut shown.limits.get_mut().alert_webhook;
+        let hook = shown.limits.get_mut().alert_webhook.get_mut();
         if hook.contains('@') || hook.contains('?') {
             *hook = "[redacted]".into();
         }
@@ -782,6 +872,59 @@ burst = 400
         assert!(e.contains("unknown unit `KB`"), "{e}");
         let e = err(&format!("{MINIMAL}[listen]\naddr = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.1/8\"]\n"));
         assert!(e.contains("host bits set"), "{e}");
+    }
+
+    const FORWARDER: &str = r#"
+[listen]
+addr = "127.0.0.1:443"
+
+[upstream]
+base_url = "https://api.example.test"
+key_env = "K"
+inject = { query = "key" }
+
+[[route]]
+method = "GET"
+path = "/a/{x}"
+upstream_path = "/a/{x}"
+"#;
+
+    #[test]
+    fn tls_cert_and_key_come_together_and_the_error_points_at_the_one_written() {
+        let e = err(&format!("{MINIMAL}{}", FORWARDER.replace("addr =", "tls_cert = \"/c.pem\"\naddr =")));
+        assert!(e.starts_with("k.toml:9:12: [listen] tls_cert needs tls_key"), "{e}");
+        let e = err(&format!("{MINIMAL}{}", FORWARDER.replace("addr =", "tls_key = \"/k.pem\"\naddr =")));
+        assert!(e.starts_with("k.toml:9:11: [listen] tls_key needs tls_cert"), "{e}");
+    }
+
+    #[test]
+    fn metrics_address_is_checked_where_it_is_written() {
+        let e = err(&format!("{MINIMAL}[admin]\nmetrics = \"localhost\"\n"));
+        assert!(e.starts_with("k.toml:8:11:") && e.contains("not an address:port"), "{e}");
+        let c = parse(&format!("{MINIMAL}[admin]\nmetrics = \"\"\n")).unwrap();
+        assert_eq!(c.admin.metrics, MetricsAddr(None));
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.admin.metrics.0, Some("127.0.0.1:9901".parse().unwrap()));
+        assert!(parse(&c.to_toml()).is_ok());
+    }
+
+    #[test]
+    fn safe_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.access.get_ref().require_origin, "require_origin defaults to true");
+        assert_eq!(c.limits.get_ref().timezone.get_ref(), "UTC");
+        assert_eq!(c.log.format, LogFormat::Text);
+        let c = parse(&format!("{MINIMAL}[log]\nformat = \"json\"\n")).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn an_unguarded_listen_port_is_a_warning() {
+        let c = parse(&format!("{MINIMAL}{}", FORWARDER)).unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let c = parse(&format!("{MINIMAL}{}", FORWARDER.replace(":443", ":8080"))).unwrap();
+        assert_eq!(c.warnings().len(), 1);
+        assert!(c.warnings()[0].contains("port 8080 is not in [xdp] ports"), "{:?}", c.warnings());
     }
 
     #[test]

@@ -8,6 +8,8 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod lists;
+pub mod logging;
 pub mod metrics;
 pub mod paths;
 pub mod proxy;

@@ -1,7 +1,8 @@
 //! Persistent state behind one trait, so the embedded default (redb, a single
 //! file under `store.path`) can be joined by a shared Redis backend without
 //! the daemon changing: the allow and deny lists, with deny expiries as
-//! wall-clock Unix seconds (monotonic clocks do not survive a reboot), and
+//! wall-clock Unix seconds (monotonic clocks do not survive a reboot) and
+//! why and when each entry was added (a table beside each list), and
 //! today's counters (spend, per-IP counts, alerts raised, escalations),
 //! flushed every second so a crash loses at most about a second of counts.
 
@@ -40,6 +41,15 @@ impl List {
             List::Deny => TableDefinition::new("deny"),
         }
     }
+
+    /// CIDR → `"<added unix> <reason>"`, beside the list (stores written
+    /// before it existed have entries without one).
+    fn meta(self) -> TableDefinition<'static, &'static str, &'static str> {
+        match self {
+            List::Allow => TableDefinition::new("allow_meta"),
+            List::Deny => TableDefinition::new("deny_meta"),
+        }
+    }
 }
 
 /// One stored entry.
@@ -48,6 +58,19 @@ pub struct Entry {
     pub cidr: Cidr,
     /// Unix seconds after which the entry no longer applies; `None` = never.
     pub expires_unix: Option<u64>,
+    /// Why it is listed: `manual`, `escalated: daily cap`, `file: NAME`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it was added (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_unix: Option<u64>,
+}
+
+impl Entry {
+    /// An entry without provenance (as stored before provenance was kept).
+    pub fn bare(cidr: Cidr, expires_unix: Option<u64>) -> Entry {
+        Entry { cidr, expires_unix, reason: None, added_unix: None }
+    }
 }
 
 /// A storage failure.
@@ -65,6 +88,11 @@ impl<E: Into<redb::Error>> From<E> for StoreError {
 pub trait ListStore: Send + Sync {
     /// Insert or replace an entry.
     fn put(&self, list: List, entry: &Entry) -> Result<(), StoreError>;
+    /// Insert or replace entries, all or none where the backend can.
+    fn put_many(&self, list: List, entries: &[Entry]) -> Result<(), StoreError> {
+        entries.iter().try_for_each(|e| self.put(list, e))
+    }
+
     /// Remove an entry; false when it was not there.
     fn remove(&self, list: List, cidr: &Cidr) -> Result<bool, StoreError>;
     /// All entries of a list, in CIDR text order.
@@ -94,6 +122,7 @@ impl Embedded {
         let tx = db.begin_write()?;
         for l in [List::Allow, List::Deny] {
             tx.open_table(l.table())?;
+            tx.open_table(l.meta())?;
         }
         tx.open_table(DAY)?;
         tx.commit()?;
@@ -103,10 +132,27 @@ impl Embedded {
 
 impl ListStore for Embedded {
     fn put(&self, list: List, entry: &Entry) -> Result<(), StoreError> {
+        self.put_many(list, std::slice::from_ref(entry))
+    }
+
+    fn put_many(&self, list: List, entries: &[Entry]) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(list.table())?;
-            t.insert(entry.cidr.to_string().as_str(), entry.expires_unix.unwrap_or(0))?;
+            let mut meta = tx.open_table(list.meta())?;
+            for entry in entries {
+                let key = entry.cidr.to_string();
+                t.insert(key.as_str(), entry.expires_unix.unwrap_or(0))?;
+                match &entry.reason {
+                    Some(r) => {
+                        let v = format!("{} {r}", entry.added_unix.unwrap_or(0));
+                        meta.insert(key.as_str(), v.as_str())?;
+                    }
+                    None => {
+                        meta.remove(key.as_str())?;
+                    }
+                }
+            }
         }
         tx.commit()?;
         Ok(())
@@ -115,8 +161,10 @@ impl ListStore for Embedded {
     fn remove(&self, list: List, cidr: &Cidr) -> Result<bool, StoreError> {
         let tx = self.db.begin_write()?;
         let was = {
+            let key = cidr.to_string();
+            tx.open_table(list.meta())?.remove(key.as_str())?;
             let mut t = tx.open_table(list.table())?;
-            t.remove(cidr.to_string().as_str())?.is_some()
+            t.remove(key.as_str())?.is_some()
         };
         tx.commit()?;
         Ok(was)
@@ -125,6 +173,7 @@ impl ListStore for Embedded {
     fn entries(&self, list: List) -> Result<Vec<Entry>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(list.table())?;
+        let meta = tx.open_table(list.meta())?;
         let mut out = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
@@ -133,7 +182,13 @@ impl ListStore for Embedded {
             match k.value().parse::<Cidr>() {
                 Ok(cidr) => {
                     let e = v.value();
-                    out.push(Entry { cidr, expires_unix: (e != 0).then_some(e) });
+                    let mut entry = Entry::bare(cidr, (e != 0).then_some(e));
+                    if let Some(m) = meta.get(k.value())? {
+                        let (at, why) = m.value().split_once(' ').unwrap_or(("0", m.value()));
+                        entry.added_unix = at.parse().ok().filter(|t| *t != 0);
+                        entry.reason = Some(why.to_owned());
+                    }
+                    out.push(entry);
                 }
                 Err(e) => tracing::warn!(entry = k.value(), error = %e, "skipping unreadable stored entry"),
             }
@@ -261,12 +316,24 @@ mod tests {
         let e: Cidr = "2001:db8::/32".parse().unwrap();
         {
             let s = Embedded::open(&d).unwrap();
-            s.put(List::Allow, &Entry { cidr: c, expires_unix: None }).unwrap();
-            s.put(List::Deny, &Entry { cidr: e, expires_unix: Some(42) }).unwrap();
+            s.put(List::Allow, &Entry::bare(c, None)).unwrap();
+            s.put(List::Deny, &Entry::bare(e, Some(42))).unwrap();
         }
         let s = Embedded::open(&d).unwrap();
-        assert_eq!(s.entries(List::Allow).unwrap(), vec![Entry { cidr: c, expires_unix: None }]);
-        assert_eq!(s.entries(List::Deny).unwrap(), vec![Entry { cidr: e, expires_unix: Some(42) }]);
+        assert_eq!(s.entries(List::Allow).unwrap(), vec![Entry::bare(c, None)]);
+        assert_eq!(s.entries(List::Deny).unwrap(), vec![Entry::bare(e, Some(42))]);
+        // Why and when, kept beside the entry and gone with it.
+        let why = Entry {
+            reason: Some("escalated: daily cap".into()),
+            added_unix: Some(1_700_000_000),
+            ..Entry::bare(c, Some(9))
+        };
+        s.put(List::Deny, &why).unwrap();
+        assert_eq!(s.entries(List::Deny).unwrap(), vec![why.clone(), Entry::bare(e, Some(42))]);
+        assert!(s.remove(List::Deny, &c).unwrap());
+        s.put(List::Deny, &Entry::bare(c, None)).unwrap();
+        assert_eq!(s.entries(List::Deny).unwrap()[0], Entry::bare(c, None));
+        assert!(s.remove(List::Deny, &c).unwrap());
         assert!(s.remove(List::Deny, &e).unwrap());
         assert!(!s.remove(List::Deny, &e).unwrap());
         assert!(s.entries(List::Deny).unwrap().is_empty());

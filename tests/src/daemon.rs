@@ -102,10 +102,22 @@ impl Daemon {
 
     /// Start the process and wait until it answers on its socket.
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// The daemon's log file (its stderr), created if need be: a test can
+    /// stat it before the start (e.g. for `JOURNAL_STREAM`).
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).expect("log file")
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables.
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "already running");
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).expect("log file");
-        let child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("spawning keyward");
+        let log = self.log_file();
+        let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawning keyward");
         self.child = Some(child);
         let ready = wait_for(Duration::from_secs(30), || {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

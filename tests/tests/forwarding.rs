@@ -251,6 +251,8 @@ fn daily_cap_answers_429_and_escalates_into_xdp_until_the_reset() {
     .expect("no deny entry after the daily cap");
     let until = denied["expires_unix"].as_i64().unwrap();
     assert!((until - st.reset_unix).abs() <= 2, "deny until {until}, reset at {}", st.reset_unix);
+    assert_eq!(denied["reason"], "escalated: daily cap", "{denied}");
+    assert!((denied["added_unix"].as_i64().unwrap() - now).abs() <= 5, "{denied}");
     assert!(!wire::connects(&s.t, PORT, Duration::from_millis(700)), "capped client still connects");
 }
 

@@ -2,7 +2,10 @@
 //! right labels after known traffic; `status`, `top` and `usage --json`
 //! agree with it; reloads under load fail no request, refuse a bad config
 //! with its position, and pick up a changed key file; the demo's report adds
-//! up; the systemd unit verifies and its capability set is exactly enough.
+//! up; the systemd unit verifies, its capability set is exactly enough, and
+//! READY=1 reaches systemd's notify socket only once XDP is attached; under
+//! journald each line carries its priority; health, readiness, the build and
+//! reloads are on the metrics listener.
 
 use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
@@ -259,6 +262,9 @@ fn systemd_unit_verifies_and_its_capabilities_are_exactly_enough() {
         return;
     }
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/keyward.service")).unwrap();
+    for line in ["Type=notify", "ExecReload=/usr/bin/keyward reload -c /etc/keyward/keyward.toml", "WatchdogSec=30s"] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks `{line}`");
+    }
     let caps: Vec<String> = unit
         .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
@@ -272,9 +278,10 @@ fn systemd_unit_verifies_and_its_capabilities_are_exactly_enough() {
         let dir = std::env::temp_dir().join(format!("keyward-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("keyward.service");
-        std::fs::write(&f, unit.replace("/usr/local/bin/keyward", &keyward_tests::daemon::bin().display().to_string()))
+        std::fs::write(&f, unit.replace("/usr/bin/keyward", &keyward_tests::daemon::bin().display().to_string()))
             .unwrap();
-        let o = std::process::Command::new("systemd-analyze").arg("verify").arg(&f).output().unwrap();
+        // --man=no: the man page comes with the package (checked by its test).
+        let o = std::process::Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&f).output().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success() && !err.contains("keyward.service"), "systemd-analyze verify: {err}");
@@ -297,17 +304,36 @@ fn systemd_unit_verifies_and_its_capabilities_are_exactly_enough() {
             .arg(&d.config);
         (d, cmd)
     };
+    // systemd's notify socket, as the test's: READY=1 only once attached,
+    // watchdog pings (WATCHDOG_USEC as systemd sets it), STOPPING=1 at the end.
     let (d, mut cmd) = run(&caps);
-    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let up = keyward_tests::wait_for(Duration::from_secs(20), || {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("keyward with the unit's capabilities exited: {st}");
+    let notify_path = d.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    cmd.env("NOTIFY_SOCKET", &notify_path).env("WATCHDOG_USEC", "1000000");
+    let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let next = |want: &str| {
+        let mut buf = [0u8; 4096];
+        for _ in 0..50 {
+            let n = notify.recv(&mut buf).unwrap_or_else(|e| panic!("no `{want}` from keyward: {e}"));
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.lines().any(|l| l == want) {
+                return msg;
+            }
         }
-        keyward::admin::call(&d.socket, &keyward::admin::Request::Status).ok()
-    });
-    assert!(up.is_some());
-    assert!(t.server_link().contains("prog/xdp"));
+        panic!("no `{want}` in 50 notifications");
+    };
+    let ready = next("READY=1");
+    assert!(t.server_link().contains("prog/xdp"), "READY=1 before XDP was attached");
+    assert!(
+        keyward::admin::call(&d.socket, &keyward::admin::Request::Status).is_ok(),
+        "READY=1 before the admin socket"
+    );
+    let status = ready.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap_or_default().to_owned();
+    assert!(status.contains(&format!("XDP on {}", t.server_if)), "{ready}");
+    next("WATCHDOG=1");
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    next("STOPPING=1");
     assert!(child.wait().unwrap().success());
     for missing in ["bpf", "perfmon", "net_admin"] {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
@@ -317,4 +343,74 @@ fn systemd_unit_verifies_and_its_capabilities_are_exactly_enough() {
         assert_eq!(o.status.code(), Some(1), "without CAP_{missing}: {err}");
         assert!(err.contains("needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"), "without CAP_{missing}: {err}");
     }
+}
+
+/// `GET path` on the metrics listener inside the server namespace: status and body.
+fn probe(t: &Topology, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    netns::in_ns(&t.server_ns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9901").expect("metrics listener");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    })
+}
+
+#[test]
+fn journald_priorities_json_logs_health_and_reload_metrics() {
+    if !privileged() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let t = Topology::new();
+    let up = Upstream::start(&t.server_ns);
+    // JSON lines, and a listen port XDP does not guard (a warning at start).
+    let cfg = fwd::config(&up, "", "").replace(&format!(":{PORT}\""), ":8444\"");
+    let mut d = Daemon::prepare_with(&t, XDP_OPEN, &format!("{cfg}\n[log]\nformat = \"json\"\n"));
+    // stderr is "the journal stream": its device and inode, as systemd sets them.
+    let meta = d.log_file().metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    d.spawn_with_env(&[("JOURNAL_STREAM", &stream)]);
+
+    let lines: Vec<(u8, serde_json::Value)> = d
+        .log()
+        .lines()
+        .map(|l| {
+            let (p, rest) =
+                l.strip_prefix('<').and_then(|r| r.split_once('>')).unwrap_or_else(|| panic!("no priority: {l}"));
+            (p.parse().unwrap(), serde_json::from_str(rest).unwrap_or_else(|e| panic!("not JSON ({e}): {rest}")))
+        })
+        .collect();
+    let warned = lines.iter().find(|(_, v)| v["fields"]["message"].as_str().is_some_and(|m| m.contains("8444")));
+    assert_eq!(warned.map(|(p, v)| (*p, v["level"].as_str().unwrap_or_default())), Some((4, "WARN")), "{}", d.log());
+    assert!(lines.iter().any(|(p, v)| *p == 6 && v["level"] == "INFO"), "{}", d.log());
+
+    assert_eq!(probe(&t, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(probe(&t, "/readyz"), (200, "ready\n".into()));
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+
+    // A refused reload by SIGHUP (logged at warning) and a good one, counted apart.
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, good.replace("per_ip_daily = 1000", "per_ip_daily = 0")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(d.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let refused = keyward_tests::wait_for(Duration::from_secs(10), || {
+        let m = series(&probe(&t, "/metrics").1);
+        (get(&m, "keyward_reload_total", &[("result", "refused")]) == 1.0).then_some(())
+    });
+    assert!(refused.is_some(), "SIGHUP with a bad config was not counted:\n{}", d.log());
+    std::fs::write(&d.config, good.replace("burst = 100000", "burst = 90000")).unwrap();
+    d.ok(&["reload"]);
+    let m = series(&probe(&t, "/metrics").1);
+    assert_eq!(get(&m, "keyward_reload_total", &[("result", "ok")]), 1.0);
+    let last = get(&m, "keyward_last_reload_success_timestamp_seconds", &[]);
+    assert!(last >= started.floor() - 1.0, "{last} < {started}");
+    let info = m.keys().find(|(n, _)| n == "keyward_build_info").expect("keyward_build_info").1.clone();
+    assert!(info.iter().any(|(k, v)| k == "version" && v == env!("CARGO_PKG_VERSION")), "{info:?}");
+    assert!(info.iter().any(|(k, v)| k == "commit" && !v.is_empty()), "{info:?}");
+    let refused = d.log().lines().find(|l| l.contains("reload refused")).map(|l| l.get(..3).unwrap_or("").to_owned());
+    assert_eq!(refused.as_deref(), Some("<4>"), "{}", d.log());
 }

@@ -242,9 +242,9 @@ fn refusals_are_one_clear_line() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("needs root"), "{err}");
 
-    // A malformed CIDR changes nothing.
+    // A malformed CIDR changes nothing (a usage error: exit 64).
     let o = d.cli(&["deny", "add", "10.1.2.3/33"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&o.stderr).contains("prefix length must be 0 to 32"));
     let o = d.cli(&["deny", "add", "10.1.2.3/16"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("did you mean 10.1.0.0/16"));
@@ -302,4 +302,71 @@ fn reload_changes_rates_live_and_refuses_a_bad_config() {
     let most = 50 + (RATE * took.as_secs_f64()).ceil() as u64 + 1;
     assert!(passed >= 50 && passed <= most, "{passed} passed with burst 50");
     assert!(t.server_link().contains("prog/xdp"), "reload must not detach");
+}
+
+#[test]
+fn list_files_apply_as_a_difference_on_reload_and_every_deny_says_why() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let mut d = Daemon::prepare(&t, "");
+    // A feed in the Spamhaus DROP format that lists the client's network.
+    let feed = d.dir.join("drop.txt");
+    std::fs::write(&feed, "; Spamhaus DROP List\n10.77.0.0/24 ; SBL1\n192.0.2.0/24 ; SBL2\n").unwrap();
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let cfg = cfg.replacen("[xdp]\n", &format!("[xdp]\ndeny_files = [\"{}\"]\n", feed.display()), 1);
+    std::fs::write(&d.config, cfg).unwrap();
+    d.spawn();
+    let _l = Listener::start(&t, PORT);
+    let quick = Duration::from_millis(700);
+    assert!(!wire::connects(&t, PORT, quick), "a source in the deny file connected");
+    let entries = |d: &Daemon| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&d.ok(&["deny", "ls", "--json"])).unwrap();
+        v["entries"].as_array().unwrap().clone()
+    };
+    let find = |es: &[serde_json::Value], c: &str| es.iter().find(|e| e["cidr"] == c).cloned();
+    assert_eq!(find(&entries(&d), "10.77.0.0/24").unwrap()["reason"], "file: drop.txt");
+    let st = d.status();
+    assert_eq!((st.deny_entries, st.deny_from_files), (2, 2));
+
+    // A file's entry is removed in the file, not by hand.
+    let o = d.cli(&["deny", "rm", "10.77.0.0/24"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("comes from the list file drop.txt"));
+
+    // By hand, one or a file's worth: `manual`, and when.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    d.ok(&["deny", "add", "198.51.100.0/24"]);
+    let more = d.dir.join("more.txt");
+    std::fs::write(&more, "# ours\n203.0.113.0/24\n2001:db8::/32\n").unwrap();
+    assert!(d.ok(&["deny", "add", "-f", more.to_str().unwrap()]).contains("2 entries"));
+    let es = entries(&d);
+    for c in ["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"] {
+        let e = find(&es, c).unwrap_or_else(|| panic!("{c} not listed: {es:?}"));
+        assert_eq!(e["reason"], "manual", "{e}");
+        assert!((e["added_unix"].as_i64().unwrap() - now).abs() <= 5, "{e}");
+    }
+    let text = d.ok(&["deny", "ls"]);
+    assert!(text.contains("REASON") && text.contains("file: drop.txt") && text.contains("manual"), "{text}");
+
+    // The feed drops the client's network and adds one also listed by hand:
+    // a reload applies the difference.
+    std::fs::write(&feed, "192.0.2.0/24\n198.51.100.0/24\n").unwrap();
+    d.ok(&["reload"]);
+    assert!(wire::connects(&t, PORT, Duration::from_secs(5)), "still denied after the feed dropped it");
+    let st = d.status();
+    assert_eq!((st.deny_entries, st.deny_from_files), (4, 1), "{:?}", entries(&d));
+    // Out of the feed again, the hand-made entry stays.
+    std::fs::write(&feed, "192.0.2.0/24\n").unwrap();
+    d.ok(&["reload"]);
+    assert_eq!(find(&entries(&d), "198.51.100.0/24").unwrap()["reason"], "manual");
+
+    // A feed that is cut short or garbled is refused whole, at its line.
+    std::fs::write(&feed, "10.77.0.0/24\nnot-a-network\n").unwrap();
+    let o = d.cli(&["reload"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("drop.txt:2:"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(wire::connects(&t, PORT, Duration::from_secs(5)), "a refused feed changed the lists");
+    assert_eq!(d.status().deny_entries, 4);
 }

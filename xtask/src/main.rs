@@ -2,7 +2,10 @@
 //! installs the BPF toolchain idempotently (README, Building, as code);
 //! `lint`, `test` and `demo` run setup first, so the README's commands work
 //! on a fresh machine.
+//! `dist` builds the Debian package ([`deb`]); `test` builds one from the
+//! debug binary for the package test.
 
+mod deb;
 mod setup;
 
 use std::{
@@ -50,8 +53,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, then build the release binary and gather it with the example
-    /// config and the systemd unit under `target/dist/`.
+    /// Setup, then build the release binary: the Debian package in
+    /// `target/debian/`, and for other distributions the binary with the
+    /// example config, the unit, the man page and completions under `target/dist/`.
     Dist,
     /// Setup (plus the peers: nftables, iptables, nginx, wrk, ethtool), then
     /// measure keyward side by side with them; writes `bench/results/<date>.{json,md}`.
@@ -76,12 +80,14 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             sweep_stale_namespaces();
             cargo(&["build", "--package", "keyward", "--bins"])?;
+            // The package test installs this (from the debug binary).
+            let package = deb::build(&workspace_root(), deb::Profile::Dev)?;
             let mut a = vec!["test", "--workspace"];
             for p in EBPF_CRATES {
                 a.extend(["--exclude", p]);
             }
             a.extend(args.iter().map(String::as_str));
-            cargo(&a)
+            cargo_env(&a, &[("KEYWARD_DEB", package.as_os_str())])
         }
         Cmd::Fuzz { cases } => {
             setup::run()?;
@@ -137,10 +143,18 @@ fn dist() -> anyhow::Result<()> {
     let out = root.join("target/dist");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(out.join("docs"))?;
+    let package = deb::build(&root, deb::Profile::Release)?;
     let mut files: Vec<(PathBuf, PathBuf)> = [
         ("target/release/keyward", "keyward"),
+        ("target/release/keyward.1.gz", "keyward.1.gz"),
+        ("target/release/keyward.bash", "keyward.bash"),
+        ("target/release/_keyward", "_keyward"),
+        ("target/release/keyward.fish", "keyward.fish"),
         ("docs/keyward.example.toml", "keyward.toml.example"),
         ("dist/keyward.service", "keyward.service"),
+        ("dist/keyward.environment", "environment"),
+        ("dist/grafana-dashboard.json", "grafana-dashboard.json"),
+        ("dist/prometheus-alerts.yml", "prometheus-alerts.yml"),
         ("README.md", "README.md"),
         ("LICENSE-MIT", "LICENSE-MIT"),
         ("LICENSE-APACHE", "LICENSE-APACHE"),
@@ -157,8 +171,13 @@ fn dist() -> anyhow::Result<()> {
     for (from, to) in files {
         std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
     }
-    eprintln!("==> {}: keyward, keyward.toml.example, keyward.service, README.md, docs/, LICENSE-*", out.display());
-    eprintln!("    install: see README.md, \"Install on a host\"");
+    eprintln!("==> {}", package.display());
+    eprintln!("    install: apt-get install ./{}", package.strip_prefix(&root).unwrap_or(&package).display());
+    eprintln!(
+        "==> {}: the binary, man page, completions, example, unit, environment, README.md, docs/, LICENSE-*",
+        out.display()
+    );
+    eprintln!("    for other distributions: README.md, \"Install on a host\"");
     Ok(())
 }
 
@@ -195,12 +214,22 @@ fn lint() -> anyhow::Result<()> {
 
 /// Run cargo (the one that runs us) with `args` in the workspace root.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_env(args, &[])
+}
+
+/// [`cargo`] with extra environment variables.
+fn cargo_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(&cargo, args)
+    run_env(&cargo, args, env)
 }
 
 /// Run `program` with `args` in the workspace root; an error names the command.
 fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    run_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+fn run_env(program: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     let shown = format!(
         "{} {}",
         Path::new(program).file_name().map_or(program.into(), |n| n.to_string_lossy()),
@@ -209,6 +238,7 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
     eprintln!("==> {shown}");
     let status = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("running {program}"))?;

@@ -116,7 +116,11 @@ fn dispatch(admin: &Admin, req: Request) -> Result<serde_json::Value, AdminError
             json(&Top { tracked_sources, sources })
         }
         Request::ListShow { list } => json(&lock(&admin.state).list_show(list)?),
-        Request::ListAdd { list, cidr, lasting } => json(&lock(&admin.state).list_add(list, cidr, lasting)?),
+        Request::ListAdd { list, cidr, lasting } => json(&lock(&admin.state).list_add(list, cidr, lasting, "manual")?),
+        Request::ListAddMany { list, cidrs, lasting } => {
+            let n = lock(&admin.state).list_add_many(list, &cidrs, lasting, "manual")?;
+            Ok(serde_json::json!({ "added": n }))
+        }
         Request::ListRemove { list, cidr } => {
             lock(&admin.state).list_remove(list, cidr)?;
             Ok(serde_json::json!({ "removed": cidr.to_string() }))

@@ -12,6 +12,7 @@
 
 mod admin_server;
 mod host;
+mod ops;
 mod state;
 mod views;
 
@@ -33,6 +34,7 @@ use tracing::{info, warn};
 
 use self::{
     admin_server::{Admin, AdminSocket},
+    ops::Ops,
     state::{State, lock},
 };
 use crate::{
@@ -51,6 +53,9 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let (config, policy) = crate::proxy::policy::Loaded::read(config_path)?.with_key(config_path)?;
+    for w in config.warnings() {
+        warn!("{w}");
+    }
     host::unblock_signals();
     host::check_privileges()?;
     let iface = config.xdp().interface.clone();
@@ -113,28 +118,21 @@ impl Signals {
 struct Listeners {
     admin: AdminSocket,
     metrics: Option<TcpListener>,
-    forward: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    forward: Option<TcpListener>,
 }
 
 impl Listeners {
     fn bind(rt: &Runtime, config: &Config) -> anyhow::Result<Listeners> {
         let _in_rt = rt.enter();
         let admin = AdminSocket::bind(&config.admin.socket)?;
-        let metrics = match config.admin.metrics.trim() {
-            "" => None,
-            a => Some(rt.block_on(crate::metrics::bind(a))?),
+        let metrics = match config.admin.metrics.0 {
+            None => None,
+            Some(a) => Some(rt.block_on(crate::metrics::bind(a))?),
         };
         let forward = match &config.listen {
-            Some(l) => {
-                let tls = match (&l.tls_cert, &l.tls_key) {
-                    (Some(c), Some(k)) => Some(proxy::tls_acceptor(c, k)?),
-                    _ => None,
-                };
-                let sock = rt
-                    .block_on(TcpListener::bind(l.addr))
-                    .with_context(|| format!("binding [listen] addr {}", l.addr))?;
-                Some((sock, tls))
-            }
+            Some(l) => Some(
+                rt.block_on(TcpListener::bind(l.addr)).with_context(|| format!("binding [listen] addr {}", l.addr))?,
+            ),
             None => None,
         };
         Ok(Listeners { admin, metrics, forward })
@@ -150,6 +148,7 @@ struct Daemon {
     stop: watch::Sender<bool>,
     http: Option<JoinHandle<()>>,
     forwarder: Option<Arc<Forwarder>>,
+    ops: Arc<Ops>,
 }
 
 impl Daemon {
@@ -183,7 +182,9 @@ impl Daemon {
             _ => None,
         };
         let lease_period = config.store.budget.lease_period.0;
-        let state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone())?;
+        let ops = Arc::new(Ops::default());
+        ops.reloads.last_success.set(i64::try_from(clock.unix_secs()).unwrap_or(i64::MAX));
+        let state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone(), ops.clone())?;
         let (reader, sample, lists) = (state.reader.clone(), state.sample.clone(), state.lists.clone());
         let admin = Arc::new(Admin::new(Arc::new(Mutex::new(state)), reader.clone()));
 
@@ -191,30 +192,38 @@ impl Daemon {
         rt.spawn(crate::dataplane::sample::run(sample.clone(), reader.clone(), clock, stop_rx.clone()));
         if let Some(m) = listeners.metrics {
             let mut registry = crate::metrics::registry(reader, sample, &lists);
+            crate::metrics::register_daemon(&mut registry, &ops.reloads, &ops.ready);
             if let Some(f) = &forwarder {
                 proxy::metrics::register(f, &mut registry);
             }
-            info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics");
-            rt.spawn(crate::metrics::serve(m, Arc::new(registry)));
+            info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, /healthz, /readyz");
+            rt.spawn(crate::metrics::serve(m, Arc::new(registry), ops.ready.clone()));
         }
         if let (Some(f), Some(_)) = (&forwarder, &fleet) {
             rt.spawn(keep_standby(f.clone(), lease_period, stop_rx.clone()));
         }
         let http = match (forwarder.clone(), listeners.forward) {
-            (Some(f), Some((sock, tls))) => {
+            (Some(f), Some(sock)) => {
+                let tls = f.tls_acceptor().context("setting up TLS")?;
                 info!(addr = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "forwarder listening");
                 Some(rt.spawn(proxy::serve(f, sock, tls, stop_rx, DRAIN)))
             }
             _ => None,
         };
-        Ok(Daemon { admin, socket: listeners.admin, escalations, stop, http, forwarder })
+        Ok(Daemon { admin, socket: listeners.admin, escalations, stop, http, forwarder, ops })
     }
 
     /// Answer the admin socket, tick, reload and escalate until told to stop.
     async fn serve(&mut self, mut sig: Signals) {
         info!(socket = %self.socket.path().display(), "admin socket ready");
         let state = self.admin.state.clone();
+        // Every socket is bound and XDP attached: tell systemd.
+        let summary = lock(&state).summary();
+        self.ops.ready(&summary);
+        info!(%summary, "ready");
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let watchdog = self.ops.watchdog_period();
+        let mut wd = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         loop {
             tokio::select! {
                 _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return }
@@ -224,6 +233,7 @@ impl Daemon {
                         warn!(error = %e, "reload refused; the running config stays");
                     }
                 }
+                _ = wd.tick(), if watchdog.is_some() => self.ops.ping(),
                 _ = tick.tick() => {
                     let mut s = lock(&state);
                     s.gc();
@@ -240,6 +250,7 @@ impl Daemon {
 
     /// Stop accepting forwarder requests and let those in flight finish.
     async fn drain(&mut self) {
+        self.ops.stopping();
         let _ = self.stop.send(true);
         if let Some(h) = self.http.take() {
             let _ = h.await;
@@ -295,6 +306,7 @@ fn attach(
     store: Arc<dyn ListStore>,
     clock: Arc<dyn Clock>,
     forwarder: Option<Arc<Forwarder>>,
+    ops: Arc<Ops>,
 ) -> anyhow::Result<State> {
     let x = config.xdp().clone();
     let mut dp = Dataplane::load(&x)?;
@@ -311,8 +323,11 @@ fn attach(
         lists: ListGauges::default(),
         reader,
         sample: Arc::new(SourceSample::default()),
+        ops,
+        files: Default::default(),
     };
     state.restore_lists()?;
+    state.load_files()?;
     state.dp.attach(&x.interface, x.mode)?;
     Ok(state)
 }

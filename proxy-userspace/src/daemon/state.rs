@@ -3,7 +3,10 @@
 //! config maps, the store, and the forwarder's policy. Every method here is
 //! quick (no walk of the per-source table: that is sampled elsewhere), so a
 //! verb, the counter flush and an escalation never wait long on each other.
-//! The read-only views (status, usage) are in `views`.
+//! The read-only views (status, usage) are in `views`. The lists are the
+//! store's entries (manual and escalated, with why and when) plus what the
+//! `[xdp] deny_files`/`allow_files` say, re-read on reload and applied as a
+//! difference; the kernel holds their union.
 
 use std::{
     path::PathBuf,
@@ -16,8 +19,9 @@ use tracing::{info, warn};
 use crate::{
     admin::{AdminError, ListShow},
     clock::Clock,
-    config::Config,
+    config::{Config, ConfigError},
     dataplane::{Dataplane, maps::MapReader, sample::SourceSample},
+    lists::{self, FileEntries},
     metrics::ListGauges,
     proxy::{Escalation, Forwarder},
     store::{Entry, List, ListStore},
@@ -38,6 +42,42 @@ pub struct State {
     pub(super) lists: ListGauges,
     pub(super) reader: Arc<MapReader>,
     pub(super) sample: Arc<SourceSample>,
+    /// Readiness, reload counters, systemd.
+    pub(super) ops: Arc<super::ops::Ops>,
+    /// What the list files said at the last load.
+    pub(super) files: FileLists,
+}
+
+/// The entries of `[xdp] allow_files` and `deny_files`.
+#[derive(Debug, Default)]
+pub struct FileLists {
+    allow: FileEntries,
+    deny: FileEntries,
+}
+
+impl FileLists {
+    pub fn get(&self, list: List) -> &FileEntries {
+        match list {
+            List::Allow => &self.allow,
+            List::Deny => &self.deny,
+        }
+    }
+
+    fn get_mut(&mut self, list: List) -> &mut FileEntries {
+        match list {
+            List::Allow => &mut self.allow,
+            List::Deny => &mut self.deny,
+        }
+    }
+}
+
+/// Both lists' files, read (all or nothing) for `config` at `path`.
+fn read_files(path: &std::path::Path, config: &Config) -> Result<[FileEntries; 2], AdminError> {
+    let x = config.xdp();
+    let read = |files: &[PathBuf]| {
+        lists::read_all(files).map_err(|e| ConfigError::Unplaced { path: path.to_owned(), message: e.to_string() })
+    };
+    Ok([read(&x.allow_files)?, read(&x.deny_files)?])
 }
 
 /// Lock the state; a panic elsewhere does not take the daemon down with it.
@@ -46,17 +86,32 @@ pub fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl State {
-    /// The entries of `list` still in force.
+    /// The entries of `list` in force: the store's, then those only the files list.
     pub fn list_show(&self, list: List) -> Result<ListShow, AdminError> {
         let now = self.clock.unix_secs();
-        let entries =
+        let mut entries: Vec<Entry> =
             self.store.entries(list)?.into_iter().filter(|e| e.expires_unix.is_none_or(|t| t > now)).collect();
+        let stored: std::collections::HashSet<Cidr> = entries.iter().map(|e| e.cidr).collect();
+        entries.extend(
+            self.files
+                .get(list)
+                .iter()
+                .filter(|(c, _)| !stored.contains(c))
+                .map(|(c, name)| Entry { reason: Some(format!("file: {name}")), ..Entry::bare(*c, None) }),
+        );
         Ok(ListShow { list, entries })
     }
 
-    /// Put `cidr` into the kernel's trie and the store (both or neither).
-    /// `lasting` applies to deny entries.
-    pub fn list_add(&mut self, list: List, cidr: Cidr, lasting: Option<Duration>) -> Result<Entry, AdminError> {
+    /// Put `cidr` into the kernel's trie and the store (both or neither),
+    /// recording `reason` and now. `lasting` applies to deny entries (a
+    /// network a list file also holds stays in the kernel when it expires).
+    pub fn list_add(
+        &mut self,
+        list: List,
+        cidr: Cidr,
+        lasting: Option<Duration>,
+        reason: &str,
+    ) -> Result<Entry, AdminError> {
         if list == List::Allow && lasting.is_some() {
             return Err(AdminError::BadRequest("allow entries do not expire; --for applies to deny".into()));
         }
@@ -65,22 +120,79 @@ impl State {
         // never fall short of it.
         let expires_unix = ms.map(|ms| self.clock.unix_millis().saturating_add(ms).div_ceil(1000));
         let expires_ns = ms.map_or(0, |ms| self.clock.monotonic_ns().saturating_add(ms.saturating_mul(1_000_000)));
-        self.dp.list_insert(list, &cidr, expires_ns)?;
-        let entry = Entry { cidr, expires_unix };
+        let in_file = self.files.get(list).contains_key(&cidr);
+        self.dp.list_insert(list, &cidr, if in_file { 0 } else { expires_ns })?;
+        let added_unix = Some(self.clock.unix_secs());
+        let entry = Entry { cidr, expires_unix, reason: Some(reason.to_owned()), added_unix };
         if let Err(e) = self.store.put(list, &entry) {
             // Keep kernel and store in step: undo the map insert.
-            let _ = self.dp.list_remove(list, &cidr);
+            if !in_file {
+                let _ = self.dp.list_remove(list, &cidr);
+            }
             return Err(e.into());
         }
-        info!(list = ?list, %cidr, expires_unix, "list entry added");
+        info!(list = ?list, %cidr, expires_unix, reason, "list entry added");
         self.lists_changed(list);
         Ok(entry)
     }
 
-    /// Take `cidr` out of the store and the kernel's trie.
+    /// [`State::list_add`] for many networks, stored in one transaction;
+    /// on error the kernel entries added are taken out again.
+    pub fn list_add_many(
+        &mut self,
+        list: List,
+        cidrs: &[Cidr],
+        lasting: Option<Duration>,
+        reason: &str,
+    ) -> Result<usize, AdminError> {
+        if list == List::Allow && lasting.is_some() {
+            return Err(AdminError::BadRequest("allow entries do not expire; --for applies to deny".into()));
+        }
+        let ms = lasting.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let expires_unix = ms.map(|ms| self.clock.unix_millis().saturating_add(ms).div_ceil(1000));
+        let expires_ns = ms.map_or(0, |ms| self.clock.monotonic_ns().saturating_add(ms.saturating_mul(1_000_000)));
+        let added_unix = Some(self.clock.unix_secs());
+        let mut inserted = Vec::new();
+        let undo = |s: &mut State, done: &[Cidr]| {
+            for c in done.iter().filter(|c| !s.files.get(list).contains_key(c)) {
+                let _ = s.dp.list_remove(list, c);
+            }
+        };
+        for c in cidrs {
+            let ns = if self.files.get(list).contains_key(c) { 0 } else { expires_ns };
+            if let Err(e) = self.dp.list_insert(list, c, ns) {
+                undo(self, &inserted);
+                return Err(e.into());
+            }
+            inserted.push(*c);
+        }
+        let entries: Vec<Entry> = cidrs
+            .iter()
+            .map(|c| Entry { cidr: *c, expires_unix, reason: Some(reason.to_owned()), added_unix })
+            .collect();
+        if let Err(e) = self.store.put_many(list, &entries) {
+            undo(self, &inserted);
+            return Err(e.into());
+        }
+        info!(list = ?list, entries = cidrs.len(), expires_unix, reason, "list entries added");
+        self.lists_changed(list);
+        Ok(cidrs.len())
+    }
+
+    /// Take `cidr` out of the store and the kernel's trie (the kernel keeps
+    /// it when a list file holds it).
     pub fn list_remove(&mut self, list: List, cidr: Cidr) -> Result<(), AdminError> {
+        let file = self.files.get(list).get(&cidr).cloned();
         let was = self.store.remove(list, &cidr)?;
-        self.dp.list_remove(list, &cidr)?;
+        match (&file, was) {
+            (Some(name), false) => {
+                return Err(AdminError::BadRequest(format!(
+                    "{cidr} comes from the list file {name}: remove it there and reload"
+                )));
+            }
+            (Some(_), true) => {}
+            (None, _) => self.dp.list_remove(list, &cidr)?,
+        }
         if !was {
             return Err(AdminError::NotFound { list, cidr });
         }
@@ -89,9 +201,20 @@ impl State {
         Ok(())
     }
 
+    /// Re-read the config file, counting the result and telling systemd.
+    pub fn reload(&mut self) -> Result<(), AdminError> {
+        let r = self.try_reload();
+        self.ops.reloads.record(r.is_ok(), self.clock.unix_secs());
+        match &r {
+            Ok(()) => self.ops.status(&self.summary()),
+            Err(e) => self.ops.status(&format!("reload refused, running config kept: {e}")),
+        }
+        r
+    }
+
     /// Re-read the config file. Refused (and nothing changes) when it is
     /// invalid or changes what cannot change live.
-    pub fn reload(&mut self) -> Result<(), AdminError> {
+    fn try_reload(&mut self) -> Result<(), AdminError> {
         let path = &self.config_path;
         let (new, policy) = crate::proxy::policy::Loaded::read(path)?
             .with_key(path)
@@ -99,6 +222,7 @@ impl State {
         if let Some(what) = needs_restart(&self.config, &new) {
             return Err(AdminError::NeedsRestart { path: path.clone(), what });
         }
+        let [allow_files, deny_files] = read_files(path, &new)?;
         // Build everything before changing anything: a refused reload leaves
         // both halves as they were.
         let policy = if self.forwarder.is_some() { policy } else { None };
@@ -108,6 +232,45 @@ impl State {
         }
         info!(path = %self.config_path.display(), "config reloaded");
         self.config = new;
+        self.apply_files(List::Allow, allow_files)?;
+        self.apply_files(List::Deny, deny_files)
+    }
+
+    /// Read the config's list files and put them into the kernel (at start).
+    pub fn load_files(&mut self) -> Result<(), AdminError> {
+        let [allow, deny] = read_files(&self.config_path, &self.config)?;
+        self.apply_files(List::Allow, allow)?;
+        self.apply_files(List::Deny, deny)
+    }
+
+    /// Make the kernel hold what the files now say for `list`: insert what
+    /// was added, remove what was dropped unless the store still lists it.
+    fn apply_files(&mut self, list: List, new: FileEntries) -> Result<(), AdminError> {
+        let d = lists::diff(self.files.get(list), &new);
+        if d.added.is_empty() && d.removed.is_empty() {
+            *self.files.get_mut(list) = new;
+            return Ok(());
+        }
+        let now = self.clock.unix_secs();
+        let stored: std::collections::HashMap<Cidr, Option<u64>> = self
+            .store
+            .entries(list)?
+            .into_iter()
+            .filter(|e| e.expires_unix.is_none_or(|t| t > now))
+            .map(|e| (e.cidr, e.expires_unix))
+            .collect();
+        for c in &d.added {
+            self.dp.list_insert(list, c, 0)?;
+        }
+        for c in &d.removed {
+            match stored.get(c) {
+                Some(exp) => self.dp.list_insert(list, c, exp.map_or(0, |t| self.clock.monotonic_at(t)))?,
+                None => self.dp.list_remove(list, c)?,
+            }
+        }
+        *self.files.get_mut(list) = new;
+        info!(list = ?list, added = d.added.len(), removed = d.removed.len(), "list files applied");
+        self.lists_changed(list);
         Ok(())
     }
 
@@ -118,13 +281,17 @@ impl State {
     pub fn escalate(&mut self, e: &Escalation) {
         let ip = e.cidr.addr();
         let trusted = self.config.listen.as_ref().is_some_and(|l| l.trusted_proxies.iter().any(|c| c.contains(ip)));
-        let allowed = self.store.entries(List::Allow).is_ok_and(|v| v.iter().any(|a| a.cidr.contains(ip)));
+        let allowed = self.store.entries(List::Allow).is_ok_and(|v| v.iter().any(|a| a.cidr.contains(ip)))
+            || self.files.get(List::Allow).keys().any(|c| c.contains(ip));
         if trusted || allowed {
             warn!(cidr = %e.cidr, trusted, allowed, "not escalating a trusted or allow-listed source into the deny list");
             return;
         }
         let lasting = Duration::from_secs(e.until_unix.saturating_sub(self.clock.unix_secs()).max(1));
-        if let Err(err) = self.list_add(List::Deny, e.cidr, Some(lasting)) {
+        // A host's own cap, or the cap its network shares (per_prefix_daily).
+        let host = e.cidr.prefix() == if e.cidr.addr().is_ipv4() { 32 } else { self.config.xdp().ipv6_prefix.0 };
+        let reason = if host { "escalated: daily cap" } else { "escalated: network daily cap" };
+        if let Err(err) = self.list_add(List::Deny, e.cidr, Some(lasting), reason) {
             warn!(cidr = %e.cidr, error = %err, "escalating into the XDP deny list");
         }
     }
@@ -135,7 +302,9 @@ impl State {
         if let Some(f) = &self.forwarder {
             f.limiter().sweep(self.clock.monotonic_ns());
             if let Some(c) = f.limiter().take_dirty() {
-                match self.store.save_day(&c) {
+                let saved = self.store.save_day(&c);
+                self.ops.ready.store_ok.store(saved.is_ok(), std::sync::atomic::Ordering::Relaxed);
+                match saved {
                     Ok(()) => self.saved_spend = c.spent,
                     Err(e) => warn!(error = %e, "saving today's counters"),
                 }
@@ -161,7 +330,11 @@ impl State {
                 warn!(cidr = %e.cidr, error = %err, "expiring deny entry");
                 continue;
             }
-            let _ = self.dp.list_remove(List::Deny, &e.cidr);
+            // A network a deny file lists stays denied, for good.
+            let _ = match self.files.deny.contains_key(&e.cidr) {
+                true => self.dp.list_insert(List::Deny, &e.cidr, 0),
+                false => self.dp.list_remove(List::Deny, &e.cidr),
+            };
             info!(cidr = %e.cidr, "deny entry expired");
             expired = true;
         }
@@ -185,10 +358,19 @@ impl State {
         Ok(())
     }
 
-    /// Entries of `list` in force now.
+    /// Entries of `list` in force now, stored and from files (a network in both counted once).
     pub(super) fn in_force(&self, list: List) -> Result<usize, AdminError> {
-        let now = self.clock.unix_secs();
-        Ok(self.store.entries(list)?.iter().filter(|e| e.expires_unix.is_none_or(|t| t > now)).count())
+        Ok(self.list_show(list)?.entries.len())
+    }
+
+    /// Entries of `list` that come only from its files.
+    pub(super) fn file_only(&self, list: List) -> Result<usize, AdminError> {
+        Ok(self
+            .list_show(list)?
+            .entries
+            .iter()
+            .filter(|e| e.reason.as_deref().is_some_and(|r| r.starts_with("file: ")))
+            .count())
     }
 
     /// After `list` changed: its gauge, and the forwarder's copy of the allow list.
@@ -206,8 +388,10 @@ impl State {
         if list == List::Allow
             && let Some(f) = &self.forwarder
         {
-            let cidrs =
-                self.store.entries(List::Allow).map(|v| v.into_iter().map(|e| e.cidr).collect()).unwrap_or_default();
+            let cidrs = self
+                .list_show(List::Allow)
+                .map(|l| l.entries.into_iter().map(|e| e.cidr).collect())
+                .unwrap_or_default();
             f.set_allow(cidrs);
         }
     }
@@ -222,13 +406,16 @@ impl Drop for State {
 /// The first setting in `new` that differs from `old` and needs a restart.
 fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     let (x, y) = (old.xdp(), new.xdp());
-    let listen = |c: &Config| c.listen.as_ref().map(|l| (l.addr, l.tls_cert.clone(), l.tls_key.clone()));
+    // The certificate files are re-read on reload; only turning TLS on or off needs a restart.
+    let listen = |c: &Config| c.listen.as_ref().map(|l| (l.addr, l.tls_cert.is_some()));
     [
         ("xdp.interface", x.interface != y.interface),
         ("xdp.mode", x.mode != y.mode),
         ("xdp.table_size", x.table_size != y.table_size),
         ("store.path", old.store.path != new.store.path),
         ("admin.socket", old.admin.socket != new.admin.socket),
+        ("admin.metrics", old.admin.metrics != new.admin.metrics),
+        ("log.format", old.log != new.log),
         ("listen", listen(old) != listen(new)),
     ]
     .into_iter()
@@ -241,11 +428,14 @@ mod tests {
 
     use super::*;
 
-    fn config(xdp: &str) -> Config {
-        let text = format!(
+    fn config_text(xdp: &str) -> String {
+        format!(
             "[xdp]\ninterface = \"eth0\"\nports = [443]\n{xdp}\n[store]\npath = \"/var/lib/kw\"\n[admin]\nsocket = \"/run/kw.sock\"\n"
-        );
-        Config::parse(Path::new("keyward.toml"), &text).unwrap()
+        )
+    }
+
+    fn config(xdp: &str) -> Config {
+        Config::parse(Path::new("keyward.toml"), &config_text(xdp)).unwrap()
     }
 
     #[test]
@@ -257,5 +447,11 @@ mod tests {
             Some("xdp.table_size")
         );
         assert_eq!(needs_restart(&old, &config("rate_pps = 10\nburst = 20\nmode = \"generic\"")), Some("xdp.mode"));
+        let metrics = Config::parse(
+            Path::new("keyward.toml"),
+            &format!("{}metrics = \"127.0.0.1:9999\"\n", config_text("rate_pps = 10\nburst = 20")),
+        )
+        .unwrap();
+        assert_eq!(needs_restart(&old, &metrics), Some("admin.metrics"));
     }
 }

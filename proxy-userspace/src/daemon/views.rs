@@ -38,6 +38,8 @@ impl State {
             new_sources: self.reader.new_sources()?,
             allow_entries: self.in_force(List::Allow)?,
             deny_entries: self.in_force(List::Deny)?,
+            allow_from_files: self.file_only(List::Allow)?,
+            deny_from_files: self.file_only(List::Deny)?,
             counters: self.reader.counters()?,
             top_sources: self.sample.top(),
             sources_sampled_unix_ms: self.sample.taken_unix_ms(),

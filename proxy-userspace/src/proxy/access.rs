@@ -7,7 +7,8 @@
 //! Origin entries: one with a scheme matches an Origin/Referer that starts
 //! with it at a boundary (`https://a.example` does not match
 //! `https://a.example.evil`); one without a scheme matches the host itself or
-//! any subdomain of it. The contract says "substring of the host", which
+//! any subdomain of it; `*` matches any origin (written out, never implied:
+//! an empty list is refused by the policy). The contract says "substring of the host", which
 //! would let `example.org.evil.net` through; suffix-at-a-dot is what the
 //! key-restriction services actually enforce.
 
@@ -22,6 +23,8 @@ use crate::{config::ForwardedHeader, units::Cidr};
 pub struct Origins {
     prefixes: Vec<String>,
     hosts: Vec<String>,
+    /// `*`: any origin.
+    any: bool,
     require: bool,
 }
 
@@ -40,7 +43,9 @@ impl Origins {
         let mut o = Origins { require, ..Origins::default() };
         for a in allowed {
             let a = a.trim().to_ascii_lowercase();
-            if a.starts_with("http://") || a.starts_with("https://") {
+            if a == "*" {
+                o.any = true;
+            } else if a.starts_with("http://") || a.starts_with("https://") {
                 o.prefixes.push(a.trim_end_matches('/').to_owned());
             } else {
                 o.hosts.push(a.trim_start_matches('.').to_owned());
@@ -50,6 +55,9 @@ impl Origins {
     }
 
     fn allows(&self, url: &str) -> bool {
+        if self.any {
+            return true;
+        }
         let u = url.trim().to_ascii_lowercase();
         let at_boundary =
             |p: &str| u.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#', ':']));
@@ -219,6 +227,14 @@ mod tests {
             o.check(&h(&[("origin", "https://www.example.com")])),
             OriginCheck::Allowed(Some("https://www.example.com".into()))
         );
+    }
+
+    #[test]
+    fn a_written_wildcard_allows_any_origin_but_still_requires_one() {
+        let any = Origins::new(&["*".into()], true);
+        assert!(matches!(any.check(&h(&[("origin", "https://anything.test")])), OriginCheck::Allowed(Some(_))));
+        assert_eq!(any.check(&h(&[])), OriginCheck::Refused);
+        assert_eq!(Origins::new(&[], true).check(&h(&[("origin", "https://a.test")])), OriginCheck::Refused);
     }
 
     #[test]

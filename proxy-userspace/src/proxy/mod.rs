@@ -44,7 +44,6 @@ use self::{cache::Cache, counts::Counts, limit::Limiter, respond::Outcome};
 pub use self::{
     policy::{Compiled, Located, Policy, PolicyError},
     server::serve,
-    tls::tls_acceptor,
 };
 use crate::{clock::Clock, units::Cidr};
 
@@ -78,6 +77,8 @@ pub struct Forwarder {
     token_rt: RwLock<Option<Arc<endpoint::TokenRuntime>>>,
     /// The shared store (several hosts), set once at start.
     fleet: std::sync::OnceLock<Arc<crate::shared::lease::Fleet>>,
+    /// The listener's certificate, replaced on reload.
+    certs: Option<Arc<tls::Certs>>,
 }
 
 /// What the caller gets back to wire the forwarder into the daemon.
@@ -95,6 +96,7 @@ impl Forwarder {
         let (tx, rx) = mpsc::unbounded_channel();
         let token_state = endpoint::TokenState::default();
         let token_rt = RwLock::new(endpoint::TokenRuntime::build(&policy, &token_state, clock.clone()));
+        let policy_tls = policy.tls.clone().map(tls::Certs::new);
         let forwarder = Arc::new(Forwarder {
             policy: RwLock::new(Arc::new(policy)),
             limiter,
@@ -110,6 +112,7 @@ impl Forwarder {
             token_state,
             token_rt,
             fleet: std::sync::OnceLock::new(),
+            certs: policy_tls,
         });
         Handles { forwarder, escalations: rx }
     }
@@ -155,10 +158,19 @@ impl Forwarder {
 
     /// Swap in a new policy (reload). Counters and cache stay.
     pub fn reconfigure(&self, p: Policy) {
+        if let (Some(c), Some(k)) = (&self.certs, &p.tls) {
+            c.set(k.clone());
+        }
         self.limiter.reconfigure(p.limits.clone(), p.schedule.clone());
         let rt = endpoint::TokenRuntime::build(&p, &self.token_state, self.clock.clone());
         *self.token_rt.write().unwrap_or_else(std::sync::PoisonError::into_inner) = rt;
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
+    }
+
+    /// The TLS acceptor for the listener (`None`: plain HTTP). It presents
+    /// whatever certificate the last reload loaded.
+    pub fn tls_acceptor(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, rustls::Error> {
+        self.certs.as_ref().map(tls::Certs::acceptor).transpose()
     }
 
     fn policy(&self) -> Arc<Policy> {

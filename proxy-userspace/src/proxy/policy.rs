@@ -8,9 +8,11 @@
 use std::{
     ops::Range,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use http::HeaderName;
+use rustls::sign::CertifiedKey;
 use toml::Spanned;
 
 use super::{
@@ -48,6 +50,12 @@ pub enum PolicyError {
     Geo(#[from] super::geo::GeoError),
     #[error("[access.token] {0}")]
     TokenKeys(#[from] crate::token::keys::KeyFileError),
+    #[error(
+        "[access] allowed_origins is empty: any web page could spend the budget; list the sites that may call, or write allowed_origins = [\"*\"] to accept any Origin"
+    )]
+    NoOrigins,
+    #[error("[listen] {0}")]
+    Tls(#[from] super::tls::TlsError),
 }
 
 /// Page tokens as configured: the key ring (loaded when the policy is
@@ -88,6 +96,7 @@ pub struct Compiled {
     tokens: Option<TokenPolicy>,
     placement: Placement,
     upstream: Upstream,
+    tls: Option<Arc<CertifiedKey>>,
     trusted: Vec<Cidr>,
     client_ip_from: ForwardedHeader,
     max_body: u64,
@@ -110,6 +119,8 @@ pub struct Policy {
     pub(super) tokens: Option<TokenPolicy>,
     pub(super) injector: Injector,
     pub(super) upstream: Upstream,
+    /// The listener's certificate, when `[listen]` has one.
+    pub tls: Option<Arc<CertifiedKey>>,
     pub(super) trusted: Vec<Cidr>,
     pub(super) client_ip_from: ForwardedHeader,
     pub(super) max_body: u64,
@@ -138,7 +149,13 @@ fn compile_limits(cfg: &Config) -> Result<(Limits, Schedule), Located> {
     else {
         return bad("alert_at fractions must be between 0 and 1");
     };
-    let schedule = Schedule::new(&l.reset_at, &l.timezone).map_err(|e| PolicyError::Limits(e.to_string())).at(here)?;
+    let schedule = Schedule::new(l.reset_at.get_ref(), l.timezone.get_ref()).map_err(|e| {
+        let at = match e {
+            super::day::ScheduleError::Time(_) => &l.reset_at,
+            super::day::ScheduleError::Zone(_) => &l.timezone,
+        };
+        Located { error: PolicyError::Limits(e.to_string()), span: Some(at.span()).filter(|s| !s.is_empty()) }
+    })?;
     let limits = Limits {
         rate: proxy_common::bucket::Params::new(l.per_ip_rate.get(), l.per_ip_burst.get()),
         burst: l.per_ip_burst.get(),
@@ -177,15 +194,26 @@ impl Compiled {
             None => None,
         };
         let l = cfg.limits.get_ref();
-        let webhook = match l.alert_webhook.trim() {
+        let webhook = match l.alert_webhook.get_ref().trim() {
             "" => None,
             u => Some(
                 u.parse()
                     .map_err(|_| PolicyError::Limits(format!("alert_webhook `{u}` is not a URL")))
-                    .at(span(&cfg.limits))?,
+                    .at(span(&l.alert_webhook))?,
             ),
         };
         let access = cfg.access.get_ref();
+        if access.allowed_origins.is_empty() {
+            // At `[access]` when it is written, else about the file.
+            return Err(PolicyError::NoOrigins).at(span(&cfg.access).filter(|s| !s.is_empty()));
+        }
+        let tls = match (&listen.tls_cert, &listen.tls_key) {
+            (Some(c), Some(k)) => Some(super::tls::load(c.get_ref(), k.get_ref()).map_err(|e| {
+                let at = if e.half == super::tls::Half::Cert { c.span() } else { k.span() };
+                Located { error: e.into(), span: Some(at) }
+            })?),
+            _ => None,
+        };
         Ok(Some(Compiled {
             routes,
             origins: Origins::new(&access.allowed_origins, access.require_origin),
@@ -201,6 +229,7 @@ impl Compiled {
             },
             placement: Placement::new(&up.inject).at(None)?,
             upstream: Upstream::new(up).at(None)?,
+            tls,
             trusted: listen.trusted_proxies.clone(),
             client_ip_from: listen.client_ip_from,
             max_body: listen.max_body.0,
@@ -224,6 +253,7 @@ impl Compiled {
             tokens: self.tokens,
             injector: Injector::new(self.placement, secret)?,
             upstream: self.upstream,
+            tls: self.tls,
             trusted: self.trusted,
             client_ip_from: self.client_ip_from,
             max_body: self.max_body,
@@ -312,5 +342,71 @@ impl Loaded {
             e => ConfigError::Unplaced { path: path.to_owned(), message: e.to_string() }.into(),
         })?;
         Ok((self.config, Some(policy)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"[xdp]
+interface = "eth0"
+ports = [443]
+rate_pps = 200
+burst = 400
+
+[listen]
+addr = "127.0.0.1:443"
+
+[upstream]
+base_url = "https://api.example.test"
+key_env = "K"
+inject = { query = "key" }
+
+[[route]]
+method = "GET"
+path = "/a/{x}"
+upstream_path = "/a/{x}"
+
+[access]
+allowed_origins = ["https://www.example.com"]
+
+[limits]
+daily = 10.0
+"#;
+
+    fn err(t: &str) -> String {
+        Loaded::parse(Path::new("k.toml"), t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_forwarder_without_an_origin_list_is_refused_unless_the_wildcard_is_written() {
+        assert!(Loaded::parse(Path::new("k.toml"), BASE).is_ok());
+        let e = err(&BASE.replace("allowed_origins = [\"https://www.example.com\"]", ""));
+        assert!(e.starts_with("k.toml:20:1: [access] allowed_origins is empty"), "{e}");
+        assert!(e.contains("allowed_origins = [\"*\"]"), "{e}");
+        let e = err(&BASE.replace("[access]\nallowed_origins = [\"https://www.example.com\"]", ""));
+        assert!(e.starts_with("k.toml: [access] allowed_origins is empty"), "{e}");
+        assert!(Loaded::parse(Path::new("k.toml"), &BASE.replace("\"https://www.example.com\"", "\"*\"")).is_ok());
+        // XDP only: no forwarder, no list needed.
+        let xdp_only = BASE.split("[listen]").next().unwrap();
+        assert!(Loaded::parse(Path::new("k.toml"), xdp_only).is_ok());
+    }
+
+    #[test]
+    fn cross_key_errors_point_at_the_key() {
+        let e = err(&BASE.replace("daily = 10.0", "daily = 10.0\ntimezone = \"Mars/Olympus\""));
+        assert!(e.starts_with("k.toml:25:12: [limits] timezone `Mars/Olympus`"), "{e}");
+        let e = err(&BASE.replace("daily = 10.0", "reset_at = \"25:00\"\ndaily = 10.0"));
+        assert!(e.starts_with("k.toml:24:12: [limits] reset_at"), "{e}");
+        let e = err(&BASE.replace("daily = 10.0", "daily = 10.0\nalert_webhook = \"not a url\""));
+        assert!(e.starts_with("k.toml:25:17: [limits] alert_webhook"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_certificate_is_reported_at_its_key() {
+        let e =
+            err(&BASE.replace("addr =", "tls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\naddr ="));
+        assert!(e.starts_with("k.toml:8:12: [listen] tls_cert /nonexistent/c.pem"), "{e}");
     }
 }

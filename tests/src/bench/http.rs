@@ -156,6 +156,10 @@ fn open_loop(ns: &str, port: u16, path: &str, rate: u32, secs: u32) -> (f64, f64
 }
 
 /// Run tier 3; returns JSON and markdown.
+///
+/// Long on purpose: one measurement script read top to bottom (topology,
+/// peers, rounds interleaved, tables); splitting it would scatter the order
+/// of the rounds, which is what makes the ratios fair.
 pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     let t = netns::Topology::new();
     let ns = t.server_ns.clone();

@@ -34,6 +34,9 @@ fn maps() -> Vec<(u64, u64)> {
     out
 }
 
+/// Long on purpose: one measurement script, each figure next to the
+/// setup it needs.
+///
 /// Run tier 4. `allocated` reports the bytes the process has live on the
 /// heap (the bench binary's counting allocator): exact, unlike RSS, which
 /// the allocator's reuse of freed memory hides.

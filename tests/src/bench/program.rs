@@ -73,6 +73,9 @@ enum Kind {
 }
 
 /// Run tier 1; returns the JSON and the markdown table.
+///
+/// Long on purpose: one measurement script whose interleaved rounds must be
+/// read together.
 pub fn run(rounds: usize, repeat: u32, each: usize) -> (Value, String) {
     let mut bench = aya::Ebpf::load(super::OBJECT).expect("bench object");
     let floor: &mut Xdp = bench.program_mut("bench_pass").expect("bench_pass").try_into().expect("xdp");

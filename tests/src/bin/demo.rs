@@ -130,6 +130,8 @@ impl Drop for Keys {
     }
 }
 
+/// The demo's story, chapter by chapter. Long on purpose: it is a script
+/// read (and printed) top to bottom, each chapter a few lines after a `say`.
 fn play(report_path: Option<&str>) {
     say("Setting up: two network namespaces joined by a veth pair");
     let t = Topology::new();
