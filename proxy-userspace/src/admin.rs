@@ -260,6 +260,23 @@ pub struct ForwarderStatus {
     /// Tokens with calls counted today (live).
     #[serde(default)]
     pub live_tokens: usize,
+    /// The shared store, when `[store] redis_url` is set.
+    #[serde(default)]
+    pub store: Option<StoreStatus>,
+}
+
+/// The shared store as this host sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// The URL, password redacted.
+    pub url: String,
+    pub up: bool,
+    /// This host's lease of today's budget (spent included).
+    pub leased_micros: u64,
+    /// The fleet's total granted today, as last seen.
+    pub fleet_granted_micros: u64,
+    /// Calls to the store since start.
+    pub round_trips: u64,
 }
 
 /// Requests per route and outcome since start.

@@ -507,6 +507,19 @@ fn print_status(s: &Status) {
             println!("  {:<11} at this pace the budget runs out in {}", "velocity", until(t));
         }
         println!("  {:<11} {} (proof-of-work {}), {} live", "tokens", f.tokens, f.pow, f.live_tokens);
+        if let Some(s) = &f.store {
+            let fmt = crate::proxy::limit::format_amount;
+            println!(
+                "  {:<11} {} {}; leased here {} {}, fleet granted {}; {} round trips",
+                "store",
+                s.url,
+                if s.up { "up" } else { "DOWN (spending leases, then 503 budget-unavailable)" },
+                fmt(s.leased_micros),
+                f.currency,
+                fmt(s.fleet_granted_micros),
+                s.round_trips
+            );
+        }
         println!("  {:<11} {} raised today", "alerts", f.alerts_raised);
         println!(
             "  {:<11} {} clients today; cache {} hits, {} misses",

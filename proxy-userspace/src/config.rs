@@ -490,16 +490,34 @@ impl Default for Limits {
 pub struct Store {
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
+    /// A Redis or Valkey shared by several hosts (`redis://`, `rediss://`):
+    /// the global budget, per-IP daily counts (see `crate::shared`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
     /// When a billable call's reservation reaches the disk.
     #[serde(default)]
     pub durability: Durability,
+    /// The key namespace in the shared Redis: keys are under `{kw:<site>}`.
+    #[serde(default = "default_site")]
+    pub site: String,
+    /// The longest any one Redis call may take.
+    #[serde(default = "default_store_timeout")]
+    pub timeout: Span,
+    /// Budget leases from the shared Redis.
+    #[serde(default)]
+    pub budget: StoreBudget,
 }
 
 impl Default for Store {
     fn default() -> Self {
-        Store { path: default_store_path(), redis_url: None, durability: Durability::default() }
+        Store {
+            path: default_store_path(),
+            redis_url: None,
+            durability: Durability::default(),
+            site: default_site(),
+            timeout: default_store_timeout(),
+            budget: StoreBudget::default(),
+        }
     }
 }
 
@@ -524,6 +542,69 @@ impl Durability {
             Durability::Immediate => "immediate",
             Durability::LoseUpTo1s => "lose-up-to-1s",
         }
+    }
+}
+
+/// `[store.budget]`: how a host leases the global budget from Redis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreBudget {
+    /// The most one lease request asks for (in the currency).
+    #[serde(default = "default_max_lease")]
+    pub max_lease: f64,
+    /// Kept leased while Redis answers, to spend while it does not.
+    #[serde(default)]
+    pub standby_lease: f64,
+    /// How often the standby lease is topped up.
+    #[serde(default = "default_lease_period")]
+    pub lease_period: Span,
+}
+
+impl Default for StoreBudget {
+    fn default() -> Self {
+        StoreBudget { max_lease: default_max_lease(), standby_lease: 0.0, lease_period: default_lease_period() }
+    }
+}
+
+fn default_site() -> String {
+    "default".into()
+}
+
+fn default_store_timeout() -> Span {
+    Span(std::time::Duration::from_millis(50))
+}
+
+fn default_max_lease() -> f64 {
+    0.5
+}
+
+fn default_lease_period() -> Span {
+    Span(std::time::Duration::from_secs(10))
+}
+
+impl Store {
+    /// What is wrong with the shared-store keys, if anything.
+    fn validate(&self) -> Result<(), String> {
+        let ok_amount = |a: f64| a.is_finite() && (0.0..=1e9).contains(&a);
+        if !ok_amount(self.budget.max_lease) || !ok_amount(self.budget.standby_lease) {
+            return Err("[store.budget] max_lease and standby_lease must be amounts between 0 and 1e9".into());
+        }
+        if self.site.is_empty() || !self.site.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(format!("[store] site `{}` must be letters, digits, `-`, `_` or `.`", self.site));
+        }
+        if self.timeout.0.is_zero() || self.timeout.0 > std::time::Duration::from_secs(5) {
+            return Err("[store] timeout must be between 1ms and 5s".into());
+        }
+        let Some(url) = &self.redis_url else { return Ok(()) };
+        if !["redis://", "rediss://", "unix://", "redis+unix://"].iter().any(|s| url.starts_with(s)) {
+            return Err(format!(
+                "[store] redis_url must start with redis://, rediss:// or unix:// (Sentinel is not supported yet), not `{}`",
+                crate::shared::redact(url)
+            ));
+        }
+        redis::Client::open(url.as_str())
+            .map(drop)
+            .map_err(|e| format!("[store] redis_url `{}`: {e}", crate::shared::redact(url)))
     }
 }
 
@@ -630,12 +711,7 @@ impl Config {
                 ),
             ));
         }
-        if cfg.store.redis_url.is_some() {
-            return Err(invalid(
-                None,
-                "[store] redis_url: the shared Redis backend is not available in this version; remove it (the embedded store is used)".into(),
-            ));
-        }
+        cfg.store.validate().map_err(|m| invalid(None, m))?;
         let access = cfg.access.get_ref();
         let here = || Some(cfg.access.span());
         access.token.validate().map_err(|m| invalid(here(), format!("[access.token] {m}")))?;
@@ -692,6 +768,10 @@ impl Config {
         if hook.contains('@') || hook.contains('?') {
             *hook = "[redacted]".into();
         }
+        // The Redis URL may carry a password.
+        if let Some(u) = &mut shown.store.redis_url {
+            *u = crate::shared::redact(u);
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -738,6 +818,22 @@ burst = 400
 
     fn err(t: &str) -> String {
         parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_shared_store_url_is_checked_and_never_printed_with_its_password() {
+        let with = |store: &str| format!("{MINIMAL}\n[store]\n{store}\n");
+        let c = parse(&with("redis_url = \"redis://:s3cret@10.0.0.5:6379/0\"\nsite = \"shop\"")).unwrap();
+        assert_eq!(c.store.timeout.0, std::time::Duration::from_millis(50));
+        assert_eq!(c.store.site, "shop");
+        assert!(!c.to_toml().contains("s3cret"), "{}", c.to_toml());
+        assert!(parse(&with("redis_url = \"rediss://h:6380\"")).is_ok());
+        assert!(parse(&with("redis_url = \"unix:///run/redis.sock\"")).is_ok());
+        let e = err(&with("redis_url = \"http://h:6379\""));
+        assert!(e.starts_with("k.toml:") && e.contains("redis_url must start with"), "{e}");
+        assert!(err(&with("redis_url = \"redis://h:notaport\"")).contains("redis_url"));
+        assert!(err(&with("site = \"a b\"")).contains("site"));
+        assert!(err(&with("timeout = \"0s\"")).contains("timeout"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod paths;
 pub mod proxy;
+pub mod shared;
 pub mod store;
 pub mod token;
 pub mod units;

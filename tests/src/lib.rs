@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod frame;
 pub mod fwd;
 pub mod netns;
+pub mod redis;
 pub mod tokenpage;
 pub mod upstream;
 pub mod wire;

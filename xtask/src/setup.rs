@@ -3,7 +3,8 @@
 //! `core` for `bpfel-unknown-none` (no rust-src needed), bpf-linker 0.13.0
 //! built against LLVM 22, and that toolchain linked into rustup as
 //! `debian-bpf`. Each step checks first, so a second run takes a second.
-//! Also Debian's Chromium, for the real-browser tests of the page script.
+//! Also Debian's Chromium, for the real-browser tests of the page script, and
+//! Debian's redis-server, which the shared-store tests start on loopback.
 //! Fails with one sentence where it cannot proceed.
 
 use std::{path::Path, process::Command};
@@ -11,9 +12,17 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, bail};
 
 /// `rust-web-clippy` is the clippy of that rustc, for `cargo xtask lint` on
-/// the eBPF crates.
-const PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "rust-web-clippy", "libstd-rust-web-dev-bpf", "llvm-22-dev", "iproute2", "util-linux"];
+/// the eBPF crates; `redis-server` serves the shared-store tests.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-clippy",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "iproute2",
+    "util-linux",
+    "redis-server",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup name of the toolchain that builds (and lints) the eBPF crates.
 pub const TOOLCHAIN: &str = "debian-bpf";

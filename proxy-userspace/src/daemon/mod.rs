@@ -150,6 +150,7 @@ struct Daemon {
     escalations: Option<UnboundedReceiver<Escalation>>,
     stop: watch::Sender<bool>,
     http: Option<JoinHandle<()>>,
+    forwarder: Option<Arc<Forwarder>>,
     ops: Arc<Ops>,
 }
 
@@ -182,6 +183,15 @@ impl Daemon {
             None => (None, None),
         };
         let store: Arc<dyn ListStore> = Arc::new(embedded);
+        let fleet = match (&forwarder, &config.store.redis_url) {
+            (Some(f), Some(_)) => {
+                let fleet = rt.block_on(connect_fleet(&config.store))?;
+                f.set_fleet(fleet.clone());
+                Some(fleet)
+            }
+            _ => None,
+        };
+        let lease_period = config.store.budget.lease_period.0;
         let ops = Arc::new(Ops::default());
         ops.reloads.last_success.set(i64::try_from(clock.unix_secs()).unwrap_or(i64::MAX));
         let mut state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone(), ops.clone())?;
@@ -203,7 +213,10 @@ impl Daemon {
             info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, /healthz, /readyz");
             rt.spawn(crate::metrics::serve(m, Arc::new(registry), ops.ready.clone()));
         }
-        let http = match (forwarder, listeners.forward) {
+        if let (Some(f), Some(_)) = (&forwarder, &fleet) {
+            rt.spawn(keep_standby(f.clone(), lease_period, stop_rx.clone()));
+        }
+        let http = match (forwarder.clone(), listeners.forward) {
             (Some(f), Some(sock)) => {
                 let tls = f.tls_acceptor().context("setting up TLS")?;
                 info!(addr = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "forwarder listening");
@@ -211,7 +224,7 @@ impl Daemon {
             }
             _ => None,
         };
-        Ok(Daemon { admin, socket: listeners.admin, escalations, stop, http, ops })
+        Ok(Daemon { admin, socket: listeners.admin, escalations, stop, http, forwarder, ops })
     }
 
     /// Answer the admin socket, tick, reload and escalate until told to stop.
@@ -255,6 +268,37 @@ impl Daemon {
         let _ = self.stop.send(true);
         if let Some(h) = self.http.take() {
             let _ = h.await;
+        }
+        if let Some(f) = &self.forwarder {
+            f.release_lease().await;
+        }
+    }
+}
+
+/// Connect to the shared store named in `[store]`: one clear line when it
+/// cannot be reached or refuses the credentials.
+async fn connect_fleet(cfg: &crate::config::Store) -> anyhow::Result<Arc<crate::shared::lease::Fleet>> {
+    use crate::{proxy::limit::micros, shared};
+    let url = cfg.redis_url.clone().unwrap_or_default();
+    let sc = shared::StoreConfig { url: url.clone(), site: cfg.site.clone(), timeout: cfg.timeout.0 };
+    let store = shared::Store::connect(&sc)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot use the shared store at {}: {e}", shared::redact(&url)))?;
+    let policy = shared::lease::LeasePolicy {
+        max_lease: micros(cfg.budget.max_lease).unwrap_or(0),
+        standby: micros(cfg.budget.standby_lease).unwrap_or(0),
+    };
+    info!(url = %shared::redact(&url), site = %cfg.site, "sharing the budget and daily counts through the shared store");
+    Ok(Arc::new(shared::lease::Fleet::new(store, policy)))
+}
+
+/// Keep the standby lease topped up every `period` until told to stop.
+async fn keep_standby(f: Arc<Forwarder>, period: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => f.keep_standby().await,
+            _ = stop.changed() => return,
         }
     }
 }

@@ -128,6 +128,13 @@ impl State {
             tokens: f.token_mode().0.to_owned(),
             pow: f.token_mode().1.to_owned(),
             live_tokens: f.token_allowance().len(),
+            store: f.fleet().map(|fl| crate::admin::StoreStatus {
+                url: fl.store.url().to_owned(),
+                up: fl.store.is_up(),
+                leased_micros: f.limiter().lease(now).map_or(0, |l| l.leased),
+                fleet_granted_micros: fl.fleet_granted.load(std::sync::atomic::Ordering::Relaxed),
+                round_trips: fl.store.calls(),
+            }),
         }
     }
 }

@@ -111,6 +111,8 @@ pub enum Refusal {
     Budget { reset: i64 },
     /// The budget is not used up but not yet released (pacing).
     Paced { retry_after: u64 },
+    /// Shared budget: this host's leases are spent; lease more and retry.
+    Unleased,
 }
 
 /// Today's counters, as persisted.
@@ -184,6 +186,20 @@ struct Inner {
     counts: DayCounts,
     window: Window,
     dirty: bool,
+    /// With a shared budget, what this host may spend today: the spend it
+    /// started the day (or sharing) with plus the leases granted since.
+    leased: Option<u64>,
+}
+
+/// This host's budget lease, for the shared store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    pub day: u64,
+    pub tomorrow: u64,
+    /// Today's reset boundary (Unix s).
+    pub boundary: i64,
+    pub leased: u64,
+    pub spent: u64,
 }
 
 /// The limiter. Callers pass both clocks in, so tests drive time.
@@ -225,7 +241,7 @@ impl Limiter {
         Limiter {
             limits: Mutex::new(std::sync::Arc::new(limits)),
             schedule: Mutex::new(schedule),
-            inner: Mutex::new(Inner { tat: HashMap::new(), counts, window, dirty: true }),
+            inner: Mutex::new(Inner { tat: HashMap::new(), counts, window, dirty: true, leased: None }),
         }
     }
 
@@ -248,6 +264,7 @@ impl Limiter {
             if inner.counts.day != inner.window.id() {
                 inner.counts = DayCounts { day: inner.window.id(), seq: inner.counts.seq, ..DayCounts::default() };
                 inner.dirty = true;
+                inner.leased = inner.leased.map(|_| 0);
             }
         }
     }
@@ -276,7 +293,7 @@ impl Limiter {
         let l = self.limits();
         let mut inner = lock(&self.inner);
         self.roll(&mut inner, now_unix);
-        check(&l, &inner, ip, cost, exempt, now_unix)
+        check(&l, &inner, ip, cost, exempt, now_unix).or_else(|r| if r == Refusal::Unleased { Ok(()) } else { Err(r) })
     }
 
     /// Take `cost` and one call from `ip`'s daily count, or refuse.
@@ -286,7 +303,7 @@ impl Limiter {
         self.roll(&mut inner, now_unix);
         let verdict = check(&l, &inner, ip, cost, exempt, now_unix);
         if let Err(e) = verdict
-            && !l.dry_run
+            && (!l.dry_run || e == Refusal::Unleased)
         {
             return Err(e);
         }
@@ -342,6 +359,73 @@ impl Limiter {
             }
         }
         out
+    }
+
+    /// Spend the budget from leases (a shared store): what is already spent
+    /// today counts as leased, nothing more until `add_lease`.
+    pub fn share_budget(&self, now_unix: i64) {
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        if inner.leased.is_none() {
+            inner.leased = Some(inner.counts.spent);
+        }
+    }
+
+    /// This host's lease of today's budget (`None` without a shared store).
+    pub fn lease(&self, now_unix: i64) -> Option<LeaseState> {
+        let mut inner = lock(&self.inner);
+        self.roll(&mut inner, now_unix);
+        let leased = inner.leased?;
+        let tomorrow = lock(&self.schedule).window(inner.window.end).id();
+        Some(LeaseState {
+            day: inner.counts.day,
+            tomorrow,
+            boundary: inner.window.end,
+            leased,
+            spent: inner.counts.spent,
+        })
+    }
+
+    /// Credit a lease granted for `day`; false (nothing credited) when that
+    /// is not today's window.
+    pub fn add_lease(&self, day: u64, amount: u64) -> bool {
+        let mut inner = lock(&self.inner);
+        match inner.leased {
+            Some(l) if inner.counts.day == day => {
+                inner.leased = Some(l.saturating_add(amount));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Give up the unspent part of today's lease (shutdown): (day, amount).
+    pub fn release_lease(&self) -> Option<(u64, u64)> {
+        let mut inner = lock(&self.inner);
+        let spent = inner.counts.spent;
+        let l = inner.leased.as_mut()?;
+        let unused = l.saturating_sub(spent);
+        *l = spent;
+        Some((inner.counts.day, unused))
+    }
+
+    /// The shared store says `ip` (or its network) is over its daily cap:
+    /// remember it locally until the reset, so no more round trips are made.
+    pub fn mark_over(&self, ip: IpAddr, network: Option<Cidr>) {
+        let l = self.limits();
+        let mut inner = lock(&self.inner);
+        match network {
+            Some(n) => {
+                let cap = l.prefix.map_or(0, |p| p.calls);
+                let c = inner.counts.per_prefix.entry(n).or_insert(0);
+                *c = (*c).max(cap);
+            }
+            None => {
+                let c = inner.counts.per_ip.entry(ip).or_insert(0);
+                *c = (*c).max(l.per_ip_daily);
+            }
+        }
+        inner.dirty = true;
     }
 
     /// Record that `ip` was pushed into the deny list today; false when it already was.
@@ -440,6 +524,9 @@ fn check(l: &Limits, inner: &Inner, ip: IpAddr, cost: u64, exempt: bool, now: i6
     let after = inner.counts.spent.saturating_add(cost);
     if after > l.budget {
         return Err(Refusal::Budget { reset });
+    }
+    if inner.leased.is_some_and(|leased| after > leased) {
+        return Err(Refusal::Unleased);
     }
     if let Some(pace) = l.pace
         && after > pace.released(l.budget, &inner.window, now)

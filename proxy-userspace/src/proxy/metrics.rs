@@ -26,6 +26,14 @@ pub fn register(fwd: &Arc<Forwarder>, registry: &mut Registry) {
         Unit::Seconds,
         fwd.upstream_histogram(),
     );
+    if let Some(fleet) = fwd.fleet() {
+        registry.register_with_unit(
+            "keyward_store_round_trip",
+            "Time of one call to the shared store, timeouts included",
+            Unit::Seconds,
+            fleet.store.round_trip_histogram(),
+        );
+    }
     registry.register_collector(Box::new(Scrape { fwd: fwd.clone() }));
 }
 
@@ -61,6 +69,7 @@ impl Collector for Scrape {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(m.encode_family(&cur)?)?;
         }
+        encode_store(f, now, &mut enc)?;
         let v = f.limiter().velocity(now);
         {
             let mut m = enc.encode_descriptor(
@@ -106,4 +115,37 @@ fn encode_conns(enc: &mut DescriptorEncoder, c: &super::conns::Conns) -> Result<
         ConstCounter::new(n).encode(m.encode_family(&[("reason", r.name())])?)?;
     }
     Ok(())
+}
+
+/// The shared store's series: whether it answers, round trips, leases.
+fn encode_store(f: &Forwarder, now: i64, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let Some(fleet) = f.fleet() else { return Ok(()) };
+    let micros = limit::MICROS as f64;
+    let leased = f.limiter().lease(now).map_or(0, |l| l.leased);
+    let granted = fleet.fleet_granted.load(std::sync::atomic::Ordering::Relaxed);
+    for (name, help, v) in [
+        (
+            "keyward_store_up",
+            "1 when the shared store answered the last call.",
+            f64::from(u8::from(fleet.store.is_up())),
+        ),
+        (
+            "keyward_budget_leased",
+            "This host's lease of today's budget (spent included), in the cost unit.",
+            leased as f64 / micros,
+        ),
+        (
+            "keyward_budget_fleet_granted",
+            "The fleet's budget granted today as last seen, in the cost unit.",
+            granted as f64 / micros,
+        ),
+    ] {
+        ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+    }
+    prometheus_client::metrics::counter::ConstCounter::new(fleet.store.calls()).encode(enc.encode_descriptor(
+        "keyward_store_calls",
+        "Calls made to the shared store since start.",
+        None,
+        MetricType::Counter,
+    )?)
 }

@@ -81,6 +81,8 @@ pub struct Forwarder {
     token_rt: RwLock<Option<Arc<endpoint::TokenRuntime>>>,
     /// Open client connections and refusals (outlive reloads).
     conns: Arc<conns::Conns>,
+    /// The shared store (several hosts), set once at start.
+    fleet: std::sync::OnceLock<Arc<crate::shared::lease::Fleet>>,
     /// The listener's certificate, replaced on reload.
     certs: Option<Arc<tls::Certs>>,
     /// Where reservations are made durable before their call leaves
@@ -130,10 +132,50 @@ impl Forwarder {
             token_state,
             token_rt,
             conns: Arc::default(),
+            fleet: std::sync::OnceLock::new(),
             certs: policy_tls,
             journal,
         });
         Handles { forwarder, escalations: rx }
+    }
+
+    /// Share the budget and daily counts through `fleet` (once, at start):
+    /// from now on the budget is spent from leases.
+    pub fn set_fleet(&self, fleet: Arc<crate::shared::lease::Fleet>) {
+        self.limiter.share_budget(self.clock.unix_secs() as i64);
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Keep the standby lease topped up (called every lease period while the
+    /// store answers).
+    pub async fn keep_standby(&self) {
+        let Some(fleet) = self.fleet() else { return };
+        let now = self.clock.unix_secs() as i64;
+        let standby = fleet.policy().standby;
+        let unit = self.policy().routes.all().iter().map(|r| r.cost).max().unwrap_or(1).max(1);
+        let limits = self.limiter.limits();
+        let Some(s) = self.limiter.lease(now) else { return };
+        if standby == 0 || s.leased.saturating_sub(s.spent) >= standby {
+            return;
+        }
+        let state = || self.limiter.lease(now).unwrap_or(s);
+        let enough = standby;
+        if let Err(e) = fleet.top_up(unit, enough, limits.budget, state, |d, a| self.limiter.add_lease(d, a)).await {
+            tracing::debug!(error = %e, "standby lease not topped up");
+        }
+    }
+
+    /// Hand this host's unspent lease back to the fleet (clean shutdown).
+    pub async fn release_lease(&self) {
+        let Some(fleet) = self.fleet() else { return };
+        if let Some((day, unused)) = self.limiter.release_lease() {
+            match fleet.hand_back(day, unused).await {
+                Ok(n) => tracing::info!(returned = n, "unspent budget lease handed back to the shared store"),
+                Err(e) => {
+                    tracing::warn!(error = %e, unused, "unspent budget lease not handed back (the fleet under-spends)")
+                }
+            }
+        }
     }
 
     /// Swap in a new policy (reload). Counters and cache stay.

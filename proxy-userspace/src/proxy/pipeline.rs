@@ -24,6 +24,8 @@
 //! the refusals a limit or origin check would make are counted and the call
 //! goes on.
 
+mod fleet;
+
 use std::{borrow::Cow, net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -309,6 +311,9 @@ impl Forwarder {
                 Refused::new(Outcome::BudgetPaced, "the service is busy; the budget is released over the day")
                     .retry(retry_after)
             }
+            Refusal::Unleased => {
+                Refused::new(Outcome::BudgetUnavailable, "the service is briefly unavailable").retry(1)
+            }
         }
     }
 
@@ -368,7 +373,7 @@ impl Forwarder {
                 .take(c.nonce, c.max_calls, c.expires_at, now)
                 .map_err(|e| Refused::new(Outcome::TokenExhausted, e.to_string()))?;
         }
-        let r = self.limiter.reserve(call.key, call.route.cost, call.now, call.exempt).map_err(|r| {
+        let r = self.take_limits(call).await.map_err(|r| {
             self.give_back_token(call);
             self.refusal(call, r)
         })?;
@@ -425,6 +430,7 @@ impl Forwarder {
                 alert::raise(call.policy, &a);
             }
         } else {
+            self.untake_shared(call, &reservation);
             self.give_back(call.token.as_ref(), reservation);
         }
     }

@@ -44,6 +44,8 @@ pub enum Outcome {
     PrefixCapReached,
     BudgetExhausted,
     BudgetPaced,
+    /// The shared store is down and this host's leases are spent.
+    BudgetUnavailable,
     UpstreamTimeout,
     UpstreamUnavailable,
     /// The call's reservation could not be saved (the store is failing).
@@ -52,7 +54,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 28] = [
+    pub const ALL: [Outcome; 29] = [
         Outcome::Forwarded,
         Outcome::CacheHit,
         Outcome::Preflight,
@@ -78,6 +80,7 @@ impl Outcome {
         Outcome::PrefixCapReached,
         Outcome::BudgetExhausted,
         Outcome::BudgetPaced,
+        Outcome::BudgetUnavailable,
         Outcome::UpstreamTimeout,
         Outcome::UpstreamUnavailable,
         Outcome::StoreUnavailable,
@@ -111,6 +114,7 @@ impl Outcome {
             Outcome::PrefixCapReached => "prefix-cap-reached",
             Outcome::BudgetExhausted => "budget-exhausted",
             Outcome::BudgetPaced => "budget-paced",
+            Outcome::BudgetUnavailable => "budget-unavailable",
             Outcome::UpstreamTimeout => "upstream-timeout",
             Outcome::UpstreamUnavailable => "upstream-unavailable",
             Outcome::StoreUnavailable => "store-unavailable",
@@ -141,9 +145,10 @@ impl Outcome {
             Outcome::RateLimited | Outcome::DailyCapReached | Outcome::PrefixCapReached => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Outcome::BudgetExhausted | Outcome::BudgetPaced | Outcome::StoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Outcome::BudgetExhausted
+            | Outcome::BudgetPaced
+            | Outcome::StoreUnavailable
+            | Outcome::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Outcome::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         }
@@ -170,6 +175,7 @@ impl Outcome {
             Outcome::PrefixCapReached => "Daily limit for your network reached",
             Outcome::BudgetExhausted => "Service temporarily unavailable",
             Outcome::BudgetPaced => "Service busy; try again later",
+            Outcome::BudgetUnavailable => "Service temporarily unavailable; try again shortly",
             Outcome::UpstreamTimeout => "The upstream service timed out",
             Outcome::UpstreamUnavailable => "The upstream service is unavailable",
             Outcome::StoreUnavailable => "Service temporarily unavailable",

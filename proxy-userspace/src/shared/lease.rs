@@ -1,0 +1,264 @@
+//! What several hosts share through the store, and how exactly.
+//!
+//! The global budget is leased: a script grants `min(want, limit − granted)`
+//! (at most half of what is left, in whole multiples of one call's cost, so
+//! leases shrink to one call near the end) on a per-day key, the day being
+//! chosen by Redis's own clock against this host's reset boundary. Each host
+//! spends its leases with the limiter's exact reserve and refund; Σ grants ≤
+//! limit and each host spends ≤ its grants, so the fleet never overshoots.
+//! Unused leases are handed back at shutdown; a crashed host's lease is lost
+//! (the fleet under-spends). While Redis answers, a host keeps a standby lease
+//! to spend when it does not.
+//!
+//! Per-IP and per-network daily counts: one script round trip per billable
+//! call (taken if under the cap, given back for non-billable answers). When
+//! Redis does not answer, the host's own counts decide (each host then admits
+//! up to the cap: the documented fallback).
+
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use super::{Store, StoreError};
+use crate::{
+    proxy::limit::{LeaseState, Limiter, Refusal, Reservation},
+    units::Cidr,
+};
+
+/// Lease requests one reservation may make before it gives up (others'
+/// concurrent reservations may take each grant first).
+const LEASE_TRIES: usize = 4;
+
+/// `KEYS`: today's and tomorrow's granted totals. `ARGV`: want, need (one
+/// call's cost), limit, boundary (Unix s), expiry of today's key, of
+/// tomorrow's. Returns {granted now, 1 when it is tomorrow by Redis's clock,
+/// the day's total granted}.
+const LEASE: &str = r"
+local now = tonumber(redis.call('TIME')[1])
+local key, exp, which = KEYS[1], ARGV[5], 0
+if now >= tonumber(ARGV[4]) then key, exp, which = KEYS[2], ARGV[6], 1 end
+local granted = tonumber(redis.call('GET', key) or '0')
+local want, need, left = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]) - granted
+if need < 1 then need = 1 end
+if left < need then return {0, which, granted} end
+local g = math.min(want, math.max(need, math.floor(left / 2)), left)
+g = g - (g % need)
+if g < need then g = need end
+redis.call('INCRBY', key, g)
+redis.call('EXPIREAT', key, exp)
+return {g, which, granted + g}
+";
+
+/// `KEYS[1]`: a day's granted total; `ARGV[1]`: the amount handed back.
+const GIVE_BACK: &str = r"
+local g = tonumber(redis.call('GET', KEYS[1]) or '0')
+local a = math.min(g, tonumber(ARGV[1]))
+if a > 0 then redis.call('DECRBY', KEYS[1], a) end
+return a
+";
+
+/// `KEYS`: the address's count, then optionally its network's. `ARGV`: the
+/// address's cap, the network's, the keys' expiry. 0 taken, 1 the address
+/// is over its cap, 2 the network is.
+const TAKE: &str = r"
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 1 end
+if #KEYS > 1 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return 2 end
+for i = 1, #KEYS do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIREAT', KEYS[i], ARGV[3])
+end
+return 0
+";
+
+/// `KEYS`: the counts to give one back to.
+const REFUND: &str = r"
+for i = 1, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 0
+";
+
+/// Keys outlive their day by half a day plus up to an hour of jitter, so
+/// every TTL is within (0, 2 days] and keys do not all expire at once.
+const KEEP_AFTER_DAY: i64 = 12 * 3600;
+
+/// How leases are sized.
+#[derive(Clone, Copy, Debug)]
+pub struct LeasePolicy {
+    /// The most one request asks for, in micro-units (plus the standby).
+    pub max_lease: u64,
+    /// Kept leased while the store answers.
+    pub standby: u64,
+}
+
+/// The answer of a per-IP reservation in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    Yes,
+    AddressOver,
+    NetworkOver,
+}
+
+/// A host's share of the fleet: the store, the lease policy, and figures.
+pub struct Fleet {
+    pub store: Store,
+    policy: LeasePolicy,
+    single: tokio::sync::Mutex<()>,
+    lease: redis::Script,
+    give_back: redis::Script,
+    take: redis::Script,
+    refund: redis::Script,
+    jitter: i64,
+    /// Micro-units granted to this host since it started.
+    pub granted: AtomicU64,
+    /// The fleet's total granted today, as last seen.
+    pub fleet_granted: AtomicU64,
+}
+
+impl Fleet {
+    pub fn new(store: Store, policy: LeasePolicy) -> Fleet {
+        let jitter = i64::from(rand::random::<u16>() % 3600);
+        Fleet {
+            store,
+            policy,
+            single: tokio::sync::Mutex::new(()),
+            lease: redis::Script::new(LEASE),
+            give_back: redis::Script::new(GIVE_BACK),
+            take: redis::Script::new(TAKE),
+            refund: redis::Script::new(REFUND),
+            jitter,
+            granted: AtomicU64::new(0),
+            fleet_granted: AtomicU64::new(0),
+        }
+    }
+
+    /// The lease policy.
+    pub fn policy(&self) -> LeasePolicy {
+        self.policy
+    }
+
+    fn day_key(&self, day: u64) -> String {
+        self.store.key(&format!("budget:{day}:granted"))
+    }
+
+    /// Ask for more budget (single-flight: a caller that waited for
+    /// another's request uses its grant). `state` reads the limiter's lease
+    /// (`None` when the day rolled), `add` credits a grant to a day, which
+    /// refuses grants for another day than the limiter's (they are handed back).
+    /// Returns the amount granted; 0 when the fleet's budget is used up;
+    /// `NextDay` when the grant was for a day this host is not in yet.
+    /// Grants come in multiples of `unit` (one call's cost); nothing is asked
+    /// when this host already has `enough` unspent.
+    pub async fn top_up(
+        &self,
+        unit: u64,
+        enough: u64,
+        limit: u64,
+        state: impl Fn() -> LeaseState,
+        add: impl Fn(u64, u64) -> bool,
+    ) -> Result<u64, StoreError> {
+        let _one = self.single.lock().await;
+        let s = state();
+        let headroom = s.leased.saturating_sub(s.spent);
+        if headroom >= enough {
+            return Ok(headroom);
+        }
+        let unit = unit.max(1);
+        let want = (self.policy.max_lease / unit).max(1) * unit + self.policy.standby.saturating_sub(headroom);
+        let keys = [self.day_key(s.day), self.day_key(s.tomorrow)];
+        let expire = s.boundary + KEEP_AFTER_DAY + self.jitter;
+        let args = [signed(want), signed(unit), signed(limit), s.boundary, expire, expire + 86_400];
+        let (grant, which, total): (u64, u8, u64) = self.store.script(&self.lease, &keys, &args).await?;
+        let day = if which == 1 { s.tomorrow } else { s.day };
+        self.fleet_granted.store(total, Ordering::Relaxed);
+        if grant > 0 && !add(day, grant) {
+            self.hand_back(day, grant).await?;
+            return Err(StoreError::NextDay);
+        }
+        self.granted.fetch_add(grant, Ordering::Relaxed);
+        Ok(grant)
+    }
+
+    /// The limiter's reserve, leasing more when this host's lease is spent:
+    /// `Budget` when the fleet's budget is used up, `Unleased` (503
+    /// budget-unavailable) when the store does not answer.
+    pub async fn reserve(
+        &self,
+        limiter: &Limiter,
+        ip: IpAddr,
+        cost: u64,
+        now: i64,
+        exempt: bool,
+    ) -> Result<Reservation, Refusal> {
+        let mut tries = 0;
+        loop {
+            match limiter.reserve(ip, cost, now, exempt) {
+                Err(Refusal::Unleased) if tries < LEASE_TRIES => {
+                    tries += 1;
+                    self.lease_more(limiter, cost, now).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn lease_more(&self, limiter: &Limiter, cost: u64, now: i64) -> Result<(), Refusal> {
+        let budget = limiter.limits().budget;
+        let fallback = LeaseState { day: 0, tomorrow: 0, boundary: 0, leased: 0, spent: 0 };
+        let state = || limiter.lease(now).unwrap_or(fallback);
+        match self.top_up(cost, cost, budget, state, |d, a| limiter.add_lease(d, a)).await {
+            Ok(0) => Err(Refusal::Budget { reset: limiter.spent(now).1.end }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lease budget from the shared store; this host's leases are spent");
+                Err(Refusal::Unleased)
+            }
+        }
+    }
+
+    /// Hand `amount` of `day`'s grants back (nothing if the day's key is gone).
+    pub async fn hand_back(&self, day: u64, amount: u64) -> Result<u64, StoreError> {
+        if amount == 0 {
+            return Ok(0);
+        }
+        self.store.script(&self.give_back, &[self.day_key(day)], &[signed(amount)]).await
+    }
+
+    fn count_keys(&self, day: u64, ip: IpAddr, network: Option<Cidr>) -> Vec<String> {
+        let mut keys = vec![self.store.key(&format!("ip:{day}:{ip}"))];
+        if let Some(n) = network {
+            keys.push(self.store.key(&format!("net:{day}:{n}")));
+        }
+        keys
+    }
+
+    /// Take one call from `ip`'s (and its network's) shared daily count.
+    pub async fn take(
+        &self,
+        day: u64,
+        boundary: i64,
+        ip: IpAddr,
+        cap: u32,
+        network: Option<(Cidr, u32)>,
+    ) -> Result<Taken, StoreError> {
+        let keys = self.count_keys(day, ip, network.map(|n| n.0));
+        let args = [i64::from(cap), i64::from(network.map_or(0, |n| n.1)), boundary + KEEP_AFTER_DAY + self.jitter];
+        let v: u8 = self.store.script(&self.take, &keys, &args).await?;
+        Ok(match v {
+            0 => Taken::Yes,
+            1 => Taken::AddressOver,
+            _ => Taken::NetworkOver,
+        })
+    }
+
+    /// Give back a call taken by `take` (a non-billable answer).
+    pub async fn untake(&self, day: u64, ip: IpAddr, network: Option<Cidr>) -> Result<(), StoreError> {
+        let _: i64 = self.store.script(&self.refund, &self.count_keys(day, ip, network), &[]).await?;
+        Ok(())
+    }
+}
+
+fn signed(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,192 @@
+//! The shared store: several keyward hosts on one Redis or Valkey. This
+//! module owns the connection (the `redis` crate's connection manager), the
+//! bound on every call (a timeout, then a circuit breaker that stays open for
+//! a second after three failures in a row, so a paused or dead Redis adds at
+//! most one timeout to a few requests and nothing to the rest), the key
+//! namespace `{kw:<site>}` and the Lua scripts. What is shared and how is in
+//! `lease` (the global budget, per-IP daily counts). Scripts only, no
+//! modules, so managed Redis and Valkey serve too.
+
+pub mod lease;
+
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::histogram::Histogram;
+use redis::aio::ConnectionManager;
+
+/// Failures in a row that open the breaker.
+const BREAKER_FAILURES: u32 = 3;
+/// How long an open breaker refuses calls without trying.
+const BREAKER_OPEN: Duration = Duration::from_secs(1);
+
+/// Why a shared-store call gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the shared store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the shared store is unavailable (circuit open after repeated failures)")]
+    Open,
+    #[error("the shared store: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis's clock is past this host's reset boundary (the grant, for the
+    /// next day, was handed back); the host's day rolls within a moment.
+    #[error("the shared store's clock is past this host's reset boundary")]
+    NextDay,
+}
+
+/// How to reach the shared store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub url: String,
+    pub site: String,
+    pub timeout: Duration,
+}
+
+/// The URL with any password replaced by `***`, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+/// One host's connection to the shared store.
+pub struct Store {
+    conn: ConnectionManager,
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    breaker: Mutex<Breaker>,
+    up: AtomicBool,
+    calls: AtomicU64,
+    round_trip: Histogram,
+}
+
+impl Store {
+    /// Connect and check the store answers (one clear error when it does not).
+    pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let client = redis::Client::open(cfg.url.as_str())?;
+        // Connecting may take longer than one call: a TLS handshake, AUTH.
+        let connect_within = (cfg.timeout * 20).max(Duration::from_secs(1));
+        let mc = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_within))
+            .set_response_timeout(Some(cfg.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(connect_within, client.get_connection_manager_with_config(mc))
+            .await
+            .map_err(|_| StoreError::Timeout(connect_within))??;
+        let store = Store {
+            conn,
+            url: redact(&cfg.url),
+            prefix: format!("{{kw:{}}}", cfg.site),
+            timeout: cfg.timeout,
+            breaker: Mutex::new(Breaker { failures: 0, open_until: None }),
+            up: AtomicBool::new(true),
+            calls: AtomicU64::new(0),
+            round_trip: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 12)),
+        };
+        let _: String = tokio::time::timeout(connect_within, redis::cmd("PING").query_async(&mut store.conn.clone()))
+            .await
+            .map_err(|_| StoreError::Timeout(connect_within))??;
+        Ok(store)
+    }
+
+    /// A key under this site's namespace.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    /// The URL, password redacted.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the last call was answered (for metrics and status).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Calls made (round trips), for metrics and the benchmark.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The round-trip histogram (shared, for metrics).
+    pub fn round_trip_histogram(&self) -> Histogram {
+        self.round_trip.clone()
+    }
+
+    /// Run `script` with `keys` and `args`, bounded by the timeout and the breaker.
+    pub async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[i64],
+    ) -> Result<T, StoreError> {
+        self.admit()?;
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let out = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        self.round_trip.observe(started.elapsed().as_secs_f64());
+        self.record(out.is_ok());
+        out
+    }
+
+    fn admit(&self) -> Result<(), StoreError> {
+        let mut b = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match b.open_until {
+            Some(t) if Instant::now() < t => Err(StoreError::Open),
+            Some(_) => {
+                // Half open: this call tries; one more failure reopens.
+                b.open_until = None;
+                b.failures = BREAKER_FAILURES - 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        let mut b = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ok {
+            b.failures = 0;
+        } else {
+            b.failures += 1;
+            if b.failures >= BREAKER_FAILURES {
+                b.open_until = Some(Instant::now() + BREAKER_OPEN);
+            }
+        }
+        self.up.store(ok, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests;
