@@ -111,7 +111,9 @@ async fn three_hosts_spend_one_budget_to_the_micro_unit() {
             for i in 0..400u32 {
                 let cost = [10_000, 30_000, 70_000][((i * 7 + w) % 3) as usize];
                 match h.0.reserve(&h.1, ip(w), cost, t, false).await {
-                    Ok(res) if (i + w) % 3 == 0 => h.1.refund(res),
+                    Ok(res) if (i + w) % 3 == 0 => {
+                        h.1.refund(res);
+                    }
                     Ok(res) => {
                         billed += cost;
                         h.1.commit(res);
