@@ -72,8 +72,8 @@ impl State {
         };
         let fwd = match (&self.forwarder, &self.config.listen) {
             (Some(f), Some(l)) => {
-                let (counts, _) = f.limiter().today(self.clock.unix_secs() as i64);
-                let spent = crate::proxy::limit::format_amount(counts.spent);
+                let (spent, _) = f.limiter().spent(self.clock.unix_secs() as i64);
+                let spent = crate::proxy::limit::format_amount(spent);
                 let budget = crate::proxy::limit::format_amount(f.limiter().limits().budget);
                 format!("; forwarder on {} ({spent} of {budget} {} spent today)", l.addr, f.currency())
             }

@@ -120,12 +120,12 @@ impl Forwarder {
             PowMode::Always => true,
             PowMode::Suspicious => {
                 let now = self.clock.unix_secs() as i64;
-                let (counts, window) = self.limiter.today(now);
+                let (spent, window) = self.limiter.spent(now);
                 let l = &p.limits;
                 let released = l.pace.map_or(l.budget, |pace| pace.released(l.budget, &window, now));
                 let rem = self.limiter.remaining(key, self.clock.monotonic_ns(), now);
                 let half_used = |left: u32, cap: u32| left.saturating_mul(2) <= cap;
-                counts.spent.saturating_mul(2) > released
+                spent.saturating_mul(2) > released
                     || (!self.allowed(client) && half_used(rem.daily, l.per_ip_daily))
                     || l.prefix.zip(rem.prefix).is_some_and(|(c, left)| half_used(left, c.calls))
             }
