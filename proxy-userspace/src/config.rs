@@ -647,13 +647,26 @@ impl From<MetricsAddr> for String {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     /// `text` (the default) or `json` (one object per line, for shippers);
     /// `--log-format` overrides it.
     #[serde(default)]
     pub format: LogFormat,
+    /// One line per answered request (target `keyward::access`): method,
+    /// route, path without the query (parameter names only), status,
+    /// outcome, client, time taken. Off by default.
+    #[serde(default)]
+    pub access: bool,
+    /// At most this many access lines per second; the rest are counted and
+    /// reported in one line (default 50).
+    #[serde(default = "default_access_per_second")]
+    pub access_per_second: std::num::NonZeroU32,
+}
+
+fn default_access_per_second() -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(50).expect("50 is not zero")
 }
 
 /// How log lines are written.
@@ -663,6 +676,12 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { format: LogFormat::default(), access: false, access_per_second: default_access_per_second() }
+    }
 }
 
 impl Default for Admin {

@@ -414,3 +414,61 @@ fn journald_priorities_json_logs_health_and_reload_metrics() {
     let refused = d.log().lines().find(|l| l.contains("reload refused")).map(|l| l.get(..3).unwrap_or("").to_owned());
     assert_eq!(refused.as_deref(), Some("<4>"), "{}", d.log());
 }
+
+#[test]
+fn access_log_names_each_request_without_query_values_or_key_and_is_sampled() {
+    if !privileged() {
+        return;
+    }
+    let t = Topology::new();
+    let up = Upstream::start(&t.server_ns);
+    let cfg = fwd::config(&up, "", "");
+    let log = "\n[log]\nformat = \"json\"\naccess = true\naccess_per_second = 3\n";
+    let d = Daemon::start_with(&t, XDP_OPEN, &format!("{cfg}{log}"));
+    let echoed = wire::get(&t, PORT, "/echo/hello?q=secretvalue123&other=zzz", &[ORIGIN]).status;
+    assert_eq!(wire::get(&t, PORT, "/nope?token=topsecret456", &[ORIGIN]).status, 404);
+    let access = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "keyward::access")
+            .collect()
+    };
+    let lines = keyward_tests::wait_for(Duration::from_secs(5), || {
+        let a = access(&d.log());
+        (a.len() >= 2).then_some(a)
+    })
+    .unwrap_or_else(|| panic!("no access lines:\n{}", d.log()));
+    let f = |i: usize| &lines[i]["fields"];
+    assert_eq!((f(0)["method"].as_str(), f(0)["path"].as_str()), (Some("GET"), Some("/echo/hello")), "{lines:?}");
+    assert_eq!(
+        (f(0)["query"].as_str(), f(0)["status"].as_u64()),
+        (Some("q,other"), Some(u64::from(echoed))),
+        "{lines:?}"
+    );
+    assert_eq!(f(0)["outcome"].as_str(), Some("forwarded"), "{lines:?}");
+    assert_eq!((f(0)["route"].as_str(), f(0)["client"].as_str()), (Some("GET /echo/{x}"), Some("10.77.0.2")));
+    assert_eq!((f(1)["status"].as_u64(), f(1)["outcome"].as_str()), (Some(404), Some("no-route")), "{lines:?}");
+    let text = d.log();
+    for secret in ["secretvalue123", "zzz", "topsecret456", keyward_tests::daemon::KEY] {
+        assert!(!text.contains(secret), "`{secret}` reached the log:\n{text}");
+    }
+
+    // A burst over the ceiling: at most 3 lines a second, the rest counted
+    // and reported in one line once a later second writes again.
+    let sent = 12;
+    for i in 0..sent {
+        assert_eq!(wire::get(&t, PORT, &format!("/postcodes/AB{i}"), &[ORIGIN]).status, 200);
+    }
+    let reported = keyward_tests::wait_for(Duration::from_secs(10), || {
+        assert_eq!(wire::get(&t, PORT, "/nope", &[ORIGIN]).status, 404);
+        let left: u64 = access(&d.log()).iter().filter_map(|v| v["fields"]["left_out"].as_u64()).sum();
+        (left > 0).then_some(left)
+    })
+    .unwrap_or_else(|| panic!("nothing was reported as left out:\n{}", d.log()));
+    let burst = access(&d.log())
+        .iter()
+        .filter(|v| v["fields"]["path"].as_str().is_some_and(|p| p.starts_with("/postcodes/")))
+        .count();
+    assert!(burst < sent, "{burst} of {sent} burst lines written under a ceiling of 3/s");
+    assert!(reported as usize + burst >= sent, "{burst} written + {reported} reported < {sent}");
+}

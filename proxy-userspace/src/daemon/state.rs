@@ -435,7 +435,7 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ("store.durability", old.store.durability != new.store.durability),
         ("admin.socket", old.admin.socket != new.admin.socket),
         ("admin.metrics", old.admin.metrics != new.admin.metrics),
-        ("log.format", old.log != new.log),
+        ("log.format", old.log.format != new.log.format),
         ("listen", listen(old) != listen(new)),
     ]
     .into_iter()

@@ -11,10 +11,11 @@
 //! `durable` (reservations on disk before the call leaves) ·
 //! `day` (the daily window) · `cache` · `inject` (the key in) ·
 //! `scrub` (the key out, in every encoding) · `forward` (the upstream client) · `respond` (outcomes as
-//! answers) · `counts` (request counting) · `alert` (budget alerts) ·
+//! answers) · `counts` (request counting) · `access_log` (the optional line per request) · `alert` (budget alerts) ·
 //! `server`, `conns` and `tls` (the listener and its bounds).
 
 pub mod access;
+pub mod access_log;
 pub mod alert;
 pub mod cache;
 pub mod conns;
@@ -75,6 +76,8 @@ pub struct Forwarder {
     upstream_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Last second each outcome was logged at info (log sampling).
     logged: Mutex<HashMap<Outcome, u64>>,
+    /// The access log's per-second ceiling.
+    access_lines: access_log::Sampler,
     /// Token counts and spent challenges (outlive reloads).
     token_state: endpoint::TokenState,
     /// Tokens as the current policy sets them up.
@@ -129,6 +132,7 @@ impl Forwarder {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
             ),
             logged: Mutex::new(HashMap::new()),
+            access_lines: access_log::Sampler::default(),
             token_state,
             token_rt,
             conns: Arc::default(),

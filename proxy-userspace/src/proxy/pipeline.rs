@@ -37,7 +37,7 @@ use tracing::warn;
 use super::{
     Escalation, Forwarder,
     access::{self, OriginCheck},
-    alert,
+    access_log, alert,
     forward::{self, Answer, Failure},
     geo::Placed,
     limit::{Refusal, Reservation},
@@ -105,6 +105,7 @@ impl Forwarder {
         let p = self.policy();
         let client = access::client_ip(peer.ip(), req.headers(), &p.trusted, p.client_ip_from);
         let key = access::client_key(client, p.v6_prefix);
+        let start = p.access_log.map(|_| access_log::Start::of(req.method(), req.uri(), self.clock.monotonic_ns()));
         let (route, result) = self.run(&p, req, client, key).await;
         let route = route.map(|r| r.name.as_str());
         let (mut resp, outcome) = match result {
@@ -119,6 +120,13 @@ impl Forwarder {
         let rem = self.limiter.remaining(key, self.clock.monotonic_ns(), now);
         let prefix_daily = p.limits.prefix.map(|c| c.calls);
         respond::rate_headers(&mut resp, p.limits.burst, p.limits.per_ip_daily, prefix_daily, &rem, now);
+        if let (Some(per_second), Some(start)) = (p.access_log, start)
+            && let access_log::Verdict::Write { left_out } = self.access_lines.admit(now as u64, per_second)
+        {
+            let route = route.unwrap_or(super::counts::NO_ROUTE);
+            let status = resp.status().as_u16();
+            start.write(route, status, outcome.name(), client, self.clock.monotonic_ns(), left_out);
+        }
         resp
     }
 

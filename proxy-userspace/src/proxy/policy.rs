@@ -136,6 +136,7 @@ pub struct Compiled {
     webhook: Option<http::Uri>,
     limits: Limits,
     schedule: Schedule,
+    access_log: Option<u32>,
 }
 
 /// Everything the config decides, with the key: what the forwarder runs.
@@ -161,6 +162,8 @@ pub struct Policy {
     pub(super) webhook: Option<http::Uri>,
     pub(super) limits: Limits,
     pub(super) schedule: Schedule,
+    /// Access lines per second at most, when the access log is on.
+    pub(super) access_log: Option<u32>,
 }
 
 fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
@@ -275,6 +278,7 @@ impl Compiled {
             webhook,
             limits,
             schedule,
+            access_log: cfg.log.access.then_some(cfg.log.access_per_second.get()),
         }))
     }
 
@@ -298,6 +302,7 @@ impl Compiled {
             dry_run: self.dry_run,
             currency: self.currency,
             webhook: self.webhook,
+            access_log: self.access_log,
             limits: self.limits,
             schedule: self.schedule,
         })
