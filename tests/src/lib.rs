@@ -13,6 +13,7 @@ pub mod redis;
 pub mod tokenpage;
 pub mod upstream;
 pub mod wire;
+pub mod xdp_reference;
 
 /// True when privileged tests may run. Without root they fail loudly, unless
 /// `KEYWARD_SKIP_PRIVILEGED=1` asks to skip them (for unprivileged dev loops).
