@@ -10,6 +10,7 @@ pub mod frame;
 pub mod fwd;
 pub mod netns;
 pub mod redis;
+pub mod soak;
 pub mod tokenpage;
 pub mod upstream;
 pub mod wire;

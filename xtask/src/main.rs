@@ -49,6 +49,15 @@ enum Cmd {
         #[arg(long, default_value_t = 200_000)]
         cases: u32,
     },
+    /// Setup, build the release binaries, then soak the real daemon in
+    /// namespaces: visitors with page tokens and the hostile-input attacks
+    /// at once for N minutes; reports memory, descriptors, threads and CPU
+    /// per request each minute and flags growth. Writes
+    /// `bench/results/<date>-soak.{json,md}`. A benchmark, not a test.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
+    },
     /// Setup, build, then play the demo: namespaces, the real daemon with XDP
     /// attached, legitimate traffic and floods, and a report.
     Demo {
@@ -118,6 +127,13 @@ fn main() -> anyhow::Result<()> {
                 bail!("the benchmark failed ({st})");
             }
             Ok(())
+        }
+        Cmd::Soak { minutes } => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "keyward", "--package", "keyward-tests", "--bins"])?;
+            sweep_stale_namespaces();
+            let bin = workspace_root().join("target/release/keyward-soak");
+            run(&bin.to_string_lossy(), &["--minutes", &minutes.to_string()])
         }
         Cmd::Demo { args } => {
             setup::run()?;
