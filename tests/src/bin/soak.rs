@@ -66,7 +66,7 @@ fn report(length: Duration, samples: &[soak::Sample], tally: &soak::Tally) -> (s
         })).collect::<Vec<_>>(),
     });
     let mut md = format!(
-        "# keyward soak, {}\n\nMachine: {} · kernel {} · {} cores. {} s of mixed load on the release daemon in namespaces \
+        "# keyward soak, {}\n\nMachine: {} · kernel {} · {} cores. {} s of mixed load on the {} daemon in namespaces \
          (see `keyward_tests::soak`): 8 visitors with page tokens at 2 calls/s each; idle connections and slow \
          headers from one address each, held at the per-IP cap (64) and 8 over; one address flooding GETs and one \
          POSTing at 50/s over a 5/s rate; forged Origins at 5/s; a spoofed SYN flood at 2,000 pps from 65,536 \
@@ -76,6 +76,7 @@ fn report(length: Duration, samples: &[soak::Sample], tally: &soak::Tally) -> (s
         facts["kernel"].as_str().unwrap_or("?"),
         facts["cores"],
         length.as_secs(),
+        if keyward_tests::daemon::bin().components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" },
         rows.join("\n"),
     );
     md.push_str(&format!(
