@@ -234,12 +234,14 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
             _ => return Err(Miss::Verdict(Reason::Unguarded)),
         }
     }
-    if next == IPPROTO_TCP {
-        return v6_tcp(ctx, off, ip, src).map_err(|_| unattributed());
+    match next {
+        IPPROTO_TCP => v6_tcp(ctx, off, ip, src).map_err(|_| unattributed()),
+        // Still inside extension headers after the walk's bound: the stack may
+        // well accept it, so it must not be a way around deny and rate.
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => Err(unattributed()),
+        // Another protocol after the sixth header: not TCP.
+        _ => Err(Miss::Verdict(Reason::Unguarded)),
     }
-    // Still inside extension headers after the walk's bound: the stack may
-    // well accept it, so it must not be a way around deny and rate.
-    Err(unattributed())
 }
 
 /// The whole fixed TCP header at `off`.

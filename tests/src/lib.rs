@@ -10,9 +10,11 @@ pub mod frame;
 pub mod fwd;
 pub mod netns;
 pub mod redis;
+pub mod soak;
 pub mod tokenpage;
 pub mod upstream;
 pub mod wire;
+pub mod xdp_reference;
 
 /// True when privileged tests may run. Without root they fail loudly, unless
 /// `KEYWARD_SKIP_PRIVILEGED=1` asks to skip them (for unprivileged dev loops).

@@ -30,3 +30,34 @@ fn tier_one_reports_every_scenario() {
     }
     assert!(doc["machine"]["kernel"].is_string());
 }
+
+/// The soak still runs: 20 seconds of the same mixed load, a report with
+/// samples and every attack exercised. Figures are printed, never judged;
+/// only behaviour is (no forged Origin admitted, visitors served).
+#[test]
+fn a_short_soak_reports_samples_and_exercises_every_attack() {
+    if !keyward_tests::privileged() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("keyward-soak-smoke-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward-soak"))
+        .args(["--seconds", "20", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let json = std::fs::read_dir(&dir)
+        .ok()
+        .and_then(|mut d| d.find_map(|e| e.ok().filter(|e| e.path().extension().is_some_and(|x| x == "json"))))
+        .and_then(|e| std::fs::read_to_string(e.path()).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("soak JSON");
+    assert!(doc["samples"].as_array().is_some_and(|s| s.len() >= 3), "{doc}");
+    let t = &doc["tally"];
+    for k in ["visitor_ok", "flood_429", "post_429", "origin_403", "idle_opened", "slow_opened", "spoofed_sent"] {
+        assert!(t[k].as_u64().is_some_and(|n| n > 0), "{k} is 0: {t}");
+    }
+    assert_eq!(t["origin_admitted"], 0, "a forged Origin was admitted: {t}");
+}

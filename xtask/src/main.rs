@@ -40,12 +40,23 @@ enum Cmd {
         args: Vec<String>,
     },
     /// The property-based fuzz targets (config parser, route re-encoding,
-    /// client address and Origin parsing, the key scrubber) with many more
-    /// cases than `cargo test` runs: about ten minutes at the default.
+    /// client address and Origin parsing, the key scrubber) and the
+    /// packet-path differential fuzz (the XDP program under
+    /// `BPF_PROG_TEST_RUN` against a reference; needs root) with many more
+    /// cases than `cargo test` runs: about ten minutes each at the default.
     Fuzz {
         /// Cases per target.
         #[arg(long, default_value_t = 200_000)]
         cases: u32,
+    },
+    /// Setup, build the release binaries, then soak the real daemon in
+    /// namespaces: visitors with page tokens and the hostile-input attacks
+    /// at once for N minutes; reports memory, descriptors, threads and CPU
+    /// per request each minute and flags growth. Writes
+    /// `bench/results/<date>-soak.{json,md}`. A benchmark, not a test.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
     },
     /// Setup, build, then play the demo: namespaces, the real daemon with XDP
     /// attached, legitimate traffic and floods, and a report.
@@ -91,16 +102,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Fuzz { cases } => {
             setup::run()?;
-            let status = Command::new(env!("CARGO"))
-                .args(["test", "--release", "--package", "keyward", "--test", "properties"])
-                .env("KEYWARD_FUZZ_CASES", cases.to_string())
-                .current_dir(workspace_root())
-                .status()
-                .context("running cargo")?;
-            if !status.success() {
-                bail!("a fuzz target failed (its minimal input is printed above)");
-            }
-            Ok(())
+            fuzz(cases)
         }
         Cmd::Dist => {
             setup::run()?;
@@ -126,6 +128,13 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Soak { minutes } => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "keyward", "--package", "keyward-tests", "--bins"])?;
+            sweep_stale_namespaces();
+            let bin = workspace_root().join("target/release/keyward-soak");
+            run(&bin.to_string_lossy(), &["--minutes", &minutes.to_string()])
+        }
         Cmd::Demo { args } => {
             setup::run()?;
             cargo(&["build", "--package", "keyward", "--bins"])?;
@@ -134,6 +143,27 @@ fn main() -> anyhow::Result<()> {
             cargo(&a)
         }
     }
+}
+
+/// `cargo xtask fuzz`: the host targets (optimized), then the packet path.
+/// The packet path runs in the debug profile: its time is spent in the
+/// kernel, and this saves a release build of the test crate. Both run, so
+/// one report shows every failure.
+fn fuzz(cases: u32) -> anyhow::Result<()> {
+    let cases = cases.to_string();
+    let host = cargo_env(
+        &["test", "--release", "--package", "keyward", "--test", "properties"],
+        &[("KEYWARD_FUZZ_CASES", cases.as_ref())],
+    );
+    let packet = cargo_env(
+        &["test", "--package", "keyward-tests", "--test", "xdp_fuzz", "--", "--nocapture"],
+        &[("KEYWARD_XDP_FUZZ_CASES", cases.as_ref())],
+    );
+    let failed: Vec<String> = [host, packet].into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+    if !failed.is_empty() {
+        bail!("a fuzz target failed (its minimal input is printed above):\n  {}", failed.join("\n  "));
+    }
+    Ok(())
 }
 
 /// `cargo xtask dist`: the release binary with what an operator needs beside

@@ -61,10 +61,10 @@ fn main() {
         std::process::exit(1);
     }
     let facts = bench::env::facts();
-    let mut doc = serde_json::json!({ "date": date(), "quick": quick, "machine": facts });
+    let mut doc = serde_json::json!({ "date": bench::date(), "quick": quick, "machine": facts });
     let mut md = format!(
         "# keyward benchmark, {}{}\n\nMachine: {} · kernel {} · {} cores · spectre_v2: {} · clocksource {}\n\n",
-        date(),
+        bench::date(),
         if quick { " (quick)" } else { "" },
         facts["cpu"].as_str().unwrap_or("?"),
         facts["kernel"].as_str().unwrap_or("?"),
@@ -104,7 +104,7 @@ fn main() {
         println!("{t}");
     }
     std::fs::create_dir_all(&out).expect("results directory");
-    let stem = if quick { format!("{}-quick", date()) } else { date() };
+    let stem = if quick { format!("{}-quick", bench::date()) } else { bench::date() };
     std::fs::write(out.join(format!("{stem}.json")), serde_json::to_string_pretty(&doc).unwrap()).expect("write json");
     std::fs::write(out.join(format!("{stem}.md")), &md).expect("write md");
     eprintln!("== wrote {}/{stem}.{{json,md}}", out.display());
@@ -113,19 +113,4 @@ fn main() {
 fn usage() -> ! {
     eprintln!("usage: keyward-bench [--quick] [--tier 1|2|3|4]... [--out DIR]");
     std::process::exit(2);
-}
-
-fn date() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    // Civil date from Unix days (Howard Hinnant's algorithm).
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }
