@@ -39,8 +39,10 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `PerCpuArray<u64>`, one entry: per-source buckets created.
     pub const NEW_SOURCES: &str = "NEW_SOURCES";
-    /// `Array<Bucket>`, one entry: the host-wide bucket that admits new
-    /// sources into the per-source table.
+    /// `Array<Bucket>`, [`crate::ADMIT_LEN`] entries: the host-wide buckets
+    /// that admit new sources into the per-source table
+    /// ([`crate::ADMIT_NEW_SOURCES`]) and cap the untracked SYNs passed to
+    /// the kernel ([`crate::ADMIT_UNTRACKED_SYNS`]).
     pub const ADMIT: &str = "ADMIT";
 
     /// Every map name, for pinning and for the test that checks them.
@@ -57,6 +59,12 @@ pub const AGGREGATES_MAX: u32 = 65_536;
 pub const SOURCES_MAX_DEFAULT: u32 = 1_048_576;
 /// Capacity of each allow and deny trie.
 pub const LIST_MAX: u32 = 262_144;
+/// Entries of `ADMIT`.
+pub const ADMIT_LEN: u32 = 2;
+/// `ADMIT` index of the bucket admitting new sources into the per-source table.
+pub const ADMIT_NEW_SOURCES: u32 = 0;
+/// `ADMIT` index of the bucket capping SYNs passed untracked to the kernel.
+pub const ADMIT_UNTRACKED_SYNS: u32 = 1;
 /// IPv6 extension headers walked before a packet counts as malformed.
 pub const MAX_V6_EXT_HEADERS: u32 = 6;
 
@@ -79,8 +87,9 @@ pub enum Reason {
     /// A header was truncated or garbled; passed untouched, never dropped.
     Malformed = 5,
     /// A SYN from a source not in the table while the admission bucket is
-    /// spent: passed without a table entry, to the kernel's own SYN cookies
-    /// (a spoofed flood of new sources must not lock new visitors out).
+    /// spent, under the host-wide cap on such SYNs: passed without a table
+    /// entry, to the kernel's own SYN cookies (a spoofed flood of new
+    /// sources must not lock new visitors out).
     Untracked = 6,
 }
 
@@ -185,6 +194,9 @@ pub struct XdpConfig {
     pub aggregate: bucket::Params,
     /// Host-wide bucket admitting sources not yet in the per-source table.
     pub admit: bucket::Params,
+    /// Host-wide bucket capping the SYNs passed untracked to the kernel
+    /// while `admit` is spent; beyond it they are dropped (`rate`).
+    pub untracked: bucket::Params,
     /// IPv6 sources share a per-source bucket per this prefix length.
     pub v6_prefix: u32,
     /// Aggregate prefix length for IPv4.
@@ -194,7 +206,7 @@ pub struct XdpConfig {
     /// `FLAG_*` bits.
     pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 80);
 
 /// Key of `SOURCES` and `AGGREGATES`: an IPv6 address, or an IPv4 address
 /// mapped into `::ffff:0:0/96`, already masked to the bucket's prefix.

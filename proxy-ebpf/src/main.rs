@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    AGGREGATES_MAX, AllowValue, Bucket, Counter, DenyValue, LIST_MAX, SOURCES_MAX_DEFAULT, STATS_LEN, SourceKey,
+    ADMIT_LEN, AGGREGATES_MAX, AllowValue, Bucket, Counter, DenyValue, LIST_MAX, SOURCES_MAX_DEFAULT, STATS_LEN, SourceKey,
     XdpConfig,
 };
 
@@ -44,9 +44,10 @@ static AGGREGATES: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 #[map]
 static NEW_SOURCES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// One host-wide bucket, shared by all CPUs (updates race benignly).
+/// Host-wide buckets, shared by all CPUs (updates race benignly): new
+/// sources admitted into `SOURCES`, and untracked SYNs passed to the kernel.
 #[map]
-static ADMIT: Array<Bucket> = Array::with_max_entries(1, 0);
+static ADMIT: Array<Bucket> = Array::with_max_entries(ADMIT_LEN, 0);
 
 /// The program. Every path, parse failures included, ends in `stats::record`.
 #[xdp]

@@ -7,8 +7,7 @@
 //!
 //! Rate: a known source is charged to its own bucket, then, until it has
 //! shown a real TCP handshake, to the aggregate bucket of its wider prefix;
-//! over its own bucket it is dropped and its excess charged to the
-//! aggregate too. An unknown source is first charged to the aggregate
+//! over its own bucket it is dropped on that one lookup. An unknown source is first charged to the aggregate
 //! bucket, then to the host-wide admission bucket, and gets a per-source
 //! entry only when both admit it: a flood that rotates sources inside one
 //! prefix is held by the aggregate, one spread over many prefixes by the
@@ -22,7 +21,8 @@
 //! (`Bucket::PROVEN`) is held by its own bucket only, so spoofed neighbours
 //! that spend its prefix's aggregate do not touch it. And when the admission
 //! bucket is spent, a new source's SYN passes untracked (`Untracked`) to the
-//! kernel, whose SYN cookies keep spoofed SYNs from holding any state; its
+//! kernel, whose SYN cookies keep spoofed SYNs from holding any state, up
+//! to a second host-wide bucket that caps what the kernel is handed; its
 //! other packets pass, and it is tracked, only once it has shown a
 //! handshake.
 //!
@@ -54,6 +54,10 @@ use crate::{
 
 /// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new source).
 const BPF_NOEXIST: u64 = 1;
+/// Index in `ADMIT` of the bucket admitting new sources into `SOURCES`.
+const ADMISSION: u32 = proxy_common::ADMIT_NEW_SOURCES;
+/// Index in `ADMIT` of the bucket capping untracked SYNs passed to the kernel.
+const UNTRACKED: u32 = proxy_common::ADMIT_UNTRACKED_SYNS;
 
 /// Decide the reason for this packet.
 #[inline(always)]
@@ -97,8 +101,8 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
         // only make the count approximate, never unsafe (cilium does the same).
         let b = unsafe { &mut *b };
         if !b.take(&cfg.source, now) {
-            // Over its own rate: its excess counts against its prefix too.
-            let _ = charge(&cfg.aggregate, wide, now);
+            // Over its own rate: dropped on this one lookup. Its excess is
+            // not charged to its prefix (it cannot pass anyway).
             return Reason::Rate;
         }
         // A source that has shown a real handshake is held by its own
@@ -124,8 +128,15 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
         return Reason::UnderRate;
     }
     match tcp {
-        // A new connection: the kernel's SYN cookies hold no state for it.
-        Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => Reason::Untracked,
+        // A new connection: the kernel's SYN cookies hold no state for it,
+        // up to the host-wide cap on what they are handed.
+        Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
+            if take_host(UNTRACKED, &cfg.untracked, now) {
+                Reason::Untracked
+            } else {
+                Reason::Rate
+            }
+        }
         Some(t) if proven(ctx, t) => {
             track(cfg, own, now, true);
             Reason::UnderRate
@@ -231,7 +242,13 @@ fn lists<K>(
 /// Charge one new source to the host-wide admission bucket; false when over.
 #[inline(always)]
 fn admit(p: &Params, now: u64) -> bool {
-    match ADMIT.get_ptr_mut(0) {
+    take_host(ADMISSION, p, now)
+}
+
+/// Charge one packet to host-wide bucket `i` of `ADMIT`; false when over.
+#[inline(always)]
+fn take_host(i: u32, p: &Params, now: u64) -> bool {
+    match ADMIT.get_ptr_mut(i) {
         // SAFETY: the one array slot; racing CPUs may lose an update, which
         // only makes the admission rate approximate.
         Some(b) => unsafe { &mut *b }.take(p, now),

@@ -122,6 +122,11 @@ pub struct Xdp {
     /// prefixes, which the aggregate bucket cannot).
     #[serde(default)]
     pub new_sources: NewSources,
+    /// Host-wide cap on the SYNs of untracked sources passed to the kernel
+    /// while `new_sources` is spent (an extension: beyond it they are
+    /// dropped, so a spoofed flood cannot make the kernel answer every SYN).
+    #[serde(default)]
+    pub untracked_syns: UntrackedSyns,
     /// Files of CIDRs to drop (blocklist feeds), re-read on reload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_files: Vec<PathBuf>,
@@ -143,6 +148,23 @@ impl Default for NewSources {
         NewSources {
             rate_pps: NonZeroU32::new(20_000).unwrap_or(NonZeroU32::MIN),
             burst: NonZeroU32::new(40_000).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// `[xdp] untracked_syns`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UntrackedSyns {
+    pub rate_pps: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl Default for UntrackedSyns {
+    fn default() -> Self {
+        UntrackedSyns {
+            rate_pps: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -784,6 +806,7 @@ impl Xdp {
             source: Params::new(self.rate_pps.get(), self.burst.get()),
             aggregate: Params::new(self.aggregate.rate_pps.get(), self.aggregate.burst.get()),
             admit: Params::new(self.new_sources.rate_pps.get(), self.new_sources.burst.get()),
+            untracked: Params::new(self.untracked_syns.rate_pps.get(), self.untracked_syns.burst.get()),
             v6_prefix: u32::from(self.ipv6_prefix.0),
             agg_v4_prefix: u32::from(self.aggregate.v4_prefix.0),
             agg_v6_prefix: u32::from(self.aggregate.v6_prefix.0),

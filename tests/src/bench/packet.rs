@@ -4,8 +4,8 @@
 //! end; the server end's NAPI runs threaded and pinned to CPU1, where the
 //! variant under test decides each packet. The metric is CPU1 busy time
 //! (`/proc/stat`) per packet counted at the receiver: bare `XDP_DROP`,
-//! keyward (one source over the limit, a 1M-source spoofed flood, a deny
-//! hit), an nftables netdev-ingress meter and an iptables hashlimit (one
+//! keyward (one source over the limit, a 1M-source spoofed flood rotating
+//! sequentially and at random, a deny hit), an nftables netdev-ingress meter and an iptables hashlimit (one
 //! source and 1M sources).
 
 use std::{
@@ -59,13 +59,13 @@ fn sh(ns: &str, cmd: &str) -> String {
 /// The live-frames generator: a thread in the client namespace pinned to
 /// CPU0 that owns the generator programs and sends on command.
 struct Generator {
-    cmd: std::sync::mpsc::Sender<(bool, u32, u32)>,
+    cmd: std::sync::mpsc::Sender<(Spoof, u32, u32)>,
     done: std::sync::mpsc::Receiver<Duration>,
 }
 
 impl Generator {
     fn start(t: &Topology) -> Generator {
-        let (cmd, cmd_rx) = std::sync::mpsc::channel::<(bool, u32, u32)>();
+        let (cmd, cmd_rx) = std::sync::mpsc::channel::<(Spoof, u32, u32)>();
         let (done_tx, done) = std::sync::mpsc::channel();
         let iface = t.client_if.clone();
         let frame = frame::tcp4(t.macs(), std::net::Ipv4Addr::new(10, 66, 0, 9), SERVER_V4, 40_000, PORT);
@@ -87,9 +87,10 @@ impl Generator {
                     let mut conf: aya::maps::Array<_, u32> =
                         aya::maps::Array::try_from(ebpf.map_mut("BENCH_CONF").expect("BENCH_CONF")).expect("array");
                     conf.set(0, sources, 0).expect("set sources");
+                    conf.set(1, u32::from(spoof == Spoof::Random), 0).expect("set order");
                 }
-                let prog: &Xdp =
-                    ebpf.program(if spoof { "bench_tx_spoof" } else { "bench_tx" }).unwrap().try_into().unwrap();
+                let name = if spoof == Spoof::No { "bench_tx" } else { "bench_tx_spoof" };
+                let prog: &Xdp = ebpf.program(name).unwrap().try_into().unwrap();
                 let start = Instant::now();
                 let mut left = count;
                 while left > 0 {
@@ -112,10 +113,18 @@ impl Generator {
         Generator { cmd, done }
     }
 
-    fn send(&self, spoof: bool, count: u32, sources: u32) -> Duration {
+    fn send(&self, spoof: Spoof, count: u32, sources: u32) -> Duration {
         self.cmd.send((spoof, count, sources)).expect("generator gone");
         self.done.recv().expect("generator failed")
     }
+}
+
+/// Whether and how the generator rotates the source address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spoof {
+    No,
+    Sequential,
+    Random,
 }
 
 /// What the receiver runs.
@@ -124,6 +133,7 @@ enum Variant {
     XdpDrop,
     KeywardOne,
     KeywardSpoof,
+    KeywardSpoofRandom,
     KeywardDeny,
     NftOne,
     NftSpoof,
@@ -132,10 +142,11 @@ enum Variant {
 }
 
 impl Variant {
-    const ALL: [Variant; 8] = [
+    const ALL: [Variant; 9] = [
         Variant::XdpDrop,
         Variant::KeywardOne,
         Variant::KeywardSpoof,
+        Variant::KeywardSpoofRandom,
         Variant::KeywardDeny,
         Variant::NftOne,
         Variant::NftSpoof,
@@ -148,6 +159,7 @@ impl Variant {
             Variant::XdpDrop => "bare XDP_DROP",
             Variant::KeywardOne => "keyward, 1 source over the limit",
             Variant::KeywardSpoof => "keyward, 1M spoofed sources",
+            Variant::KeywardSpoofRandom => "keyward, 1M spoofed sources, random",
             Variant::KeywardDeny => "keyward, deny-list hit",
             Variant::NftOne => "nftables ingress meter, 1 source",
             Variant::NftSpoof => "nftables ingress meter, 1M sources",
@@ -156,8 +168,12 @@ impl Variant {
         }
     }
 
-    fn spoof(self) -> bool {
-        matches!(self, Variant::KeywardSpoof | Variant::NftSpoof | Variant::HashlimitSpoof)
+    fn spoof(self) -> Spoof {
+        match self {
+            Variant::KeywardSpoof | Variant::NftSpoof | Variant::HashlimitSpoof => Spoof::Sequential,
+            Variant::KeywardSpoofRandom => Spoof::Random,
+            _ => Spoof::No,
+        }
     }
 }
 
@@ -196,7 +212,7 @@ fn setup(t: &Topology, v: Variant) -> Receiver {
                 e
             }))
         }
-        Variant::KeywardOne | Variant::KeywardSpoof => Receiver::Keyward(Box::new(keyward_dp(t, false))),
+        Variant::KeywardOne | Variant::KeywardSpoof | Variant::KeywardSpoofRandom => Receiver::Keyward(Box::new(keyward_dp(t, false))),
         Variant::KeywardDeny => Receiver::Keyward(Box::new(keyward_dp(t, true))),
         Variant::NftOne | Variant::NftSpoof => {
             let rules = format!(
@@ -318,6 +334,7 @@ pub fn run(rounds: usize, packets: u32) -> (Value, String) {
         ("hashlimit(1 src) / keyward(1 src)", Variant::HashlimitOne, Variant::KeywardOne),
         ("keyward(1M) / keyward(1 src)", Variant::KeywardSpoof, Variant::KeywardOne),
         ("keyward(1M) / XDP_DROP", Variant::KeywardSpoof, Variant::XdpDrop),
+        ("keyward(1M random) / XDP_DROP", Variant::KeywardSpoofRandom, Variant::XdpDrop),
         ("nft(1M) / keyward(1M)", Variant::NftSpoof, Variant::KeywardSpoof),
         ("hashlimit(1M) / keyward(1M)", Variant::HashlimitSpoof, Variant::KeywardSpoof),
     ];
