@@ -45,14 +45,15 @@ use proxy_common::{
     AllowValue, Bucket, DenyValue, FLAG_HAS_ALLOW, FLAG_HAS_DENY, Reason, SourceKey, XdpConfig,
     bucket::Params,
     prefix::{key_v4, key_v6},
+    table::{self, Slot},
 };
 
 use crate::{
-    ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES,
+    ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES, SYN_RETRY,
     parse::{self, Hdrs, Source, TCP_ACK, TCP_SYN, Tcp},
 };
 
-/// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new source).
+/// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new prefix).
 const BPF_NOEXIST: u64 = 1;
 /// Index in `ADMIT` of the bucket admitting new sources into `SOURCES`.
 const ADMISSION: u32 = proxy_common::ADMIT_NEW_SOURCES;
@@ -96,8 +97,9 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
 
 #[inline(always)]
 fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason {
-    if let Some(b) = SOURCES.get_ptr_mut(own) {
-        // SAFETY: a live LRU element; concurrent updates from other CPUs can
+    let set = set(cfg, own);
+    if let Some(b) = set.and_then(|s| s.find(own)) {
+        // SAFETY: a live array slot; concurrent updates from other CPUs can
         // only make the count approximate, never unsafe (cilium does the same).
         let b = unsafe { &mut *b };
         if !b.take(&cfg.source, now) {
@@ -124,37 +126,97 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
         return Reason::Rate;
     }
     if admit(&cfg.admit, now) {
-        track(cfg, own, now, false);
+        track(cfg, set, own, now, false);
         return Reason::UnderRate;
     }
     match tcp {
         // A new connection: the kernel's SYN cookies hold no state for it,
         // up to the host-wide cap on what they are handed.
         Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
-            if take_host(UNTRACKED, &cfg.untracked, now) {
+            if take_host(UNTRACKED, &cfg.untracked, now) || retried(cfg, own, t) {
                 Reason::Untracked
             } else {
                 Reason::Rate
             }
         }
         Some(t) if proven(ctx, t) => {
-            track(cfg, own, now, true);
+            track(cfg, set, own, now, true);
             Reason::UnderRate
         }
         _ => Reason::Rate,
     }
 }
 
-/// Give `own` a per-source entry (`proven`: it showed a real handshake).
+/// Over the untracked cap, whether this SYN repeats one dropped here
+/// before (a real visitor's retransmission; a spoofed flood does not
+/// repeat itself): then it passes and its slot is cleared, else it is
+/// remembered, overwriting whatever its slot held.
 #[inline(always)]
-fn track(cfg: &XdpConfig, own: &SourceKey, now: u64, proven: bool) {
+fn retried(cfg: &XdpConfig, own: &SourceKey, t: &Tcp) -> bool {
+    let (i, tag) = table::syn_slot(own, t.sport_seq(), cfg.seed);
+    let Some(s) = SYN_RETRY.get_ptr_mut(i) else {
+        return false;
+    };
+    // SAFETY: a live array slot; a race with another CPU only loses a tag.
+    unsafe {
+        if *s == tag {
+            *s = 0;
+            true
+        } else {
+            *s = tag;
+            false
+        }
+    }
+}
+
+/// The two slots of a source's set in `SOURCES`.
+#[derive(Clone, Copy)]
+struct Set {
+    a: *mut Slot,
+    b: *mut Slot,
+}
+
+impl Set {
+    /// The bucket of `own`, when one of the two slots holds it.
+    #[inline(always)]
+    fn find(self, own: &SourceKey) -> Option<*mut Bucket> {
+        // SAFETY: both point at live array slots (see `set`).
+        unsafe {
+            if (*self.a).holds(own) {
+                Some(&raw mut (*self.a).bucket)
+            } else if (*self.b).holds(own) {
+                Some(&raw mut (*self.b).bucket)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The set `own` hashes to (`None` only if the table is smaller than
+/// `CONFIG` says, which the daemon never writes).
+#[inline(always)]
+fn set(cfg: &XdpConfig, own: &SourceKey) -> Option<Set> {
+    let i = table::set_index(own, cfg.seed, cfg.table_mask);
+    Some(Set { a: SOURCES.get_ptr_mut(i)?, b: SOURCES.get_ptr_mut(i | 1)? })
+}
+
+/// Give `own` a slot of its set (`proven`: it showed a real handshake): an
+/// empty one, else the stalest (`table::victim`).
+#[inline(always)]
+fn track(cfg: &XdpConfig, set: Option<Set>, own: &SourceKey, now: u64, proven: bool) {
+    let Some(s) = set else { return };
     let mut b = Bucket::fresh(&cfg.source, now);
     if proven {
         b.set_proven();
     }
-    if SOURCES.insert(own, b, BPF_NOEXIST).is_ok()
-        && let Some(n) = NEW_SOURCES.get_ptr_mut(0)
-    {
+    // SAFETY: live array slots; two CPUs writing one slot at once leave one
+    // source's entry or a mix, which only makes a count approximate.
+    unsafe {
+        let slot = if table::victim(&*s.a, &*s.b) == 0 { s.a } else { s.b };
+        *slot = Slot { key: *own, bucket: b };
+    }
+    if let Some(n) = NEW_SOURCES.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         unsafe { *n = (*n).wrapping_add(1) };
     }

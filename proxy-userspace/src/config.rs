@@ -163,8 +163,8 @@ pub struct UntrackedSyns {
 impl Default for UntrackedSyns {
     fn default() -> Self {
         UntrackedSyns {
-            rate_pps: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
-            burst: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
+            rate_pps: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -811,6 +811,10 @@ impl Xdp {
             agg_v4_prefix: u32::from(self.aggregate.v4_prefix.0),
             agg_v6_prefix: u32::from(self.aggregate.v6_prefix.0),
             flags: if self.dry_run { proxy_common::FLAG_DRY_RUN } else { 0 },
+            table_mask: proxy_common::table::slots_for(self.table_size.get()).saturating_sub(1),
+            reserved: 0,
+            // The dataplane writes its own, chosen once per load.
+            seed: 0,
         }
     }
 }
@@ -873,6 +877,10 @@ burst = 400
         assert_eq!(k.source.tolerance_ns, 2_000_000_000);
         assert_eq!(k.agg_v4_prefix, 24);
         assert_eq!(k.flags, 0);
+        assert_eq!(x.untracked_syns, UntrackedSyns::default());
+        assert_eq!(k.untracked.interval_ns, 100_000);
+        // 1048576 slots, already a power of two.
+        assert_eq!(k.table_mask, 1_048_575);
     }
 
     #[test]

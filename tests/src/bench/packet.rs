@@ -212,7 +212,9 @@ fn setup(t: &Topology, v: Variant) -> Receiver {
                 e
             }))
         }
-        Variant::KeywardOne | Variant::KeywardSpoof | Variant::KeywardSpoofRandom => Receiver::Keyward(Box::new(keyward_dp(t, false))),
+        Variant::KeywardOne | Variant::KeywardSpoof | Variant::KeywardSpoofRandom => {
+            Receiver::Keyward(Box::new(keyward_dp(t, false)))
+        }
         Variant::KeywardDeny => Receiver::Keyward(Box::new(keyward_dp(t, true))),
         Variant::NftOne | Variant::NftSpoof => {
             let rules = format!(
