@@ -101,15 +101,7 @@ const fn words(k: &SourceKey) -> (u64, u64) {
 /// the stalest.
 #[inline(always)]
 pub const fn victim(a: &Slot, b: &Slot) -> u32 {
-    if !a.used() {
-        0
-    } else if !b.used() {
-        1
-    } else if b.age_key() < a.age_key() {
-        1
-    } else {
-        0
-    }
+    if a.used() && (!b.used() || b.age_key() < a.age_key()) { 1 } else { 0 }
 }
 
 #[cfg(test)]

@@ -270,6 +270,16 @@ fn seen(t: &Topology, v: Variant, r: &Receiver) -> u64 {
     }
 }
 
+/// Packets keyward has passed to the stack so far (`None` for the others).
+fn passed(r: &Receiver) -> Option<u64> {
+    match r {
+        Receiver::Keyward(d) => {
+            d.counters().ok().map(|c| c.iter().filter(|x| x.action == "pass").map(|x| x.packets).sum())
+        }
+        _ => None,
+    }
+}
+
 fn teardown(t: &Topology, v: Variant, r: Receiver) {
     match r {
         Receiver::Drop(e) => drop(e),
@@ -291,6 +301,7 @@ pub fn run(rounds: usize, packets: u32) -> (Value, String) {
     let g = Generator::start(&t);
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
     let mut mpps: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
+    let mut pass_pct: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
     for round in 0..rounds {
         for (i, v) in Variant::ALL.iter().enumerate() {
             let r = setup(&t, *v);
@@ -303,10 +314,14 @@ pub fn run(rounds: usize, packets: u32) -> (Value, String) {
             // Warm up (also fills tables for the spoofed variants).
             g.send(v.spoof(), packets / 10, 1_000_000);
             let before = seen(&t, *v, &r);
+            let passed0 = passed(&r);
             let busy0 = cpu1_busy_ns();
             let took = g.send(v.spoof(), packets, 1_000_000);
             let busy1 = cpu1_busy_ns();
             let n = seen(&t, *v, &r).saturating_sub(before).max(1);
+            if let (Some(a), Some(b)) = (passed0, passed(&r)) {
+                pass_pct[i].push(100.0 * b.saturating_sub(a) as f64 / n as f64);
+            }
             ns[i].push((busy1 - busy0) as f64 / n as f64);
             mpps[i].push(n as f64 / took.as_secs_f64() / 1e6);
             eprintln!(
@@ -327,8 +342,9 @@ pub fn run(rounds: usize, packets: u32) -> (Value, String) {
     let mut out = Vec::new();
     for (i, v) in Variant::ALL.iter().enumerate() {
         let r = ratios(&ns[i], base);
-        rows.push(vec![v.name().into(), fmt(&ns[i], 0), fmt(&mpps[i], 2), fmt(&r, 2)]);
-        out.push(json!({ "variant": v.name(), "ns_per_packet": summary(&ns[i]), "mpps": summary(&mpps[i]), "vs_xdp_drop": summary(&r) }));
+        let pct = if pass_pct[i].is_empty() { "–".into() } else { fmt(&pass_pct[i], 1) };
+        rows.push(vec![v.name().into(), fmt(&ns[i], 0), fmt(&mpps[i], 2), fmt(&r, 2), pct]);
+        out.push(json!({ "variant": v.name(), "ns_per_packet": summary(&ns[i]), "mpps": summary(&mpps[i]), "vs_xdp_drop": summary(&r), "passed_pct": summary(&pass_pct[i]) }));
     }
     let named = [
         ("keyward(1 src) / XDP_DROP", Variant::KeywardOne, Variant::XdpDrop),
@@ -349,7 +365,16 @@ pub fn run(rounds: usize, packets: u32) -> (Value, String) {
     }
     let md = format!(
         "{}\n{}",
-        table(&["receiver (veth, NAPI pinned to CPU1)", "CPU1 ns/packet", "Mpps seen", "÷ XDP_DROP"], &rows),
+        table(
+            &[
+                "receiver (veth, NAPI pinned to CPU1)",
+                "CPU1 ns/packet",
+                "Mpps seen",
+                "÷ XDP_DROP",
+                "% passed to the stack"
+            ],
+            &rows
+        ),
         table(&["ratio (per round, median (min–max))", "value"], &rrows)
     );
     (json!({ "rounds": rounds, "packets": packets, "variants": out, "ratios": rj }), md)
