@@ -7,12 +7,13 @@
 //!
 //! Rate: a known source is charged to its own bucket, then, until it has
 //! shown a real TCP handshake, to the aggregate bucket of its wider prefix;
-//! over its own bucket it is dropped on that one lookup. An unknown source is first charged to the aggregate
-//! bucket, then to the host-wide admission bucket, and gets a per-source
-//! entry only when both admit it: a flood that rotates sources inside one
-//! prefix is held by the aggregate, one spread over many prefixes by the
-//! admission bucket, and neither can churn the per-source table at line
-//! rate (an LRU insert costs several times a lookup).
+//! over its own bucket it is dropped on that one lookup (two slot reads in
+//! `SOURCES`, an array in two-way sets: `proxy_common::table`). An unknown
+//! source is first charged to the aggregate bucket, then to the host-wide
+//! admission bucket, and gets a per-source slot only when both admit it: a
+//! flood that rotates sources inside one prefix is held by the aggregate,
+//! one spread over many prefixes by the admission bucket, and neither can
+//! churn the per-source table at line rate.
 //!
 //! Neither can be turned against real visitors (issue 14). A handshake is
 //! shown by a non-SYN packet the kernel vouches for: its raw SYN-cookie
@@ -22,8 +23,10 @@
 //! that spend its prefix's aggregate do not touch it. And when the admission
 //! bucket is spent, a new source's SYN passes untracked (`Untracked`) to the
 //! kernel, whose SYN cookies keep spoofed SYNs from holding any state, up
-//! to a second host-wide bucket that caps what the kernel is handed; its
-//! other packets pass, and it is tracked, only once it has shown a
+//! to a second host-wide bucket that caps what the kernel is handed; beyond
+//! it a SYN is dropped and remembered (`SYN_RETRY`), and passes when it is
+//! retransmitted, which a real visitor's TCP does and a spoofed flood does
+//! not. Its other packets pass, and it is tracked, only once it has shown a
 //! handshake.
 //!
 //! The allow and deny tries are skipped while they are empty (flags the
