@@ -13,6 +13,7 @@
 
 pub mod bucket;
 pub mod prefix;
+pub mod table;
 
 /// Names of the maps in the eBPF object. `#[map]` statics in `proxy-ebpf` carry
 /// these identifiers (the ELF name equals the ident); a test asserts that every
@@ -31,7 +32,8 @@ pub mod maps {
     pub const DENY_V4: &str = "DENY_V4";
     /// `LpmTrie<[u8; 16], DenyValue>`.
     pub const DENY_V6: &str = "DENY_V6";
-    /// `LruHashMap<SourceKey, Bucket>`: one bucket per source (IPv4 /32, IPv6 per prefix).
+    /// `Array<table::Slot>`: one bucket per source (IPv4 /32, IPv6 per
+    /// prefix) in two-way sets ([`crate::table`]).
     pub const SOURCES: &str = "SOURCES";
     /// `LruHashMap<SourceKey, Bucket>`: one bucket per wider prefix.
     pub const AGGREGATES: &str = "AGGREGATES";
@@ -39,13 +41,31 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `PerCpuArray<u64>`, one entry: per-source buckets created.
     pub const NEW_SOURCES: &str = "NEW_SOURCES";
-    /// `Array<Bucket>`, one entry: the host-wide bucket that admits new
-    /// sources into the per-source table.
+    /// `Array<Bucket>`, [`crate::ADMIT_LEN`] entries: the host-wide buckets
+    /// that admit new sources into the per-source table
+    /// ([`crate::ADMIT_NEW_SOURCES`]) and cap the untracked SYNs passed to
+    /// the kernel ([`crate::ADMIT_UNTRACKED_SYNS`]).
     pub const ADMIT: &str = "ADMIT";
 
+    /// `Array<u32>`, [`crate::table::SYN_RETRY_SLOTS`] entries: tags of SYNs
+    /// dropped over the untracked cap, so that their retransmission passes.
+    pub const SYN_RETRY: &str = "SYN_RETRY";
+
     /// Every map name, for pinning and for the test that checks them.
-    pub const ALL: [&str; 11] =
-        [CONFIG, PORTS, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, SOURCES, AGGREGATES, STATS, NEW_SOURCES, ADMIT];
+    pub const ALL: [&str; 12] = [
+        CONFIG,
+        PORTS,
+        ALLOW_V4,
+        ALLOW_V6,
+        DENY_V4,
+        DENY_V6,
+        SOURCES,
+        AGGREGATES,
+        STATS,
+        NEW_SOURCES,
+        ADMIT,
+        SYN_RETRY,
+    ];
 }
 
 /// Name of the XDP program in the object.
@@ -53,10 +73,17 @@ pub const PROGRAM_NAME: &str = "keyward_xdp";
 
 /// Capacity of the aggregate-bucket table (one entry per wider prefix).
 pub const AGGREGATES_MAX: u32 = 65_536;
-/// Default capacity of the per-source table; `xdp.table_size` overrides it at load.
+/// Default capacity of the per-source table; `xdp.table_size` overrides it
+/// at load (rounded up to a power of two, [`table::slots_for`]).
 pub const SOURCES_MAX_DEFAULT: u32 = 1_048_576;
 /// Capacity of each allow and deny trie.
 pub const LIST_MAX: u32 = 262_144;
+/// Entries of `ADMIT`.
+pub const ADMIT_LEN: u32 = 2;
+/// `ADMIT` index of the bucket admitting new sources into the per-source table.
+pub const ADMIT_NEW_SOURCES: u32 = 0;
+/// `ADMIT` index of the bucket capping SYNs passed untracked to the kernel.
+pub const ADMIT_UNTRACKED_SYNS: u32 = 1;
 /// IPv6 extension headers walked before a packet counts as malformed.
 pub const MAX_V6_EXT_HEADERS: u32 = 6;
 
@@ -79,8 +106,9 @@ pub enum Reason {
     /// A header was truncated or garbled; passed untouched, never dropped.
     Malformed = 5,
     /// A SYN from a source not in the table while the admission bucket is
-    /// spent: passed without a table entry, to the kernel's own SYN cookies
-    /// (a spoofed flood of new sources must not lock new visitors out).
+    /// spent, under the host-wide cap on such SYNs: passed without a table
+    /// entry, to the kernel's own SYN cookies (a spoofed flood of new
+    /// sources must not lock new visitors out).
     Untracked = 6,
 }
 
@@ -185,6 +213,9 @@ pub struct XdpConfig {
     pub aggregate: bucket::Params,
     /// Host-wide bucket admitting sources not yet in the per-source table.
     pub admit: bucket::Params,
+    /// Host-wide bucket capping the SYNs passed untracked to the kernel
+    /// while `admit` is spent; beyond it they are dropped (`rate`).
+    pub untracked: bucket::Params,
     /// IPv6 sources share a per-source bucket per this prefix length.
     pub v6_prefix: u32,
     /// Aggregate prefix length for IPv4.
@@ -193,8 +224,15 @@ pub struct XdpConfig {
     pub agg_v6_prefix: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// Slots in `SOURCES` minus one (a power of two minus one).
+    pub table_mask: u32,
+    /// Reserved (zero).
+    pub reserved: u32,
+    /// Key of the hash that places sources in `SOURCES` ([`table::set_index`]),
+    /// random per load.
+    pub seed: u64,
 }
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 96);
 
 /// Key of `SOURCES` and `AGGREGATES`: an IPv6 address, or an IPv4 address
 /// mapped into `::ffff:0:0/96`, already masked to the bucket's prefix.
@@ -300,7 +338,15 @@ mod pod {
             unsafe impl aya::Pod for $t {}
         )*};
     }
-    pod!(super::Counter, super::XdpConfig, super::SourceKey, super::Bucket, super::DenyValue, super::AllowValue);
+    pod!(
+        super::Counter,
+        super::XdpConfig,
+        super::SourceKey,
+        super::Bucket,
+        super::DenyValue,
+        super::AllowValue,
+        super::table::Slot
+    );
 }
 
 #[cfg(test)]

@@ -18,8 +18,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    AGGREGATES_MAX, AllowValue, Bucket, Counter, DenyValue, LIST_MAX, SOURCES_MAX_DEFAULT, STATS_LEN, SourceKey,
-    XdpConfig,
+    ADMIT_LEN, AGGREGATES_MAX, AllowValue, Bucket, Counter, DenyValue, LIST_MAX, SOURCES_MAX_DEFAULT, STATS_LEN,
+    SourceKey, XdpConfig,
+    table::{SYN_RETRY_SLOTS, Slot},
 };
 
 #[map]
@@ -34,9 +35,9 @@ static ALLOW_V6: LpmTrie<[u8; 16], AllowValue> = LpmTrie::with_max_entries(LIST_
 static DENY_V4: LpmTrie<[u8; 4], DenyValue> = LpmTrie::with_max_entries(LIST_MAX, 0);
 #[map]
 static DENY_V6: LpmTrie<[u8; 16], DenyValue> = LpmTrie::with_max_entries(LIST_MAX, 0);
-/// Resized at load from `xdp.table_size`.
+/// Resized at load from `xdp.table_size` (a power of two; `proxy_common::table`).
 #[map]
-static SOURCES: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(SOURCES_MAX_DEFAULT, 0);
+static SOURCES: Array<Slot> = Array::with_max_entries(SOURCES_MAX_DEFAULT, 0);
 #[map]
 static AGGREGATES: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(AGGREGATES_MAX, 0);
 /// Per-CPU so the hot path needs no atomics (as xdp-tools' `xdp_stats_map`).
@@ -44,9 +45,14 @@ static AGGREGATES: LruHashMap<SourceKey, Bucket> = LruHashMap::with_max_entries(
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 #[map]
 static NEW_SOURCES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// One host-wide bucket, shared by all CPUs (updates race benignly).
+/// Host-wide buckets, shared by all CPUs (updates race benignly): new
+/// sources admitted into `SOURCES`, and untracked SYNs passed to the kernel.
 #[map]
-static ADMIT: Array<Bucket> = Array::with_max_entries(1, 0);
+static ADMIT: Array<Bucket> = Array::with_max_entries(ADMIT_LEN, 0);
+/// Tags of SYNs dropped over the untracked cap, so that their
+/// retransmission passes (`proxy_common::table::syn_slot`).
+#[map]
+static SYN_RETRY: Array<u32> = Array::with_max_entries(SYN_RETRY_SLOTS, 0);
 
 /// The program. Every path, parse failures included, ends in `stats::record`.
 #[xdp]

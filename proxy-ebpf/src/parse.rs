@@ -45,6 +45,21 @@ pub struct Tcp {
     pub hdrs: Hdrs,
 }
 
+impl Tcp {
+    /// Source port and sequence number, as one word (what a retransmitted
+    /// SYN repeats).
+    #[inline(always)]
+    pub fn sport_seq(&self) -> u64 {
+        let tcp = match self.hdrs {
+            Hdrs::V4 { tcp, .. } | Hdrs::V6 { tcp, .. } => tcp,
+        };
+        // SAFETY: the parser checked that the TCP header lies wholly inside
+        // the packet.
+        let (sport, seq) = unsafe { ((*tcp).sport, (*tcp).seq) };
+        (u64::from(u16::from_ne_bytes(sport)) << 32) | u64::from(u32::from_ne_bytes(seq))
+    }
+}
+
 /// `TCP_SYN` in [`Tcp::flags`].
 pub const TCP_SYN: u8 = 0x02;
 /// `TCP_ACK` in [`Tcp::flags`].
@@ -122,8 +137,9 @@ struct FragHdr {
 pub struct TcpHdr {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
-    /// Sequence and acknowledgement numbers, data offset, then `flags`.
-    seq_ack_off: [u8; 9],
+    pub seq: [u8; 4],
+    /// Acknowledgement number and data offset, then `flags`.
+    ack_off: [u8; 5],
     pub flags: u8,
     rest: [u8; 6],
 }

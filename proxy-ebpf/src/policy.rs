@@ -7,13 +7,13 @@
 //!
 //! Rate: a known source is charged to its own bucket, then, until it has
 //! shown a real TCP handshake, to the aggregate bucket of its wider prefix;
-//! over its own bucket it is dropped and its excess charged to the
-//! aggregate too. An unknown source is first charged to the aggregate
-//! bucket, then to the host-wide admission bucket, and gets a per-source
-//! entry only when both admit it: a flood that rotates sources inside one
-//! prefix is held by the aggregate, one spread over many prefixes by the
-//! admission bucket, and neither can churn the per-source table at line
-//! rate (an LRU insert costs several times a lookup).
+//! over its own bucket it is dropped on that one lookup (two slot reads in
+//! `SOURCES`, an array in two-way sets: `proxy_common::table`). An unknown
+//! source is first charged to the aggregate bucket, then to the host-wide
+//! admission bucket, and gets a per-source slot only when both admit it: a
+//! flood that rotates sources inside one prefix is held by the aggregate,
+//! one spread over many prefixes by the admission bucket, and neither can
+//! churn the per-source table at line rate.
 //!
 //! Neither can be turned against real visitors (issue 14). A handshake is
 //! shown by a non-SYN packet the kernel vouches for: its raw SYN-cookie
@@ -22,8 +22,11 @@
 //! (`Bucket::PROVEN`) is held by its own bucket only, so spoofed neighbours
 //! that spend its prefix's aggregate do not touch it. And when the admission
 //! bucket is spent, a new source's SYN passes untracked (`Untracked`) to the
-//! kernel, whose SYN cookies keep spoofed SYNs from holding any state; its
-//! other packets pass, and it is tracked, only once it has shown a
+//! kernel, whose SYN cookies keep spoofed SYNs from holding any state, up
+//! to a second host-wide bucket that caps what the kernel is handed; beyond
+//! it a SYN is dropped and remembered (`SYN_RETRY`), and passes when it is
+//! retransmitted, which a real visitor's TCP does and a spoofed flood does
+//! not. Its other packets pass, and it is tracked, only once it has shown a
 //! handshake.
 //!
 //! The allow and deny tries are skipped while they are empty (flags the
@@ -45,15 +48,20 @@ use proxy_common::{
     AllowValue, Bucket, DenyValue, FLAG_HAS_ALLOW, FLAG_HAS_DENY, Reason, SourceKey, XdpConfig,
     bucket::Params,
     prefix::{key_v4, key_v6},
+    table::{self, Slot},
 };
 
 use crate::{
-    ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES,
+    ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES, SYN_RETRY,
     parse::{self, Hdrs, Source, TCP_ACK, TCP_SYN, Tcp},
 };
 
-/// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new source).
+/// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new prefix).
 const BPF_NOEXIST: u64 = 1;
+/// Index in `ADMIT` of the bucket admitting new sources into `SOURCES`.
+const ADMISSION: u32 = proxy_common::ADMIT_NEW_SOURCES;
+/// Index in `ADMIT` of the bucket capping untracked SYNs passed to the kernel.
+const UNTRACKED: u32 = proxy_common::ADMIT_UNTRACKED_SYNS;
 
 /// Decide the reason for this packet.
 #[inline(always)]
@@ -92,13 +100,14 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
 
 #[inline(always)]
 fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, wide: &SourceKey, now: u64) -> Reason {
-    if let Some(b) = SOURCES.get_ptr_mut(own) {
-        // SAFETY: a live LRU element; concurrent updates from other CPUs can
+    let set = set(cfg, own);
+    if let Some(b) = set.and_then(|s| s.find(own)) {
+        // SAFETY: a live array slot; concurrent updates from other CPUs can
         // only make the count approximate, never unsafe (cilium does the same).
         let b = unsafe { &mut *b };
         if !b.take(&cfg.source, now) {
-            // Over its own rate: its excess counts against its prefix too.
-            let _ = charge(&cfg.aggregate, wide, now);
+            // Over its own rate: dropped on this one lookup. Its excess is
+            // not charged to its prefix (it cannot pass anyway).
             return Reason::Rate;
         }
         // A source that has shown a real handshake is held by its own
@@ -120,30 +129,97 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
         return Reason::Rate;
     }
     if admit(&cfg.admit, now) {
-        track(cfg, own, now, false);
+        track(cfg, set, own, now, false);
         return Reason::UnderRate;
     }
     match tcp {
-        // A new connection: the kernel's SYN cookies hold no state for it.
-        Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => Reason::Untracked,
+        // A new connection: the kernel's SYN cookies hold no state for it,
+        // up to the host-wide cap on what they are handed.
+        Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
+            if take_host(UNTRACKED, &cfg.untracked, now) || retried(cfg, own, t) {
+                Reason::Untracked
+            } else {
+                Reason::Rate
+            }
+        }
         Some(t) if proven(ctx, t) => {
-            track(cfg, own, now, true);
+            track(cfg, set, own, now, true);
             Reason::UnderRate
         }
         _ => Reason::Rate,
     }
 }
 
-/// Give `own` a per-source entry (`proven`: it showed a real handshake).
+/// Over the untracked cap, whether this SYN repeats one dropped here
+/// before (a real visitor's retransmission; a spoofed flood does not
+/// repeat itself): then it passes and its slot is cleared, else it is
+/// remembered, overwriting whatever its slot held.
 #[inline(always)]
-fn track(cfg: &XdpConfig, own: &SourceKey, now: u64, proven: bool) {
+fn retried(cfg: &XdpConfig, own: &SourceKey, t: &Tcp) -> bool {
+    let (i, tag) = table::syn_slot(own, t.sport_seq(), cfg.seed);
+    let Some(s) = SYN_RETRY.get_ptr_mut(i) else {
+        return false;
+    };
+    // SAFETY: a live array slot; a race with another CPU only loses a tag.
+    unsafe {
+        if *s == tag {
+            *s = 0;
+            true
+        } else {
+            *s = tag;
+            false
+        }
+    }
+}
+
+/// The two slots of a source's set in `SOURCES`.
+#[derive(Clone, Copy)]
+struct Set {
+    a: *mut Slot,
+    b: *mut Slot,
+}
+
+impl Set {
+    /// The bucket of `own`, when one of the two slots holds it.
+    #[inline(always)]
+    fn find(self, own: &SourceKey) -> Option<*mut Bucket> {
+        // SAFETY: both point at live array slots (see `set`).
+        unsafe {
+            if (*self.a).holds(own) {
+                Some(&raw mut (*self.a).bucket)
+            } else if (*self.b).holds(own) {
+                Some(&raw mut (*self.b).bucket)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The set `own` hashes to (`None` only if the table is smaller than
+/// `CONFIG` says, which the daemon never writes).
+#[inline(always)]
+fn set(cfg: &XdpConfig, own: &SourceKey) -> Option<Set> {
+    let i = table::set_index(own, cfg.seed, cfg.table_mask);
+    Some(Set { a: SOURCES.get_ptr_mut(i)?, b: SOURCES.get_ptr_mut(i | 1)? })
+}
+
+/// Give `own` a slot of its set (`proven`: it showed a real handshake): an
+/// empty one, else the stalest (`table::victim`).
+#[inline(always)]
+fn track(cfg: &XdpConfig, set: Option<Set>, own: &SourceKey, now: u64, proven: bool) {
+    let Some(s) = set else { return };
     let mut b = Bucket::fresh(&cfg.source, now);
     if proven {
         b.set_proven();
     }
-    if SOURCES.insert(own, b, BPF_NOEXIST).is_ok()
-        && let Some(n) = NEW_SOURCES.get_ptr_mut(0)
-    {
+    // SAFETY: live array slots; two CPUs writing one slot at once leave one
+    // source's entry or a mix, which only makes a count approximate.
+    unsafe {
+        let slot = if table::victim(&*s.a, &*s.b) == 0 { s.a } else { s.b };
+        *slot = Slot { key: *own, bucket: b };
+    }
+    if let Some(n) = NEW_SOURCES.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         unsafe { *n = (*n).wrapping_add(1) };
     }
@@ -231,7 +307,13 @@ fn lists<K>(
 /// Charge one new source to the host-wide admission bucket; false when over.
 #[inline(always)]
 fn admit(p: &Params, now: u64) -> bool {
-    match ADMIT.get_ptr_mut(0) {
+    take_host(ADMISSION, p, now)
+}
+
+/// Charge one packet to host-wide bucket `i` of `ADMIT`; false when over.
+#[inline(always)]
+fn take_host(i: u32, p: &Params, now: u64) -> bool {
+    match ADMIT.get_ptr_mut(i) {
         // SAFETY: the one array slot; racing CPUs may lose an update, which
         // only makes the admission rate approximate.
         Some(b) => unsafe { &mut *b }.take(p, now),

@@ -179,6 +179,11 @@ pub struct Status {
     /// Host-wide admission of new sources into the table.
     pub new_sources_pps: u32,
     pub new_sources_burst: u32,
+    /// Host-wide cap on SYNs passed untracked to the kernel.
+    #[serde(default)]
+    pub untracked_syns_pps: u32,
+    #[serde(default)]
+    pub untracked_syns_burst: u32,
     pub dry_run: bool,
     pub table_size: u32,
     pub tracked_sources: u64,

@@ -122,6 +122,11 @@ pub struct Xdp {
     /// prefixes, which the aggregate bucket cannot).
     #[serde(default)]
     pub new_sources: NewSources,
+    /// Host-wide cap on the SYNs of untracked sources passed to the kernel
+    /// while `new_sources` is spent (an extension: beyond it they are
+    /// dropped, so a spoofed flood cannot make the kernel answer every SYN).
+    #[serde(default)]
+    pub untracked_syns: UntrackedSyns,
     /// Files of CIDRs to drop (blocklist feeds), re-read on reload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_files: Vec<PathBuf>,
@@ -143,6 +148,23 @@ impl Default for NewSources {
         NewSources {
             rate_pps: NonZeroU32::new(20_000).unwrap_or(NonZeroU32::MIN),
             burst: NonZeroU32::new(40_000).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// `[xdp] untracked_syns`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UntrackedSyns {
+    pub rate_pps: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl Default for UntrackedSyns {
+    fn default() -> Self {
+        UntrackedSyns {
+            rate_pps: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -803,10 +825,15 @@ impl Xdp {
             source: Params::new(self.rate_pps.get(), self.burst.get()),
             aggregate: Params::new(self.aggregate.rate_pps.get(), self.aggregate.burst.get()),
             admit: Params::new(self.new_sources.rate_pps.get(), self.new_sources.burst.get()),
+            untracked: Params::new(self.untracked_syns.rate_pps.get(), self.untracked_syns.burst.get()),
             v6_prefix: u32::from(self.ipv6_prefix.0),
             agg_v4_prefix: u32::from(self.aggregate.v4_prefix.0),
             agg_v6_prefix: u32::from(self.aggregate.v6_prefix.0),
             flags: if self.dry_run { proxy_common::FLAG_DRY_RUN } else { 0 },
+            table_mask: proxy_common::table::slots_for(self.table_size.get()).saturating_sub(1),
+            reserved: 0,
+            // The dataplane writes its own, chosen once per load.
+            seed: 0,
         }
     }
 }
@@ -869,6 +896,10 @@ burst = 400
         assert_eq!(k.source.tolerance_ns, 2_000_000_000);
         assert_eq!(k.agg_v4_prefix, 24);
         assert_eq!(k.flags, 0);
+        assert_eq!(x.untracked_syns, UntrackedSyns::default());
+        assert_eq!(k.untracked.interval_ns, 100_000);
+        // 1048576 slots, already a power of two.
+        assert_eq!(k.table_mask, 1_048_575);
     }
 
     #[test]

@@ -286,6 +286,32 @@ fn admission_bucket_holds_floods_spread_over_many_prefixes() {
 }
 
 #[test]
+fn over_the_untracked_cap_a_retransmitted_syn_passes_and_a_new_one_does_not() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new("new_sources = { rate_pps = 1, burst = 1 }\nuntracked_syns = { rate_pps = 1, burst = 1 }");
+    let syn_from = |src, sport| frame::tcp4_with(Macs::TEST, src, DST, sport, PORT, frame::SYN);
+    // The one admission and the one untracked SYN the buckets hold.
+    h.expect("admitted", &syn_from(Ipv4Addr::new(11, 0, 0, 1), 40_000), XDP_PASS, "pass", "under_rate");
+    h.expect("under the cap", &syn_from(Ipv4Addr::new(11, 0, 1, 1), 40_000), XDP_PASS, "pass", "untracked");
+    // Over the cap: a SYN never seen is dropped (and remembered) ...
+    let visitor = syn_from(Ipv4Addr::new(11, 0, 2, 1), 40_001);
+    h.expect("first SYN over the cap", &visitor, XDP_DROP, "drop", "rate");
+    // ... as is every other new one, spoofed or not ...
+    for i in 0..100u16 {
+        let other = syn_from(Ipv4Addr::new(11, 1, (i >> 8) as u8, i as u8), 1024 + i);
+        h.expect("other new SYN over the cap", &other, XDP_DROP, "drop", "rate");
+    }
+    // ... and its retransmission (same source, port and sequence number) passes, once.
+    h.expect("retransmitted SYN", &visitor, XDP_PASS, "pass", "untracked");
+    h.expect("the same SYN a third time", &visitor, XDP_DROP, "drop", "rate");
+    // A different port from the same source is a different SYN.
+    h.expect("same source, other port", &syn_from(Ipv4Addr::new(11, 0, 2, 1), 40_002), XDP_DROP, "drop", "rate");
+    assert_eq!(h.dp.new_sources().unwrap(), 1, "untracked SYNs got a table entry");
+}
+
+#[test]
 fn header_variants_are_parsed() {
     if !privileged() {
         return;

@@ -32,6 +32,8 @@ impl State {
             },
             new_sources_pps: x.new_sources.rate_pps.get(),
             new_sources_burst: x.new_sources.burst.get(),
+            untracked_syns_pps: x.untracked_syns.rate_pps.get(),
+            untracked_syns_burst: x.untracked_syns.burst.get(),
             dry_run: x.dry_run,
             table_size: x.table_size.get(),
             tracked_sources: self.sample.tracked(),

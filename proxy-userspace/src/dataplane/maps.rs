@@ -12,10 +12,10 @@ use std::{
 };
 
 use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, Map, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
-use proxy_common::{Action, AllowValue, Bucket, Counter, DenyValue, Reason, SourceKey, maps as names, stat_index};
+use proxy_common::{Action, AllowValue, Counter, DenyValue, Reason, SourceKey, maps as names, stat_index, table::Slot};
 
 use super::{Dataplane, DataplaneError};
 use crate::{config::Xdp as XdpConfig, store::List, units::Cidr};
@@ -73,6 +73,8 @@ impl Dataplane {
     /// Write `CONFIG`: the configured knobs plus whether each list is empty.
     fn write_config(&mut self) -> Result<(), DataplaneError> {
         let mut cfg = self.config;
+        cfg.table_mask = self.table_mask;
+        cfg.seed = self.seed;
         cfg.flags &= !(proxy_common::FLAG_HAS_ALLOW | proxy_common::FLAG_HAS_DENY);
         if !self.lists[0].is_empty() {
             cfg.flags |= proxy_common::FLAG_HAS_ALLOW;
@@ -152,7 +154,7 @@ impl Dataplane {
     /// The per-source table: entry count and the `n` heaviest by packets.
     /// Walks the whole table.
     pub fn sources(&self, n: usize) -> Result<(u64, Vec<SourceStat>), DataplaneError> {
-        sources(&HashMap::try_from(self.map(names::SOURCES)?).map_err(map_err(names::SOURCES))?, n)
+        sources(&Array::try_from(self.map(names::SOURCES)?).map_err(map_err(names::SOURCES))?, n)
     }
 
     /// Handles of its own on the counter and source maps (duplicated file
@@ -164,7 +166,7 @@ impl Dataplane {
         Ok(MapReader {
             stats: PerCpuArray::try_from(stats).map_err(map_err(names::STATS))?,
             new_sources: PerCpuArray::try_from(new).map_err(map_err(names::NEW_SOURCES))?,
-            sources: HashMap::try_from(table).map_err(map_err(names::SOURCES))?,
+            sources: Array::try_from(table).map_err(map_err(names::SOURCES))?,
         })
     }
 }
@@ -175,7 +177,7 @@ impl Dataplane {
 pub struct MapReader {
     stats: PerCpuArray<MapData, Counter>,
     new_sources: PerCpuArray<MapData, u64>,
-    sources: HashMap<MapData, SourceKey, Bucket>,
+    sources: Array<MapData, Slot>,
 }
 
 impl std::fmt::Debug for MapReader {
@@ -206,7 +208,7 @@ impl MapReader {
 /// A map of our own on the same kernel map as `map`.
 fn own(map: &Map, name: &'static str) -> Result<Map, DataplaneError> {
     let data = match map {
-        Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
+        Map::PerCpuArray(d) | Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
         _ => return Err(DataplaneError::Missing(name)),
     };
     let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| DataplaneError::Map { map: name, source: e.into() })?;
@@ -244,15 +246,14 @@ fn new_sources<T: Borrow<MapData>>(m: &PerCpuArray<T, u64>) -> Result<u64, Datap
     Ok(v.iter().fold(0u64, |a, b| a.saturating_add(*b)))
 }
 
-fn sources<T: Borrow<MapData>>(
-    m: &HashMap<T, SourceKey, Bucket>,
-    n: usize,
-) -> Result<(u64, Vec<SourceStat>), DataplaneError> {
+fn sources<T: Borrow<MapData>>(m: &Array<T, Slot>, n: usize) -> Result<(u64, Vec<SourceStat>), DataplaneError> {
     let mut all = Vec::new();
     for row in m.iter() {
-        // An entry evicted mid-walk is simply skipped.
-        let Ok((k, b)) = row else { continue };
-        all.push((k, b));
+        // A slot that cannot be read mid-walk is simply skipped.
+        let Ok(s) = row else { continue };
+        if s.used() {
+            all.push((s.key, s.bucket));
+        }
     }
     let count = all.len() as u64;
     all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(b.1.drops.cmp(&a.1.drops)));

@@ -84,6 +84,10 @@ pub struct Dataplane {
     ports: Vec<u16>,
     /// The config last written to `CONFIG` (flags are added from `lists`).
     config: proxy_common::XdpConfig,
+    /// `SOURCES`' slots minus one, and the key of the hash placing sources
+    /// in them: fixed for the life of the loaded program.
+    table_mask: u32,
+    seed: u64,
     /// Entries in the allow and deny tries, to tell the program when it may
     /// skip them.
     lists: [std::collections::HashSet<crate::units::Cidr>; 2],
@@ -94,8 +98,9 @@ impl Dataplane {
     /// write `xdp` into the config and port maps. Nothing is attached yet.
     pub fn load(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
         raise_memlock();
+        let slots = proxy_common::table::slots_for(xdp.table_size.get());
         let ebpf = EbpfLoader::new()
-            .map_max_entries(names::SOURCES, xdp.table_size.get())
+            .map_max_entries(names::SOURCES, slots)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         let mut dp = Dataplane {
@@ -104,6 +109,8 @@ impl Dataplane {
             pins: None,
             ports: Vec::new(),
             config: proxy_common::XdpConfig::default(),
+            table_mask: slots.saturating_sub(1),
+            seed: rand::random(),
             lists: Default::default(),
         };
         dp.program()?.load().map_err(DataplaneError::Verify)?;

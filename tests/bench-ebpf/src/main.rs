@@ -5,13 +5,16 @@
 //! - `bench_tx` and `bench_tx_spoof`: live-frames generators
 //!   (`BPF_F_TEST_XDP_LIVE_FRAMES` turns `XDP_TX` into a transmit out of the
 //!   ingress interface); the spoofing one rewrites the IPv4 source to
-//!   `11.0.0.0 + n % SPOOF_SOURCES` with an incremental checksum update.
+//!   `11.0.0.0 + n` with an incremental checksum update, `n` rotating
+//!   sequentially through `BENCH_CONF[0]` sources, or drawn at random among
+//!   them when `BENCH_CONF[1]` is non-zero.
 #![no_std]
 #![no_main]
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects, clippy::panic, clippy::unwrap_used)]
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_get_prandom_u32,
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
@@ -19,9 +22,10 @@ use aya_ebpf::{
 
 #[map]
 static BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// Index 0: how many distinct sources `bench_tx_spoof` rotates through.
+/// Index 0: how many distinct sources `bench_tx_spoof` rotates through;
+/// index 1: non-zero to draw them at random instead of in sequence.
 #[map]
-static BENCH_CONF: Array<u32> = Array::with_max_entries(1, 0);
+static BENCH_CONF: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
@@ -56,13 +60,14 @@ pub fn bench_tx_spoof(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     let n = BENCH_CONF.get(0).copied().unwrap_or(1).max(1);
+    let random = BENCH_CONF.get(1).is_some_and(|r| *r != 0);
     let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: per-CPU slot; the frame bounds were checked above.
     unsafe {
-        let s = (*seq).wrapping_add(1);
-        *seq = if s >= n { 0 } else { s };
+        let s = if random { bpf_get_prandom_u32() } else { (*seq).wrapping_add(1) };
+        *seq = if s >= n { s.checked_rem(n).unwrap_or(0) } else { s };
         let new = 0x0b00_0000u32.wrapping_add(*seq);
         let p = start.wrapping_add(SADDR) as *mut [u8; 4];
         let old = u32::from_be_bytes(*p);

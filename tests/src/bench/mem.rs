@@ -1,6 +1,6 @@
 //! Tier 4: memory and scale. Kernel bytes per tracked source (the maps'
-//! `memlock` from fdinfo: the per-source LRU is preallocated, so this is the
-//! cost of capacity, paid up front), the forwarder's resident memory per
+//! `memlock` from fdinfo: the per-source table is an array, allocated
+//! whole, so this is the cost of capacity, paid up front), the forwarder's resident memory per
 //! tracked client (its real limiter, filled in process, heap bytes), the daemon's
 //! startup time to a first answer, and a reload's round trip.
 
@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use super::{fmt, summary, table};
 use crate::{daemon::Daemon, netns::Topology};
 
-/// (max_entries, memlock) of every BPF map this process holds.
-fn maps() -> Vec<(u64, u64)> {
+/// (max_entries, value_size, memlock) of every BPF map this process holds.
+fn maps() -> Vec<(u64, u64, u64)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc/self/fdinfo").into_iter().flatten().flatten() {
         let t = std::fs::read_to_string(e.path()).unwrap_or_default();
@@ -29,7 +29,7 @@ fn maps() -> Vec<(u64, u64)> {
         }
         let field =
             |k: &str| t.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or(0u64);
-        out.push((field("max_entries:"), field("memlock:")));
+        out.push((field("max_entries:"), field("value_size:"), field("memlock:")));
     }
     out
 }
@@ -46,14 +46,17 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
 
     // Kernel memory per tracked source, at the default table size.
     let size = if quick { 262_144u32 } else { 1_048_576 };
-    let before: Vec<(u64, u64)> = maps();
+    let before: Vec<(u64, u64, u64)> = maps();
     let text = format!("[xdp]\ninterface = \"lo\"\nports = [443]\nrate_pps = 1\nburst = 1\ntable_size = {size}\n");
     let cfg = Config::parse(std::path::Path::new("bench.toml"), &text).expect("config");
     let dp = Dataplane::load(cfg.xdp()).expect("load");
     let after = maps();
-    let ours: Vec<(u64, u64)> = after.iter().filter(|m| !before.contains(m)).copied().collect();
-    let sources = ours.iter().find(|(n, _)| *n == u64::from(size)).map_or(0, |(_, m)| *m);
-    let total: u64 = ours.iter().map(|(_, m)| m).sum();
+    let ours: Vec<(u64, u64, u64)> = after.iter().filter(|m| !before.contains(m)).copied().collect();
+    // The per-source table: `size` entries of one slot each (the tries and
+    // `SYN_RETRY` may have as many entries, with other values).
+    let slot = std::mem::size_of::<proxy_common::table::Slot>() as u64;
+    let sources = ours.iter().find(|(n, v, _)| *n == u64::from(size) && *v == slot).map_or(0, |(_, _, m)| *m);
+    let total: u64 = ours.iter().map(|(_, _, m)| m).sum();
     drop(dp);
     let per = sources as f64 / f64::from(size);
     rows.push(vec![

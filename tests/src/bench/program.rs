@@ -126,6 +126,24 @@ pub fn run(rounds: usize, repeat: u32, each: usize) -> (Value, String) {
         }
     }
     sc.push(Scenario { name: "new source, full table (evicts)".into(), dp: full, kind: Kind::Each(fresh.clone()) });
+    // A spoofed flood of never-seen sources once both host-wide buckets are
+    // spent: each SYN probes the table, meets its prefix's aggregate and both
+    // buckets, is remembered in `SYN_RETRY` and dropped.
+    let mut spent = dp(
+        &format!("{open}\nnew_sources = {{ rate_pps = 1, burst = 1 }}\nuntracked_syns = {{ rate_pps = 1, burst = 1 }}"),
+        1_048_576,
+    );
+    {
+        let p = spent.program().unwrap();
+        for i in 0..4u32 {
+            repeat_ns(p, &syn(Ipv4Addr::from(0x0e00_0000 + (i << 8))), 1);
+        }
+    }
+    sc.push(Scenario {
+        name: "new source, both host-wide buckets spent (spoofed flood, 1M table)".into(),
+        dp: spent,
+        kind: Kind::Each(fresh.clone()),
+    });
 
     let mut floor_rep = Vec::new();
     let mut floor_each = Vec::new();
