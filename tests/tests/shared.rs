@@ -3,7 +3,10 @@
 //! and one real `redis-server` on a Unix socket they all reach. The budget is
 //! spent exactly once across the hosts, one client meets one daily cap
 //! whichever host it reaches, and a paused Redis costs bounded latency and
-//! never more than what was leased.
+//! never more than what was leased. The lists are shared too: an
+//! escalation on one host drops the client in XDP on the others within a
+//! second, a host started later picks the entry up, and after Redis is
+//! killed and restarted the hosts rebuild its lists from what they hold.
 
 use std::time::{Duration, Instant};
 
@@ -30,20 +33,39 @@ impl Host {
     }
 }
 
+/// One host on `redis` with `[limits]` overrides and more sections.
+fn host(redis: &RedisServer, limits: &str, extra: &str) -> Host {
+    let t = Topology::new();
+    let up = Upstream::start(&t.server_ns);
+    let mut d = Daemon::prepare_with(&t, XDP_OPEN, &format!("{}\n{extra}", config(&up, limits, "")));
+    let store = format!("[store]\nredis_url = \"{}\"\nsite = \"test\"\n", redis.url());
+    let text = std::fs::read_to_string(&d.config).expect("config").replacen("[store]\n", &store, 1);
+    std::fs::write(&d.config, text).expect("config");
+    d.spawn();
+    Host { t, up, d }
+}
+
 /// Three hosts on `redis` with `[limits]` overrides and more sections.
 fn hosts(redis: &RedisServer, limits: &str, extra: &str) -> Vec<Host> {
-    (0..3)
-        .map(|_| {
-            let t = Topology::new();
-            let up = Upstream::start(&t.server_ns);
-            let mut d = Daemon::prepare_with(&t, XDP_OPEN, &format!("{}\n{extra}", config(&up, limits, "")));
-            let store = format!("[store]\nredis_url = \"{}\"\nsite = \"test\"\n", redis.url());
-            let text = std::fs::read_to_string(&d.config).expect("config").replacen("[store]\n", &store, 1);
-            std::fs::write(&d.config, text).expect("config");
-            d.spawn();
-            Host { t, up, d }
-        })
-        .collect()
+    (0..3).map(|_| host(redis, limits, extra)).collect()
+}
+
+/// `h`'s deny entry for `cidr`, if it holds one.
+fn deny_entry(h: &Host, cidr: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(&h.d.ok(&["deny", "ls", "--json"])).ok()?;
+    v["entries"].as_array()?.iter().find(|e| e["cidr"] == cidr).cloned()
+}
+
+/// Packets `h`'s XDP program dropped for a deny entry.
+fn denied_packets(h: &Host) -> u64 {
+    h.d.status().counters.iter().filter(|c| c.action == "drop" && c.reason == "denied").map(|c| c.packets).sum()
+}
+
+/// The client (10.77.0.2 in every topology) cannot connect to `h`, and
+/// `h`'s XDP program counted the drops.
+fn dropped_in_xdp(h: &Host) -> bool {
+    let before = denied_packets(h);
+    !wire::connects(&h.t, PORT, Duration::from_millis(500)) && denied_packets(h) > before
 }
 
 #[test]
@@ -144,4 +166,70 @@ fn a_paused_redis_bounds_latency_and_spend_to_the_lease() {
     redis.pause(false);
     let back = wait_for(Duration::from_secs(5), || (h.get("/postcodes/AD1").status == 200).then_some(()));
     assert!(back.is_some(), "leasing resumes after SIGCONT");
+}
+
+#[test]
+fn an_escalation_on_one_host_drops_the_client_in_xdp_on_every_host() {
+    if !privileged() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let hs = hosts(&redis, "per_ip_daily = 2\ndeny_on_daily_cap = true", "");
+    assert_eq!(hs[0].get("/postcodes/AB1").status, 200);
+    assert_eq!(hs[0].get("/postcodes/AB2").status, 200);
+    assert_eq!(hs[0].get("/postcodes/AB3").status, 429);
+    // Escalated on host A (its once-a-second tick) ...
+    let on_a = wait_for(Duration::from_secs(5), || deny_entry(&hs[0], "10.77.0.2/32")).expect("escalated on A");
+    let t0 = Instant::now();
+    // ... and held by B and C within a second.
+    let on_bc = wait_for(Duration::from_secs(5), || {
+        Some((deny_entry(&hs[1], "10.77.0.2/32")?, deny_entry(&hs[2], "10.77.0.2/32")?))
+    })
+    .expect("the escalation reached B and C");
+    let took = t0.elapsed();
+    eprintln!("escalation on A held by B and C after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    for e in [&on_bc.0, &on_bc.1] {
+        let reason = e["reason"].as_str().unwrap_or_default();
+        assert!(reason.starts_with("shared: ") && reason.ends_with(": escalated: daily cap"), "{e}");
+        assert_eq!(e["expires_unix"], on_a["expires_unix"], "{e}");
+    }
+    assert!(dropped_in_xdp(&hs[1]) && dropped_in_xdp(&hs[2]), "the client still reaches B or C");
+    // A host started after the escalation picks it up from the shared state.
+    let late = host(&redis, "per_ip_daily = 2\ndeny_on_daily_cap = true", "");
+    let e = wait_for(Duration::from_secs(5), || deny_entry(&late, "10.77.0.2/32")).expect("the late host holds it");
+    assert_eq!(e["expires_unix"], on_a["expires_unix"], "{e}");
+    assert!(dropped_in_xdp(&late), "the client reaches the late host");
+    // A removal on B is a removal everywhere.
+    hs[1].d.ok(&["deny", "rm", "10.77.0.2/32"]);
+    let gone = wait_for(Duration::from_secs(5), || {
+        [&hs[0], &hs[2], &late].iter().all(|h| deny_entry(h, "10.77.0.2/32").is_none()).then_some(())
+    });
+    assert!(gone.is_some(), "the removal on B did not reach every host");
+}
+
+#[test]
+fn after_redis_is_killed_and_restarted_the_hosts_rebuild_the_lists() {
+    if !privileged() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let hs: Vec<Host> = (0..2).map(|_| host(&redis, "", "")).collect();
+    hs[0].d.ok(&["deny", "add", "10.88.0.0/24"]);
+    let held = |h: &Host, c: &str| wait_for(Duration::from_secs(5), || deny_entry(h, c));
+    assert!(held(&hs[1], "10.88.0.0/24").is_some(), "B holds A's entry");
+    redis.kill_and_restart();
+    // Written on A while the store is down or coming back: queued, then published.
+    hs[0].d.ok(&["deny", "add", "10.89.0.0/24"]);
+    let said = wait_for(Duration::from_secs(10), || hs[1].d.log().contains("the shared store restarted").then_some(()));
+    assert!(said.is_some(), "B does not say the store restarted:\n{}", hs[1].d.log());
+    assert!(held(&hs[1], "10.89.0.0/24").is_some(), "A's entry written during the outage did not reach B");
+    // The store's lists are rebuilt from what the hosts hold: a new host gets both.
+    let late = host(&redis, "", "");
+    assert!(
+        held(&late, "10.88.0.0/24").is_some() && held(&late, "10.89.0.0/24").is_some(),
+        "{}",
+        late.d.ok(&["deny", "ls"])
+    );
+    assert!(hs.iter().any(|h| h.d.log().contains("published again")), "no host says what it re-published");
 }

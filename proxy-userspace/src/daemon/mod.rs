@@ -11,6 +11,7 @@
 //! shutdown leave the same nothing behind.
 
 mod admin_server;
+mod fleet_lists;
 mod host;
 mod ops;
 mod state;
@@ -194,8 +195,14 @@ impl Daemon {
         let lease_period = config.store.budget.lease_period.0;
         let ops = Arc::new(Ops::default());
         ops.reloads.last_success.set(i64::try_from(clock.unix_secs()).unwrap_or(i64::MAX));
+        let iface = config.xdp().interface.clone();
         let mut state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone(), ops.clone())?;
         state.run = run;
+        let (share_tx, share_rx) = tokio::sync::mpsc::unbounded_channel();
+        let me = fleet_lists::host_name(&iface);
+        if fleet.is_some() {
+            state.share = Some((share_tx, me.clone()));
+        }
         if let Err(e) = state.store.mark_running(true, clock.unix_secs()) {
             warn!(error = %e, "noting the start in the store");
         }
@@ -213,8 +220,10 @@ impl Daemon {
             info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, /healthz, /readyz");
             rt.spawn(crate::metrics::serve(m, Arc::new(registry), ops.ready.clone()));
         }
-        if let (Some(f), Some(_)) = (&forwarder, &fleet) {
+        if let (Some(f), Some(fleet)) = (&forwarder, &fleet) {
             rt.spawn(keep_standby(f.clone(), lease_period, stop_rx.clone()));
+            let _in_rt = rt.enter();
+            fleet_lists::spawn(fleet.clone(), admin.state.clone(), me, share_rx, stop_rx.clone());
         }
         let http = match (forwarder.clone(), listeners.forward) {
             (Some(f), Some(sock)) => {
@@ -367,6 +376,7 @@ fn attach(
         unsaved: false,
         ops,
         files: Default::default(),
+        share: None,
     };
     state.restore_lists()?;
     state.load_files()?;

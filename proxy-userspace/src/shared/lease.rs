@@ -114,6 +114,8 @@ pub struct Fleet {
     pub granted: AtomicU64,
     /// The fleet's total granted today, as last seen.
     pub fleet_granted: AtomicU64,
+    /// Restarts of the store seen (its run id changed): what it held was lost.
+    pub restarts: AtomicU64,
 }
 
 impl Fleet {
@@ -130,7 +132,13 @@ impl Fleet {
             jitter,
             granted: AtomicU64::new(0),
             fleet_granted: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
         }
+    }
+
+    /// The store restarted and lost what it held.
+    pub fn note_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The lease policy.
@@ -254,7 +262,7 @@ impl Fleet {
 
     /// Give back a call taken by `take` (a non-billable answer).
     pub async fn untake(&self, day: u64, ip: IpAddr, network: Option<Cidr>) -> Result<(), StoreError> {
-        let _: i64 = self.store.script(&self.refund, &self.count_keys(day, ip, network), &[]).await?;
+        let _: i64 = self.store.script(&self.refund, &self.count_keys(day, ip, network), &[] as &[i64]).await?;
         Ok(())
     }
 }

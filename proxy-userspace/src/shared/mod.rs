@@ -4,10 +4,12 @@
 //! a second after three failures in a row, so a paused or dead Redis adds at
 //! most one timeout to a few requests and nothing to the rest), the key
 //! namespace `{kw:<site>}` and the Lua scripts. What is shared and how is in
-//! `lease` (the global budget, per-IP daily counts). Scripts only, no
+//! `lease` (the global budget, per-IP daily counts) and `lists` (the allow
+//! and deny lists, escalations included). Scripts only, no
 //! modules, so managed Redis and Valkey serve too.
 
 pub mod lease;
+pub mod lists;
 
 use std::{
     sync::{
@@ -67,6 +69,7 @@ struct Breaker {
 
 /// One host's connection to the shared store.
 pub struct Store {
+    client: redis::Client,
     conn: ConnectionManager,
     url: String,
     prefix: String,
@@ -92,6 +95,7 @@ impl Store {
             .await
             .map_err(|_| StoreError::Timeout(connect_within))??;
         let store = Store {
+            client,
             conn,
             url: redact(&cfg.url),
             prefix: format!("{{kw:{}}}", cfg.site),
@@ -133,11 +137,11 @@ impl Store {
     }
 
     /// Run `script` with `keys` and `args`, bounded by the timeout and the breaker.
-    pub async fn script<T: redis::FromRedisValue>(
+    pub async fn script<T: redis::FromRedisValue, A: redis::ToRedisArgs>(
         &self,
         script: &redis::Script,
         keys: &[String],
-        args: &[i64],
+        args: &[A],
     ) -> Result<T, StoreError> {
         self.admit()?;
         let mut inv = script.prepare_invoke();
@@ -145,7 +149,7 @@ impl Store {
             inv.key(k);
         }
         for a in args {
-            inv.arg(*a);
+            inv.arg(a);
         }
         let mut conn = self.conn.clone();
         let started = Instant::now();
@@ -158,6 +162,25 @@ impl Store {
         self.round_trip.observe(started.elapsed().as_secs_f64());
         self.record(out.is_ok());
         out
+    }
+
+    /// A connection of its own for a blocking read (`XREAD BLOCK`), which
+    /// would hold up every other call on the shared one: its replies may take
+    /// `block` plus the call timeout.
+    pub async fn blocking_connection(&self, block: Duration) -> Result<redis::aio::MultiplexedConnection, StoreError> {
+        let within = (self.timeout * 20).max(Duration::from_secs(1));
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(within))
+            .set_response_timeout(Some(block + self.timeout));
+        tokio::time::timeout(within, self.client.get_multiplexed_async_connection_with_config(&cfg))
+            .await
+            .map_err(|_| StoreError::Timeout(within))?
+            .map_err(StoreError::Redis)
+    }
+
+    /// The call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn admit(&self) -> Result<(), StoreError> {
