@@ -35,9 +35,14 @@ impl Host {
 
 /// One host on `redis` with `[limits]` overrides and more sections.
 fn host(redis: &RedisServer, limits: &str, extra: &str) -> Host {
+    host_with(redis, |up| format!("{}\n{extra}", config(up, limits, "")))
+}
+
+/// One host on `redis` with the config `text` makes for its stand-in API.
+fn host_with(redis: &RedisServer, text: impl Fn(&Upstream) -> String) -> Host {
     let t = Topology::new();
     let up = Upstream::start(&t.server_ns);
-    let mut d = Daemon::prepare_with(&t, XDP_OPEN, &format!("{}\n{extra}", config(&up, limits, "")));
+    let mut d = Daemon::prepare_with(&t, XDP_OPEN, &text(&up));
     let store = format!("[store]\nredis_url = \"{}\"\nsite = \"test\"\n", redis.url());
     let text = std::fs::read_to_string(&d.config).expect("config").replacen("[store]\n", &store, 1);
     std::fs::write(&d.config, text).expect("config");
@@ -232,4 +237,73 @@ fn after_redis_is_killed_and_restarted_the_hosts_rebuild_the_lists() {
         late.d.ok(&["deny", "ls"])
     );
     assert!(hs.iter().any(|h| h.d.log().contains("published again")), "no host says what it re-published");
+}
+
+/// A token key file (the same on every host), removed on drop.
+struct KeyFile(std::path::PathBuf);
+
+impl KeyFile {
+    fn new() -> KeyFile {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = std::env::temp_dir().join(format!("kwt{}-shared-token.keys", std::process::id()));
+        std::fs::write(&p, "k1 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").expect("keys");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("keys mode");
+        KeyFile(p)
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_page_token_and_a_solution_are_spent_once_across_hosts() {
+    if !privileged() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let keys = KeyFile::new();
+    let hs: Vec<Host> = (0..3)
+        .map(|_| {
+            host_with(&redis, |up| {
+                config(up, "", "").replace("require_origin = true\n", "require_origin = true\nrequire_token = true\n")
+                    + &format!("\n[access.token]\nkeys_file = \"{}\"\nmax_calls = 3\n", keys.0.display())
+            })
+        })
+        .collect();
+    let token_call =
+        |h: &Host, token: &str| wire::get(&h.t, PORT, "/postcodes/SW1A1AA", &[ORIGIN, ("Keyward-Token", token)]);
+    let minted = hs[0].get("/.keyward/token").json();
+    let token = minted["token"].as_str().expect("a token").to_owned();
+    // Three calls, one on each host, then the token is used up everywhere.
+    let statuses: Vec<u16> = hs.iter().map(|h| token_call(h, &token).status).collect();
+    assert_eq!(statuses, [200, 200, 200]);
+    for h in &hs {
+        let a = token_call(h, &token);
+        assert_eq!(a.status, 403, "{}", a.raw);
+        assert!(a.raw.contains("token-exhausted"), "{}", a.raw);
+    }
+    assert_eq!(hs.iter().map(|h| h.up.calls().len()).sum::<usize>(), 3, "the API saw exactly one allowance");
+    // A challenge solved once mints once, whichever hosts it is taken to.
+    let c = wire::get(&hs[1].t, PORT, "/.keyward/challenge", &[ORIGIN]).json();
+    let challenge: altcha::Challenge = serde_json::from_value(c.clone()).expect("a challenge");
+    let solution = keyward::token::pow::solve(&challenge, Duration::from_secs(60)).expect("solvable");
+    let body = serde_json::json!({ "challenge": c, "solution": solution }).to_string();
+    let post = |h: &Host| {
+        let req = format!(
+            "POST /.keyward/token HTTP/1.1\r\nHost: keyward.test\r\nConnection: close\r\nOrigin: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            ORIGIN.1,
+            body.len()
+        );
+        wire::http_raw(&h.t, PORT, req.as_bytes()).expect("POST /.keyward/token")
+    };
+    let first = post(&hs[1]);
+    assert_eq!(first.status, 200, "{}", first.raw);
+    for h in [&hs[0], &hs[2]] {
+        let again = post(h);
+        assert_eq!(again.status, 403, "{}", again.raw);
+        assert!(again.raw.contains("challenge-spent"), "{}", again.raw);
+    }
 }

@@ -113,6 +113,8 @@ pub enum Refusal {
     Paced { retry_after: u64 },
     /// Shared budget: this host's leases are spent; lease more and retry.
     Unleased,
+    /// Shared store: the call's page token has used its calls on the fleet.
+    TokenUsed,
 }
 
 /// Today's counters, as persisted.

@@ -314,6 +314,7 @@ impl Forwarder {
             Refusal::Unleased => {
                 Refused::new(Outcome::BudgetUnavailable, "the service is briefly unavailable").retry(1)
             }
+            Refusal::TokenUsed => Refused::new(Outcome::TokenExhausted, TokenError::Exhausted.to_string()),
         }
     }
 

@@ -58,16 +58,31 @@ if a > 0 then redis.call('DECRBY', KEYS[1], a) end
 return a
 ";
 
-/// `KEYS`: the address's count, then optionally its network's. `ARGV`: the
-/// address's cap, the network's, the keys' expiry. 0 taken, 1 the address
-/// is over its cap, 2 the network is.
+/// `KEYS`: the address's count and its network's (`ARGV[4]` of them: none
+/// for an allow-listed client, 1, or 2), then optionally a page token's
+/// calls. `ARGV`: the address's cap, the network's, the counts' expiry, how
+/// many counts, the token's `max_calls`, the token's expiry. 0 taken, 1 the
+/// address is over its cap, 2 the network is, 3 the token is used up.
 const TAKE: &str = r"
-if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 1 end
-if #KEYS > 1 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return 2 end
-for i = 1, #KEYS do
+local n = tonumber(ARGV[4])
+if n >= 1 and tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 1 end
+if n >= 2 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return 2 end
+if #KEYS > n and tonumber(redis.call('GET', KEYS[n + 1]) or '0') >= tonumber(ARGV[5]) then return 3 end
+for i = 1, n do
   redis.call('INCR', KEYS[i])
   redis.call('EXPIREAT', KEYS[i], ARGV[3])
 end
+if #KEYS > n then
+  redis.call('INCR', KEYS[n + 1])
+  redis.call('EXPIREAT', KEYS[n + 1], ARGV[6])
+end
+return 0
+";
+
+/// `KEYS[1]`: a challenge's spent flag; `ARGV[1]`: when it expires. 1 when
+/// this call spent it, 0 when it was spent before.
+const SPEND: &str = r"
+if redis.call('SET', KEYS[1], '1', 'NX', 'EXAT', ARGV[1]) then return 1 end
 return 0
 ";
 
@@ -98,6 +113,32 @@ pub enum Taken {
     Yes,
     AddressOver,
     NetworkOver,
+    /// The page token has used its calls (on any host).
+    TokenUsed,
+}
+
+/// A call of a page token's allowance, taken beside the daily counts.
+#[derive(Clone, Debug)]
+pub struct TokenCall {
+    /// The token's nonce (its identity), as text.
+    pub nonce: String,
+    pub max_calls: u32,
+    pub expires_unix: u64,
+}
+
+/// What one call takes from the shared counts.
+#[derive(Clone, Debug)]
+pub struct Counted {
+    pub day: u64,
+    /// The reset boundary (the counts expire after it).
+    pub boundary: i64,
+    pub ip: IpAddr,
+    pub cap: u32,
+    /// The client's network and its cap.
+    pub network: Option<(Cidr, u32)>,
+    /// Allow-listed: no daily counts, only the token's.
+    pub exempt: bool,
+    pub token: Option<TokenCall>,
 }
 
 /// A host's share of the fleet: the store, the lease policy, and figures.
@@ -109,6 +150,7 @@ pub struct Fleet {
     give_back: redis::Script,
     take: redis::Script,
     refund: redis::Script,
+    spend: redis::Script,
     jitter: i64,
     /// Micro-units granted to this host since it started.
     pub granted: AtomicU64,
@@ -129,6 +171,7 @@ impl Fleet {
             give_back: redis::Script::new(GIVE_BACK),
             take: redis::Script::new(TAKE),
             refund: redis::Script::new(REFUND),
+            spend: redis::Script::new(SPEND),
             jitter,
             granted: AtomicU64::new(0),
             fleet_granted: AtomicU64::new(0),
@@ -233,37 +276,65 @@ impl Fleet {
         self.store.script(&self.give_back, &[self.day_key(day)], &[signed(amount)]).await
     }
 
-    fn count_keys(&self, day: u64, ip: IpAddr, network: Option<Cidr>) -> Vec<String> {
-        let mut keys = vec![self.store.key(&format!("ip:{day}:{ip}"))];
-        if let Some(n) = network {
-            keys.push(self.store.key(&format!("net:{day}:{n}")));
+    fn count_keys(&self, c: &Counted) -> Vec<String> {
+        let mut keys = Vec::new();
+        if !c.exempt {
+            keys.push(self.store.key(&format!("ip:{}:{}", c.day, c.ip)));
+            if let Some((n, _)) = c.network {
+                keys.push(self.store.key(&format!("net:{}:{n}", c.day)));
+            }
         }
         keys
     }
 
-    /// Take one call from `ip`'s (and its network's) shared daily count.
-    pub async fn take(
-        &self,
-        day: u64,
-        boundary: i64,
-        ip: IpAddr,
-        cap: u32,
-        network: Option<(Cidr, u32)>,
-    ) -> Result<Taken, StoreError> {
-        let keys = self.count_keys(day, ip, network.map(|n| n.0));
-        let args = [i64::from(cap), i64::from(network.map_or(0, |n| n.1)), boundary + KEEP_AFTER_DAY + self.jitter];
+    /// Take one call from the client's (and its network's) shared daily
+    /// count and from its page token's calls, all or none.
+    pub async fn take(&self, c: &Counted) -> Result<Taken, StoreError> {
+        let mut keys = self.count_keys(c);
+        let n = keys.len();
+        if let Some(t) = &c.token {
+            keys.push(self.store.key(&format!("tok:{}", t.nonce)));
+        }
+        if keys.is_empty() {
+            return Ok(Taken::Yes);
+        }
+        let (max, texp) = c.token.as_ref().map_or((0, 0), |t| (t.max_calls, t.expires_unix));
+        let args = [
+            i64::from(c.cap),
+            i64::from(c.network.map_or(0, |n| n.1)),
+            c.boundary + KEEP_AFTER_DAY + self.jitter,
+            signed(n as u64),
+            i64::from(max),
+            signed(texp) + 60,
+        ];
         let v: u8 = self.store.script(&self.take, &keys, &args).await?;
         Ok(match v {
             0 => Taken::Yes,
             1 => Taken::AddressOver,
-            _ => Taken::NetworkOver,
+            2 => Taken::NetworkOver,
+            _ => Taken::TokenUsed,
         })
     }
 
     /// Give back a call taken by `take` (a non-billable answer).
-    pub async fn untake(&self, day: u64, ip: IpAddr, network: Option<Cidr>) -> Result<(), StoreError> {
-        let _: i64 = self.store.script(&self.refund, &self.count_keys(day, ip, network), &[] as &[i64]).await?;
+    pub async fn untake(&self, c: &Counted) -> Result<(), StoreError> {
+        let mut keys = self.count_keys(c);
+        if let Some(t) = &c.token {
+            keys.push(self.store.key(&format!("tok:{}", t.nonce)));
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self.store.script(&self.refund, &keys, &[] as &[i64]).await?;
         Ok(())
+    }
+
+    /// Mark a proof-of-work challenge (by nonce) spent on the fleet until
+    /// `expires_unix`: true for exactly one caller on any host.
+    pub async fn spend_once(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError> {
+        let key = self.store.key(&format!("chal:{nonce}"));
+        let v: u8 = self.store.script(&self.spend, &[key], &[signed(expires_unix.max(1))]).await?;
+        Ok(v == 1)
     }
 }
 

@@ -13,7 +13,7 @@ use proxy_common::bucket::Params;
 
 use super::{
     Store, StoreConfig, StoreError,
-    lease::{Fleet, LeasePolicy, Taken},
+    lease::{Counted, Fleet, LeasePolicy, Taken, TokenCall},
 };
 use crate::proxy::{
     day::Schedule,
@@ -159,7 +159,7 @@ async fn one_client_on_three_hosts_gets_exactly_its_cap() {
     let mut tasks = Vec::new();
     for i in 0..30usize {
         let f = fleets[i % 3].clone();
-        tasks.push(tokio::spawn(async move { f.take(day.id(), day.end, ip(1), 7, None).await.unwrap() }));
+        tasks.push(tokio::spawn(async move { f.take(&counted(day.id(), day.end, ip(1), 7, None)).await.unwrap() }));
     }
     let mut yes = 0;
     for t in tasks {
@@ -167,12 +167,54 @@ async fn one_client_on_three_hosts_gets_exactly_its_cap() {
     }
     assert_eq!(yes, 7);
     // A non-billable answer gives one back; the network cap is shared too.
-    fleets[1].untake(day.id(), ip(1), None).await.unwrap();
-    assert_eq!(fleets[2].take(day.id(), day.end, ip(1), 7, None).await.unwrap(), Taken::Yes);
-    assert_eq!(fleets[0].take(day.id(), day.end, ip(1), 7, None).await.unwrap(), Taken::AddressOver);
+    fleets[1].untake(&counted(day.id(), day.end, ip(1), 7, None)).await.unwrap();
+    assert_eq!(fleets[2].take(&counted(day.id(), day.end, ip(1), 7, None)).await.unwrap(), Taken::Yes);
+    assert_eq!(fleets[0].take(&counted(day.id(), day.end, ip(1), 7, None)).await.unwrap(), Taken::AddressOver);
     let net = "192.0.2.0/24".parse().unwrap();
-    assert_eq!(fleets[0].take(day.id(), day.end, ip(2), 7, Some((net, 1))).await.unwrap(), Taken::Yes);
-    assert_eq!(fleets[1].take(day.id(), day.end, ip(3), 7, Some((net, 1))).await.unwrap(), Taken::NetworkOver);
+    assert_eq!(fleets[0].take(&counted(day.id(), day.end, ip(2), 7, Some((net, 1)))).await.unwrap(), Taken::Yes);
+    assert_eq!(
+        fleets[1].take(&counted(day.id(), day.end, ip(3), 7, Some((net, 1)))).await.unwrap(),
+        Taken::NetworkOver
+    );
+}
+
+fn counted(day: u64, boundary: i64, ip: IpAddr, cap: u32, network: Option<(crate::units::Cidr, u32)>) -> Counted {
+    Counted { day, boundary, ip, cap, network, exempt: false, token: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_page_token_and_a_solution_are_spent_once_across_hosts() {
+    let r = RedisServer::start();
+    let t = now();
+    let (a, b) = (fleet(&r, "tok", 0).await, fleet(&r, "tok", 0).await);
+    let day = Schedule::new("00:00", "UTC").unwrap().window(t);
+    let token = TokenCall { nonce: "n1".into(), max_calls: 3, expires_unix: u64::try_from(t).unwrap() + 600 };
+    let call = |i: u32, exempt: bool| Counted {
+        token: Some(token.clone()),
+        exempt,
+        ..counted(day.id(), day.end, ip(i), 100, None)
+    };
+    // Three calls of one token, from two addresses on two hosts (one allow-listed).
+    assert_eq!(a.take(&call(1, false)).await.unwrap(), Taken::Yes);
+    assert_eq!(b.take(&call(2, false)).await.unwrap(), Taken::Yes);
+    assert_eq!(b.take(&call(2, true)).await.unwrap(), Taken::Yes);
+    assert_eq!(a.take(&call(1, false)).await.unwrap(), Taken::TokenUsed);
+    assert_eq!(b.take(&call(3, true)).await.unwrap(), Taken::TokenUsed);
+    // A refused take took nothing: address 1 has one call counted.
+    let client = redis::Client::open(r.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let n: i64 =
+        redis::cmd("GET").arg(format!("{{kw:tok}}:ip:{}:{}", day.id(), ip(1))).query_async(&mut c).await.unwrap();
+    assert_eq!(n, 1);
+    // A non-billable answer gives the token's call back.
+    b.untake(&call(2, true)).await.unwrap();
+    assert_eq!(a.take(&call(1, false)).await.unwrap(), Taken::Yes);
+    // A challenge's solution: once, whichever host sees it first.
+    let exp = u64::try_from(t).unwrap() + 120;
+    let (x, y) = tokio::join!(a.spend_once("c1", exp), b.spend_once("c1", exp));
+    assert_eq!(u8::from(x.unwrap()) + u8::from(y.unwrap()), 1);
+    assert!(!a.spend_once("c1", exp).await.unwrap());
+    assert!(b.spend_once("c2", exp).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,7 +232,7 @@ async fn keys_expire_after_the_day_and_redis_clock_picks_the_day() {
     let got = f.top_up(10_000, 10_000, 1_000_000, || s, |d, a| l.add_lease(d, a)).await.unwrap();
     assert!(got >= 10_000);
     let day = Schedule::new("00:00", "UTC").unwrap().window(t);
-    f.take(day.id(), day.end, ip(1), 5, None).await.unwrap();
+    f.take(&counted(day.id(), day.end, ip(1), 5, None)).await.unwrap();
     let client = redis::Client::open(r.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS").arg("{kw:ttl}:*").query_async(&mut c).await.unwrap();
@@ -234,7 +276,10 @@ async fn a_paused_redis_costs_one_timeout_then_the_breaker_and_spend_stays_withi
     assert_eq!(l.today(t).0.spent, leased, "spent what was leased, standby included, and no more");
     // A call is bounded by the timeout (50 ms) plus scheduling slack.
     assert!(slowest < Duration::from_millis(500), "{slowest:?}");
-    assert!(matches!(f.take(1, t + 10, ip(1), 5, None).await, Err(StoreError::Open | StoreError::Timeout(_))));
+    assert!(matches!(
+        f.take(&counted(1, t + 10, ip(1), 5, None)).await,
+        Err(StoreError::Open | StoreError::Timeout(_))
+    ));
     assert!(!f.store.is_up());
     r.signal(nix::sys::signal::Signal::SIGCONT);
     // Recovery: after the breaker's second, leases are granted again.
