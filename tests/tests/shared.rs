@@ -7,6 +7,8 @@
 //! escalation on one host drops the client in XDP on the others within a
 //! second, a host started later picks the entry up, and after Redis is
 //! killed and restarted the hosts rebuild its lists from what they hold.
+//! Page tokens and challenge solutions are spent once across the hosts, and
+//! `/readyz` says when the shared store does not answer.
 
 use std::time::{Duration, Instant};
 
@@ -168,9 +170,30 @@ fn a_paused_redis_bounds_latency_and_spend_to_the_lease() {
     eprintln!("slowest call with Redis paused: {slowest:?}; outcomes {outcomes:?}");
     // Bounded by the store's timeout and breaker, far below any client's patience.
     assert!(slowest < Duration::from_secs(1), "{slowest:?}");
+    // Not ready while the store does not answer (the list stream's reads notice within a second or so).
+    let unready = wait_for(Duration::from_secs(5), || {
+        let (code, body) = readyz(h);
+        (code == 503 && body.contains("the shared store does not answer")).then_some(())
+    });
+    assert!(unready.is_some(), "/readyz: {:?}", readyz(h));
     redis.pause(false);
     let back = wait_for(Duration::from_secs(5), || (h.get("/postcodes/AD1").status == 200).then_some(()));
     assert!(back.is_some(), "leasing resumes after SIGCONT");
+    let ready = wait_for(Duration::from_secs(5), || (readyz(h) == (200, "ready\n".into())).then_some(()));
+    assert!(ready.is_some(), "/readyz after SIGCONT: {:?}", readyz(h));
+}
+
+/// `GET /readyz` on `h`'s metrics listener (in its server namespace).
+fn readyz(h: &Host) -> (u16, String) {
+    keyward_tests::netns::in_ns(&h.t.server_ns, || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9901").expect("metrics listener");
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    })
 }
 
 #[test]

@@ -9,11 +9,12 @@
 //! trimmed from the stream, and once a minute; what the state lacks of this
 //! host's entries (the store restarted empty, or they were written while it
 //! was away) is published again, and said in the log. During an outage the
-//! maps keep what they hold.
+//! maps keep what they hold. The tail's reads, at least one a second, also
+//! say whether the store answers, for `/readyz`.
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -21,6 +22,7 @@ use tokio::sync::{mpsc::UnboundedReceiver, watch};
 use tracing::{info, warn};
 
 use super::state::{State, lock};
+use crate::metrics::Readiness;
 use crate::shared::{
     StoreError,
     lease::Fleet,
@@ -42,6 +44,7 @@ pub(super) struct ListSync {
     lists: SharedLists,
     state: Arc<Mutex<State>>,
     me: String,
+    ready: Arc<Readiness>,
 }
 
 /// This host's name among the others: the host name and the XDP interface.
@@ -56,10 +59,11 @@ pub(super) fn spawn(
     state: Arc<Mutex<State>>,
     me: String,
     changes: UnboundedReceiver<Change>,
+    ready: Arc<Readiness>,
     stop: watch::Receiver<bool>,
 ) {
     let lists = SharedLists::new(&fleet.store);
-    let sync = Arc::new(ListSync { fleet, lists, state, me });
+    let sync = Arc::new(ListSync { fleet, lists, state, me, ready });
     tokio::spawn(publisher(sync.clone(), changes, stop.clone()));
     tokio::spawn(tail(sync, stop));
 }
@@ -125,6 +129,7 @@ async fn tail(sync: Arc<ListSync>, mut stop: watch::Receiver<bool>) {
         match follow(&sync, &mut pos, &mut run, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
+                sync.ready.shared_store_ok.store(false, Ordering::Relaxed);
                 if !std::mem::replace(&mut failing, true) {
                     warn!(error = %e, "lost the shared list stream; the XDP maps keep their state, reconnecting");
                 }
@@ -158,6 +163,7 @@ async fn follow(
     }
     *run = Some(id);
     resync(sync, pos, restarted).await?;
+    sync.ready.shared_store_ok.store(true, Ordering::Relaxed);
     let mut reconciled = Instant::now();
     loop {
         if reconciled.elapsed() >= RECONCILE {
@@ -169,6 +175,7 @@ async fn follow(
             _ = stop.changed() => return Ok(()),
         };
         let batch = read.map_err(|_| StoreError::Timeout(BLOCK))??;
+        sync.ready.shared_store_ok.store(true, Ordering::Relaxed);
         let full = batch.len() >= 256;
         apply(sync, pos, batch);
         if full {

@@ -223,7 +223,7 @@ impl Daemon {
         if let (Some(f), Some(fleet)) = (&forwarder, &fleet) {
             rt.spawn(keep_standby(f.clone(), lease_period, stop_rx.clone()));
             let _in_rt = rt.enter();
-            fleet_lists::spawn(fleet.clone(), admin.state.clone(), me, share_rx, stop_rx.clone());
+            fleet_lists::spawn(fleet.clone(), admin.state.clone(), me, share_rx, ops.ready.clone(), stop_rx.clone());
         }
         let http = match (forwarder.clone(), listeners.forward) {
             (Some(f), Some(sock)) => {
