@@ -262,6 +262,51 @@ fn after_redis_is_killed_and_restarted_the_hosts_rebuild_the_lists() {
     assert!(hs.iter().any(|h| h.d.log().contains("published again")), "no host says what it re-published");
 }
 
+#[test]
+fn after_redis_is_killed_and_restarted_the_budget_is_not_spent_twice() {
+    if !privileged() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    // 0.20 at 0.02 a call: ten calls; leases of two calls at most.
+    let hs = hosts(&redis, "daily = 0.20", "[store.budget]\nmax_lease = 0.04\n");
+    let mut ok = 0;
+    for (i, h) in hs.iter().enumerate() {
+        for j in 0..2 {
+            assert_eq!(h.get(&format!("/postcodes/AB{i}{j}")).status, 200);
+            ok += 1;
+        }
+    }
+    // Persistence off: the store loses every grant. Each host reports its lease again.
+    redis.kill_and_restart();
+    let reported = wait_for(Duration::from_secs(10), || {
+        hs.iter().all(|h| h.d.log().contains("lease of today is reported again")).then_some(())
+    });
+    assert!(reported.is_some(), "{}", hs[0].d.log());
+    // Spend what is left from every host: 503 budget-unavailable while the
+    // hosts report (retried), then exactly the rest of the budget.
+    for (i, h) in hs.iter().enumerate() {
+        let mut n = 0;
+        let done = wait_for(Duration::from_secs(10), || {
+            n += 1;
+            let a = h.get(&format!("/postcodes/AC{i}{n}"));
+            match a.status {
+                200 => {
+                    ok += 1;
+                    None
+                }
+                503 if a.raw.contains("budget-exhausted") => Some(()),
+                503 if a.raw.contains("budget-unavailable") => None,
+                _ => panic!("{}", a.raw),
+            }
+        });
+        assert!(done.is_some(), "host {i} never reached the end of the budget");
+    }
+    let seen: usize = hs.iter().map(|h| h.up.calls().len()).sum();
+    assert_eq!((ok, seen), (10, 10), "the budget was spent again after the store restarted");
+    assert!(hs[0].d.log().contains("start again from zero"), "the hosts say what was lost");
+}
+
 /// A token key file (the same on every host), removed on drop.
 struct KeyFile(std::path::PathBuf);
 

@@ -8,7 +8,9 @@
 //! the shared state at start, after every reconnect, when its position was
 //! trimmed from the stream, and once a minute; what the state lacks of this
 //! host's entries (the store restarted empty, or they were written while it
-//! was away) is published again, and said in the log. During an outage the
+//! was away) is published again, and said in the log. The tail is also
+//! what notices a store restart (its run id changed): it reports this host's
+//! budget lease again (`Forwarder::report_lease`). During an outage the
 //! maps keep what they hold. The tail's reads, at least one a second, also
 //! say whether the store answers, for `/readyz`.
 
@@ -45,6 +47,7 @@ pub(super) struct ListSync {
     state: Arc<Mutex<State>>,
     me: String,
     ready: Arc<Readiness>,
+    forwarder: Arc<crate::proxy::Forwarder>,
 }
 
 /// This host's name among the others: the host name and the XDP interface.
@@ -55,6 +58,7 @@ pub(super) fn host_name(iface: &str) -> String {
 
 /// Start the publisher and the tail; they stop when `stop` turns true.
 pub(super) fn spawn(
+    forwarder: Arc<crate::proxy::Forwarder>,
     fleet: Arc<Fleet>,
     state: Arc<Mutex<State>>,
     me: String,
@@ -63,7 +67,7 @@ pub(super) fn spawn(
     stop: watch::Receiver<bool>,
 ) {
     let lists = SharedLists::new(&fleet.store);
-    let sync = Arc::new(ListSync { fleet, lists, state, me, ready });
+    let sync = Arc::new(ListSync { fleet, lists, state, me, ready, forwarder });
     tokio::spawn(publisher(sync.clone(), changes, stop.clone()));
     tokio::spawn(tail(sync, stop));
 }
@@ -157,8 +161,10 @@ async fn follow(
     let restarted = run.as_ref().is_some_and(|r| *r != id);
     if restarted {
         warn!(
-            "the shared store restarted (its run id changed) and lost what it held: the lists are rebuilt from what the hosts hold, the budget's grants and the daily counts start again from what the hosts report"
+            "the shared store restarted (its run id changed) and lost what it held: the budget's grants are rebuilt from the leases the hosts report, the lists from what the hosts hold"
         );
+        // Not noted as seen until reported: a failure here is retried at the next connection.
+        sync.forwarder.report_lease().await?;
         sync.fleet.note_restart();
     }
     *run = Some(id);

@@ -223,7 +223,15 @@ impl Daemon {
         if let (Some(f), Some(fleet)) = (&forwarder, &fleet) {
             rt.spawn(keep_standby(f.clone(), lease_period, stop_rx.clone()));
             let _in_rt = rt.enter();
-            fleet_lists::spawn(fleet.clone(), admin.state.clone(), me, share_rx, ops.ready.clone(), stop_rx.clone());
+            fleet_lists::spawn(
+                f.clone(),
+                fleet.clone(),
+                admin.state.clone(),
+                me,
+                share_rx,
+                ops.ready.clone(),
+                stop_rx.clone(),
+            );
         }
         let http = match (forwarder.clone(), listeners.forward) {
             (Some(f), Some(sock)) => {
@@ -297,8 +305,10 @@ async fn connect_fleet(cfg: &crate::config::Store) -> anyhow::Result<Arc<crate::
         max_lease: micros(cfg.budget.max_lease).unwrap_or(0),
         standby: micros(cfg.budget.standby_lease).unwrap_or(0),
     };
-    info!(url = %shared::redact(&url), site = %cfg.site, "sharing the budget and daily counts through the shared store");
-    Ok(Arc::new(shared::lease::Fleet::new(store, policy)))
+    let fleet = shared::lease::Fleet::new(store, policy);
+    fleet.init().await.map_err(|e| anyhow::anyhow!("cannot use the shared store at {}: {e}", shared::redact(&url)))?;
+    info!(url = %shared::redact(&url), site = %cfg.site, "sharing the budget, daily counts, lists and page tokens through the shared store");
+    Ok(Arc::new(fleet))
 }
 
 /// Keep the standby lease topped up every `period` until told to stop.

@@ -165,6 +165,23 @@ impl Forwarder {
         }
     }
 
+    /// After a store restart (persistence off, so it lost what it held):
+    /// report this host's lease of today again, so the fleet's grants still
+    /// cover what every host may spend. Say what is lost.
+    pub async fn report_lease(&self) -> Result<(), crate::shared::StoreError> {
+        let Some(fleet) = self.fleet() else { return Ok(()) };
+        let Some(s) = self.limiter.lease(self.clock.unix_secs() as i64) else { return Ok(()) };
+        let total = fleet.report(s).await?;
+        tracing::warn!(
+            leased_micros = s.leased,
+            spent_micros = s.spent,
+            fleet_granted_micros = total,
+            "the shared store restarted: this host's lease of today is reported again (no lease is granted for {} ms while the hosts report theirs; a host that does not report in time is not counted); the per-address, per-network and page-token counts held there are lost and start again from zero, each host's own counts still bounding what it admits",
+            crate::shared::lease::REBUILD_WINDOW_MS
+        );
+        Ok(())
+    }
+
     /// Hand this host's unspent lease back to the fleet (clean shutdown).
     pub async fn release_lease(&self) {
         let Some(fleet) = self.fleet() else { return };

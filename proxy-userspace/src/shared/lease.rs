@@ -30,25 +30,62 @@ use crate::{
 /// concurrent reservations may take each grant first).
 const LEASE_TRIES: usize = 4;
 
-/// `KEYS`: today's and tomorrow's granted totals. `ARGV`: want, need (one
-/// call's cost), limit, boundary (Unix s), expiry of today's key, of
-/// tomorrow's. Returns {granted now, 1 when it is tomorrow by Redis's clock,
-/// the day's total granted}.
+/// `KEYS`: today's and tomorrow's granted totals, the store's marker.
+/// `ARGV`: want, need (one call's cost), limit, boundary (Unix s), expiry of
+/// today's key, of tomorrow's, the rebuild window (ms). Returns {granted
+/// now, 1 when it is tomorrow by Redis's clock, the day's total granted, 1
+/// while the store is being rebuilt}. A store without its marker has lost
+/// what it held (a restart without persistence): nothing is granted until
+/// the rebuild window has passed, while the hosts report their leases.
 const LEASE: &str = r"
-local now = tonumber(redis.call('TIME')[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local now_ms = now * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mark = redis.call('GET', KEYS[3])
+if not mark then
+  redis.call('SET', KEYS[3], now_ms + tonumber(ARGV[7]))
+  return {0, 0, 0, 1}
+end
+if now_ms < tonumber(mark) then return {0, 0, 0, 1} end
 local key, exp, which = KEYS[1], ARGV[5], 0
 if now >= tonumber(ARGV[4]) then key, exp, which = KEYS[2], ARGV[6], 1 end
 local granted = tonumber(redis.call('GET', key) or '0')
 local want, need, left = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]) - granted
 if need < 1 then need = 1 end
-if left < need then return {0, which, granted} end
+if left < need then return {0, which, granted, 0} end
 local g = math.min(want, math.max(need, math.floor(left / 2)), left)
 g = g - (g % need)
 if g < need then g = need end
 redis.call('INCRBY', key, g)
 redis.call('EXPIREAT', key, exp)
-return {g, which, granted + g}
+return {g, which, granted + g, 0}
 ";
+
+/// `KEYS[1]`: the store's marker. Set (no rebuild) when a host connects
+/// and finds none: a new store, or one whose hosts are all starting.
+const INIT: &str = r"
+redis.call('SET', KEYS[1], '0', 'NX')
+return 0
+";
+
+/// `KEYS`: today's granted total, the store's marker. `ARGV`: this host's
+/// lease today, the key's expiry, the rebuild window (ms). After a store
+/// restart: add what this host holds to the day's total (opening the
+/// rebuild window if no lease request opened it yet).
+const REPORT: &str = r"
+if not redis.call('GET', KEYS[2]) then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]))
+end
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
+return v
+";
+
+/// How long after a store restart nothing is granted while the hosts report
+/// their leases (each host's list-stream tail notices the restart within a
+/// second or so of the store coming back).
+pub const REBUILD_WINDOW_MS: i64 = 3_000;
 
 /// `KEYS[1]`: a day's granted total; `ARGV[1]`: the amount handed back.
 const GIVE_BACK: &str = r"
@@ -151,6 +188,8 @@ pub struct Fleet {
     take: redis::Script,
     refund: redis::Script,
     spend: redis::Script,
+    init: redis::Script,
+    report: redis::Script,
     jitter: i64,
     /// Micro-units granted to this host since it started.
     pub granted: AtomicU64,
@@ -172,6 +211,8 @@ impl Fleet {
             take: redis::Script::new(TAKE),
             refund: redis::Script::new(REFUND),
             spend: redis::Script::new(SPEND),
+            init: redis::Script::new(INIT),
+            report: redis::Script::new(REPORT),
             jitter,
             granted: AtomicU64::new(0),
             fleet_granted: AtomicU64::new(0),
@@ -182,6 +223,26 @@ impl Fleet {
     /// The store restarted and lost what it held.
     pub fn note_restart(&self) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// At start: mark the store as holding the fleet's state (a store found
+    /// without the mark later has lost it).
+    pub async fn init(&self) -> Result<(), StoreError> {
+        let _: i64 = self.store.script(&self.init, &[self.marker()], &[] as &[i64]).await?;
+        Ok(())
+    }
+
+    /// After a store restart: add this host's lease of today (`s`) to the
+    /// day's granted total, so the fleet's grants still cover every host's
+    /// spend. Returns the day's total after it.
+    pub async fn report(&self, s: LeaseState) -> Result<u64, StoreError> {
+        let expire = s.boundary + KEEP_AFTER_DAY + self.jitter;
+        let keys = [self.day_key(s.day), self.marker()];
+        self.store.script(&self.report, &keys, &[signed(s.leased), expire, REBUILD_WINDOW_MS]).await
+    }
+
+    fn marker(&self) -> String {
+        self.store.key("alive")
     }
 
     /// The lease policy.
@@ -217,10 +278,14 @@ impl Fleet {
         }
         let unit = unit.max(1);
         let want = (self.policy.max_lease / unit).max(1) * unit + self.policy.standby.saturating_sub(headroom);
-        let keys = [self.day_key(s.day), self.day_key(s.tomorrow)];
+        let keys = [self.day_key(s.day), self.day_key(s.tomorrow), self.marker()];
         let expire = s.boundary + KEEP_AFTER_DAY + self.jitter;
-        let args = [signed(want), signed(unit), signed(limit), s.boundary, expire, expire + 86_400];
-        let (grant, which, total): (u64, u8, u64) = self.store.script(&self.lease, &keys, &args).await?;
+        let args = [signed(want), signed(unit), signed(limit), s.boundary, expire, expire + 86_400, REBUILD_WINDOW_MS];
+        let (grant, which, total, rebuilding): (u64, u8, u64, u8) =
+            self.store.script(&self.lease, &keys, &args).await?;
+        if rebuilding == 1 {
+            return Err(StoreError::Rebuilding);
+        }
         let day = if which == 1 { s.tomorrow } else { s.day };
         self.fleet_granted.store(total, Ordering::Relaxed);
         if grant > 0 && !add(day, grant) {
@@ -261,6 +326,7 @@ impl Fleet {
         match self.top_up(cost, cost, budget, state, |d, a| limiter.add_lease(d, a)).await {
             Ok(0) => Err(Refusal::Budget { reset: limiter.spent(now).1.end }),
             Ok(_) => Ok(()),
+            Err(StoreError::Rebuilding) => Err(Refusal::Unleased),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lease budget from the shared store; this host's leases are spent");
                 Err(Refusal::Unleased)

@@ -40,6 +40,10 @@ pub enum StoreError {
     /// next day, was handed back); the host's day rolls within a moment.
     #[error("the shared store's clock is past this host's reset boundary")]
     NextDay,
+    /// The store restarted and lost what it held: nothing is granted for a
+    /// moment while the hosts report their leases.
+    #[error("the shared store restarted; budget leases resume once the hosts have reported theirs")]
+    Rebuilding,
 }
 
 /// How to reach the shared store.
