@@ -555,15 +555,28 @@ pub struct StoreBudget {
     /// Kept leased while Redis answers, to spend while it does not.
     #[serde(default)]
     pub standby_lease: f64,
-    /// How often the standby lease is topped up.
+    /// How often the standby lease is topped up (and idleness checked).
     #[serde(default = "default_lease_period")]
     pub lease_period: Span,
+    /// A host that has spent nothing for this long hands back its unspent
+    /// lease beyond the standby.
+    #[serde(default = "default_idle_return")]
+    pub idle_return: Span,
 }
 
 impl Default for StoreBudget {
     fn default() -> Self {
-        StoreBudget { max_lease: default_max_lease(), standby_lease: 0.0, lease_period: default_lease_period() }
+        StoreBudget {
+            max_lease: default_max_lease(),
+            standby_lease: 0.0,
+            lease_period: default_lease_period(),
+            idle_return: default_idle_return(),
+        }
     }
+}
+
+fn default_idle_return() -> Span {
+    Span(std::time::Duration::from_secs(60))
 }
 
 fn default_site() -> String {

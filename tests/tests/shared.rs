@@ -307,6 +307,56 @@ fn after_redis_is_killed_and_restarted_the_budget_is_not_spent_twice() {
     assert!(hs[0].d.log().contains("start again from zero"), "the hosts say what was lost");
 }
 
+#[test]
+fn an_idle_host_hands_its_lease_back() {
+    if !privileged() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let budget = "[store.budget]\nmax_lease = 0.10\nlease_period = \"200ms\"\nidle_return = \"1s\"\n";
+    let h = host(&redis, "daily = 1.00", budget);
+    assert_eq!(h.get("/postcodes/AB1").status, 200);
+    let st = h.d.status().forwarder.expect("forwarder").store.expect("store");
+    assert_eq!(st.leased_micros, 100_000, "{st:?}");
+    // Nothing spent for a second: the unspent 0.08 goes back to the fleet.
+    let back = wait_for(Duration::from_secs(5), || {
+        let f = h.d.status().forwarder.expect("forwarder");
+        (f.store.expect("store").leased_micros == f.spent_micros).then_some(())
+    });
+    assert!(back.is_some(), "{:?}", h.d.status().forwarder.and_then(|f| f.store));
+    assert!(h.d.log().contains("idle: unspent budget lease handed back"), "{}", h.d.log());
+    // Spending again leases again.
+    assert_eq!(h.get("/postcodes/AB2").status, 200);
+}
+
+#[test]
+fn while_redis_is_paused_each_host_admits_a_client_its_share_of_the_cap() {
+    if !privileged() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let budget = "[store.budget]\nmax_lease = 0.04\nstandby_lease = 0.20\nlease_period = \"200ms\"\n";
+    let hs = hosts(&redis, "daily = 10.00\nper_ip_daily = 6", budget);
+    // Every host counts three live hosts and holds its standby lease.
+    let ready = wait_for(Duration::from_secs(10), || {
+        hs.iter()
+            .all(|h| {
+                let f = h.d.status().forwarder.expect("forwarder");
+                let st = f.store.expect("store");
+                st.live_hosts == 3 && st.leased_micros >= f.spent_micros + 200_000
+            })
+            .then_some(())
+    });
+    assert!(ready.is_some(), "{:?}", hs[0].d.status().forwarder.and_then(|f| f.store));
+    redis.pause(true);
+    // ceil(6 / 3) = 2 calls on each host, by its own counts.
+    let statuses: Vec<u16> = (0..3).map(|i| hs[0].get(&format!("/postcodes/AE{i}")).status).collect();
+    redis.pause(false);
+    assert_eq!(statuses, [200, 200, 429], "{statuses:?}");
+    assert_eq!(hs[0].up.calls().len(), 2);
+    assert!(deny_entry(&hs[0], "10.77.0.2/32").is_none(), "a share refusal is not escalated");
+}
+
 /// A token key file (the same on every host), removed on drop.
 struct KeyFile(std::path::PathBuf);
 

@@ -10,7 +10,8 @@
 //! host's entries (the store restarted empty, or they were written while it
 //! was away) is published again, and said in the log. The tail is also
 //! what notices a store restart (its run id changed): it reports this host's
-//! budget lease again (`Forwarder::report_lease`). During an outage the
+//! budget lease again (`Forwarder::report_lease`), and what beats this
+//! host's heartbeat (the live hosts' count). During an outage the
 //! maps keep what they hold. The tail's reads, at least one a second, also
 //! say whether the store answers, for `/readyz`.
 
@@ -37,6 +38,9 @@ const BLOCK: Duration = Duration::from_millis(1000);
 const RETRY: Duration = Duration::from_millis(500);
 /// A full resynchronisation at least this often.
 const RECONCILE: Duration = Duration::from_secs(60);
+/// How often this host says it is alive (the live hosts share the per-IP
+/// caps while the store does not answer).
+const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Changes kept for publishing while the store is away (the oldest dropped beyond).
 const QUEUE_MAX: usize = 10_000;
 
@@ -170,7 +174,8 @@ async fn follow(
     *run = Some(id);
     resync(sync, pos, restarted).await?;
     sync.ready.shared_store_ok.store(true, Ordering::Relaxed);
-    let mut reconciled = Instant::now();
+    sync.fleet.heartbeat(&sync.me).await?;
+    let (mut reconciled, mut beat) = (Instant::now(), Instant::now());
     loop {
         if reconciled.elapsed() >= RECONCILE {
             resync(sync, pos, false).await?;
@@ -182,6 +187,12 @@ async fn follow(
         };
         let batch = read.map_err(|_| StoreError::Timeout(BLOCK))??;
         sync.ready.shared_store_ok.store(true, Ordering::Relaxed);
+        if beat.elapsed() >= HEARTBEAT {
+            beat = Instant::now();
+            if let Err(e) = sync.fleet.heartbeat(&sync.me).await {
+                tracing::debug!(error = %e, "heartbeat not written");
+            }
+        }
         let full = batch.len() >= 256;
         apply(sync, pos, batch);
         if full {

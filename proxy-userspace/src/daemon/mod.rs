@@ -192,7 +192,7 @@ impl Daemon {
             }
             _ => None,
         };
-        let lease_period = config.store.budget.lease_period.0;
+        let (lease_period, idle_return) = (config.store.budget.lease_period.0, config.store.budget.idle_return.0);
         let ops = Arc::new(Ops::default());
         ops.reloads.last_success.set(i64::try_from(clock.unix_secs()).unwrap_or(i64::MAX));
         let iface = config.xdp().interface.clone();
@@ -221,7 +221,7 @@ impl Daemon {
             rt.spawn(crate::metrics::serve(m, Arc::new(registry), ops.ready.clone()));
         }
         if let (Some(f), Some(fleet)) = (&forwarder, &fleet) {
-            rt.spawn(keep_standby(f.clone(), lease_period, stop_rx.clone()));
+            rt.spawn(keep_standby(f.clone(), lease_period, idle_return, stop_rx.clone()));
             let _in_rt = rt.enter();
             fleet_lists::spawn(
                 f.clone(),
@@ -311,12 +311,16 @@ async fn connect_fleet(cfg: &crate::config::Store) -> anyhow::Result<Arc<crate::
     Ok(Arc::new(fleet))
 }
 
-/// Keep the standby lease topped up every `period` until told to stop.
-async fn keep_standby(f: Arc<Forwarder>, period: Duration, mut stop: watch::Receiver<bool>) {
+/// Keep the standby lease topped up every `period`, and hand an idle
+/// host's lease back after `idle`, until told to stop.
+async fn keep_standby(f: Arc<Forwarder>, period: Duration, idle: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
     loop {
         tokio::select! {
-            _ = tick.tick() => f.keep_standby().await,
+            _ = tick.tick() => {
+                f.keep_standby().await;
+                f.return_idle(idle).await;
+            }
             _ = stop.changed() => return,
         }
     }

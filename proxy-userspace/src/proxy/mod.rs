@@ -83,6 +83,8 @@ pub struct Forwarder {
     conns: Arc<conns::Conns>,
     /// The shared store (several hosts), set once at start.
     fleet: std::sync::OnceLock<Arc<crate::shared::lease::Fleet>>,
+    /// Today's spend when last seen to change, and when (monotonic ns): idle lease return.
+    last_spend: Mutex<(u64, u64)>,
     /// The listener's certificate, replaced on reload.
     certs: Option<Arc<tls::Certs>>,
     /// Where reservations are made durable before their call leaves
@@ -133,6 +135,7 @@ impl Forwarder {
             token_rt,
             conns: Arc::default(),
             fleet: std::sync::OnceLock::new(),
+            last_spend: Mutex::new((0, 0)),
             certs: policy_tls,
             journal,
         });
@@ -180,6 +183,36 @@ impl Forwarder {
             crate::shared::lease::REBUILD_WINDOW_MS
         );
         Ok(())
+    }
+
+    /// A host that has spent nothing for `after` hands its unspent lease
+    /// beyond the standby back (called every lease period).
+    pub async fn return_idle(&self, after: std::time::Duration) {
+        let Some(fleet) = self.fleet() else { return };
+        let (now, ns) = (self.clock.unix_secs() as i64, self.clock.monotonic_ns());
+        let Some(s) = self.limiter.lease(now) else { return };
+        {
+            let mut last = self.last_spend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+            if last.0 != s.spent || last.1 == 0 {
+                *last = (s.spent, ns);
+                return;
+            }
+            if ns.saturating_sub(last.1) < after_ns {
+                return;
+            }
+            last.1 = ns;
+        }
+        if let Some((day, unused)) = self.limiter.release_lease_above(fleet.policy().standby)
+            && unused > 0
+        {
+            match fleet.hand_back(day, unused).await {
+                Ok(n) => {
+                    tracing::info!(returned_micros = n, "idle: unspent budget lease handed back to the shared store")
+                }
+                Err(e) => tracing::warn!(error = %e, unused, "idle lease not handed back (the fleet under-spends it)"),
+            }
+        }
     }
 
     /// Hand this host's unspent lease back to the fleet (clean shutdown).

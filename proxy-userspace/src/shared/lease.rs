@@ -12,12 +12,13 @@
 //!
 //! Per-IP and per-network daily counts: one script round trip per billable
 //! call (taken if under the cap, given back for non-billable answers). When
-//! Redis does not answer, the host's own counts decide (each host then admits
-//! up to the cap: the documented fallback).
+//! Redis does not answer, the host's own counts decide against its share of
+//! the cap, `ceil(cap / live hosts)`, the live hosts being those whose
+//! heartbeat (a sorted set, beaten every second or so) is recent.
 
 use std::{
     net::IpAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use super::{Store, StoreError};
@@ -197,7 +198,25 @@ pub struct Fleet {
     pub fleet_granted: AtomicU64,
     /// Restarts of the store seen (its run id changed): what it held was lost.
     pub restarts: AtomicU64,
+    /// Hosts seen alive in the last `LIVE_WITHIN_MS` (this one included), as last counted.
+    live: AtomicU32,
+    heartbeat: redis::Script,
 }
+
+/// A host counts as live while its last heartbeat is this recent.
+const LIVE_WITHIN_MS: i64 = 10_000;
+
+/// `KEYS[1]`: the hosts' heartbeats (a sorted set by time). `ARGV`: this
+/// host's name, how recent a live host's heartbeat is (ms). Returns how
+/// many hosts are live.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZCARD', KEYS[1])
+";
 
 impl Fleet {
     pub fn new(store: Store, policy: LeasePolicy) -> Fleet {
@@ -217,7 +236,23 @@ impl Fleet {
             granted: AtomicU64::new(0),
             fleet_granted: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
+            live: AtomicU32::new(1),
+            heartbeat: redis::Script::new(HEARTBEAT),
         }
+    }
+
+    /// Say this host (`me`) is alive and count the live hosts.
+    pub async fn heartbeat(&self, me: &str) -> Result<u32, StoreError> {
+        let key = self.store.key("hosts");
+        let n: u32 = self.store.script(&self.heartbeat, &[key], &[me.to_owned(), LIVE_WITHIN_MS.to_string()]).await?;
+        self.live.store(n.max(1), Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// The live hosts as last counted (at least this one): what the per-IP
+    /// caps are shared by while the store does not answer.
+    pub fn live_hosts(&self) -> u32 {
+        self.live.load(Ordering::Relaxed).max(1)
     }
 
     /// The store restarted and lost what it held.

@@ -72,10 +72,35 @@ impl Forwarder {
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, "shared daily count unavailable; the local count decides");
-                Ok(r)
+                tracing::debug!(error = %e, "shared daily count unavailable; this host's share of the cap decides");
+                self.within_share(fleet, call, r)
             }
         }
+    }
+
+    /// The store does not answer: this host admits a client (and its
+    /// network) up to its share of the daily cap, `ceil(cap / live hosts)`,
+    /// by its own counts (which already include this call). Never escalated.
+    fn within_share(
+        &self,
+        fleet: &crate::shared::lease::Fleet,
+        call: &Call<'_>,
+        r: Reservation,
+    ) -> Result<Reservation, Refusal> {
+        let l = self.limiter.limits();
+        if call.exempt || l.dry_run {
+            return Ok(r);
+        }
+        let hosts = fleet.live_hosts();
+        let rem = self.limiter.remaining(call.key, call.now_ns, call.now);
+        let over_ip = l.per_ip_daily.saturating_sub(rem.daily) > l.per_ip_daily.div_ceil(hosts);
+        let over_net =
+            l.prefix.zip(rem.prefix).is_some_and(|(p, left)| p.calls.saturating_sub(left) > p.calls.div_ceil(hosts));
+        if over_ip || over_net {
+            self.limiter.refund(r);
+            return Err(Refusal::DailyShare);
+        }
+        Ok(r)
     }
 
     /// A non-billable call: give its shared daily count and token call back
