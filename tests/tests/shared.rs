@@ -304,7 +304,36 @@ fn after_redis_is_killed_and_restarted_the_budget_is_not_spent_twice() {
     }
     let seen: usize = hs.iter().map(|h| h.up.calls().len()).sum();
     assert_eq!((ok, seen), (10, 10), "the budget was spent again after the store restarted");
-    assert!(hs[0].d.log().contains("start again from zero"), "the hosts say what was lost");
+    assert!(hs[0].d.log().contains("counts added back"), "the hosts say what they rebuilt");
+}
+
+#[test]
+fn after_redis_is_killed_and_restarted_a_client_still_gets_only_its_cap() {
+    if !privileged() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let hs: Vec<Host> = (0..2).map(|_| host(&redis, "per_ip_daily = 4", "")).collect();
+    assert_eq!(hs[0].get("/postcodes/AB1").status, 200);
+    assert_eq!(hs[0].get("/postcodes/AB2").status, 200);
+    assert_eq!(hs[1].get("/postcodes/AB3").status, 200);
+    redis.kill_and_restart();
+    let reported =
+        wait_for(Duration::from_secs(10), || hs.iter().all(|h| h.d.log().contains("counts added back")).then_some(()));
+    assert!(reported.is_some(), "{}", hs[1].d.log());
+    // The hosts added back their own counts (2 + 1): one call is left, whichever host.
+    let mut statuses = Vec::new();
+    let settled = wait_for(Duration::from_secs(10), || {
+        let a = hs[statuses.len() % 2].get(&format!("/postcodes/AD{}", statuses.len()));
+        if a.status == 503 && a.raw.contains("budget-unavailable") {
+            return None;
+        }
+        statuses.push(a.status);
+        (statuses.len() == 4).then_some(())
+    });
+    assert!(settled.is_some(), "{statuses:?}");
+    assert_eq!(statuses, [200, 429, 429, 429], "the store forgot the counts");
+    assert_eq!(hs.iter().map(|h| h.up.calls().len()).sum::<usize>(), 4);
 }
 
 #[test]

@@ -170,16 +170,29 @@ impl Forwarder {
 
     /// After a store restart (persistence off, so it lost what it held):
     /// report this host's lease of today again, so the fleet's grants still
-    /// cover what every host may spend. Say what is lost.
+    /// cover what every host may spend, and add back its own per-address,
+    /// per-network and page-token counts. Say what was rebuilt.
     pub async fn report_lease(&self) -> Result<(), crate::shared::StoreError> {
         let Some(fleet) = self.fleet() else { return Ok(()) };
-        let Some(s) = self.limiter.lease(self.clock.unix_secs() as i64) else { return Ok(()) };
+        let now = self.clock.unix_secs() as i64;
+        let Some(s) = self.limiter.lease(now) else { return Ok(()) };
         let total = fleet.report(s).await?;
+        let (counts, window) = self.limiter.today(now);
+        let per_ip: Vec<_> = counts.per_ip.iter().map(|(ip, n)| (*ip, *n)).collect();
+        let per_net: Vec<_> = counts.per_prefix.iter().map(|(c, n)| (*c, *n)).collect();
+        let tokens: Vec<_> = self
+            .token_allowance()
+            .snapshot(self.clock.unix_secs())
+            .into_iter()
+            .map(|e| (e.nonce.to_string(), e.used, e.expires_unix))
+            .collect();
+        let added = fleet.report_counts(counts.day, window.end, &per_ip, &per_net, &tokens).await?;
         tracing::warn!(
             leased_micros = s.leased,
             spent_micros = s.spent,
             fleet_granted_micros = total,
-            "the shared store restarted: this host's lease of today is reported again (no lease is granted for {} ms while the hosts report theirs; a host that does not report in time is not counted); the per-address, per-network and page-token counts held there are lost and start again from zero, each host's own counts still bounding what it admits",
+            counts_added_back = added,
+            "the shared store restarted: this host's lease of today is reported again (no lease is granted for {} ms while the hosts report theirs; a host that does not report in time is not counted) and its own {added} per-address, per-network and page-token counts added back (the counts of a host that does not come back are lost)",
             crate::shared::lease::REBUILD_WINDOW_MS
         );
         Ok(())

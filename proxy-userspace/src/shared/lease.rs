@@ -83,6 +83,19 @@ redis.call('EXPIREAT', KEYS[1], ARGV[2])
 return v
 ";
 
+/// `KEYS`: counts; `ARGV`: for each key, the amount to add and its expiry.
+/// After a store restart, a host adds back what it counted.
+const ADD_COUNTS: &str = r"
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
+  redis.call('EXPIREAT', KEYS[i], ARGV[2 * i])
+end
+return #KEYS
+";
+
+/// Counts added back per script call after a restart.
+const ADD_CHUNK: usize = 256;
+
 /// How long after a store restart nothing is granted while the hosts report
 /// their leases (each host's list-stream tail notices the restart within a
 /// second or so of the store coming back).
@@ -191,6 +204,7 @@ pub struct Fleet {
     spend: redis::Script,
     init: redis::Script,
     report: redis::Script,
+    add_counts: redis::Script,
     jitter: i64,
     /// Micro-units granted to this host since it started.
     pub granted: AtomicU64,
@@ -232,6 +246,7 @@ impl Fleet {
             spend: redis::Script::new(SPEND),
             init: redis::Script::new(INIT),
             report: redis::Script::new(REPORT),
+            add_counts: redis::Script::new(ADD_COUNTS),
             jitter,
             granted: AtomicU64::new(0),
             fleet_granted: AtomicU64::new(0),
@@ -274,6 +289,33 @@ impl Fleet {
         let expire = s.boundary + KEEP_AFTER_DAY + self.jitter;
         let keys = [self.day_key(s.day), self.marker()];
         self.store.script(&self.report, &keys, &[signed(s.leased), expire, REBUILD_WINDOW_MS]).await
+    }
+
+    /// After a store restart: add back this host's own counts of today (per
+    /// address, per network, expiring after `boundary`) and its page tokens'
+    /// calls (nonce, calls, token expiry), so the shared counts are again the
+    /// sum of every host's. Returns how many counts were added back.
+    pub async fn report_counts(
+        &self,
+        day: u64,
+        boundary: i64,
+        per_ip: &[(IpAddr, u32)],
+        per_net: &[(Cidr, u32)],
+        tokens: &[(String, u32, u64)],
+    ) -> Result<usize, StoreError> {
+        let exp = boundary + KEEP_AFTER_DAY + self.jitter;
+        let mut all: Vec<(String, i64, i64)> = Vec::new();
+        all.extend(per_ip.iter().map(|(ip, n)| (self.store.key(&format!("ip:{day}:{ip}")), i64::from(*n), exp)));
+        all.extend(per_net.iter().map(|(c, n)| (self.store.key(&format!("net:{day}:{c}")), i64::from(*n), exp)));
+        all.extend(
+            tokens.iter().map(|(t, n, e)| (self.store.key(&format!("tok:{t}")), i64::from(*n), signed(*e) + 60)),
+        );
+        for chunk in all.chunks(ADD_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|c| c.0.clone()).collect();
+            let args: Vec<i64> = chunk.iter().flat_map(|c| [c.1, c.2]).collect();
+            let _: i64 = self.store.script(&self.add_counts, &keys, &args).await?;
+        }
+        Ok(all.len())
     }
 
     fn marker(&self) -> String {
