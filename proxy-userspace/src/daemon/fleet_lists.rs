@@ -9,7 +9,7 @@
 //! trimmed from the stream, and once a minute; what the state lacks of this
 //! host's entries (the store restarted empty, or they were written while it
 //! was away) is published again, and said in the log. The tail is also
-//! what notices a store restart (its run id changed): it reports this host's
+//! what notices a store restart (the store's epoch changed): it reports this host's
 //! budget lease again (`Forwarder::report_lease`), and what beats this
 //! host's heartbeat (the live hosts' count). During an outage the
 //! maps keep what they hold. The tail's reads, at least one a second, also
@@ -29,7 +29,7 @@ use crate::metrics::Readiness;
 use crate::shared::{
     StoreError,
     lease::Fleet,
-    lists::{self, Change, SharedLists},
+    lists::{Change, SharedLists},
 };
 
 /// How long one `XREAD` waits for a change.
@@ -159,19 +159,21 @@ async fn follow(
 ) -> Result<(), StoreError> {
     let store = &sync.fleet.store;
     let mut conn = store.blocking_connection(BLOCK).await?;
-    let id = tokio::time::timeout(store.timeout() * 4, lists::run_id(&mut conn))
-        .await
-        .map_err(|_| StoreError::Timeout(store.timeout() * 4))??;
-    let restarted = run.as_ref().is_some_and(|r| *r != id);
+    let epoch = sync.fleet.epoch().await?;
+    // A new epoch (or none) means the store lost what it held: a restart
+    // without persistence. A failover to a replica keeps the epoch.
+    let restarted = run.as_ref().is_some_and(|seen| epoch.as_ref() != Some(seen));
     if restarted {
         warn!(
-            "the shared store restarted (its run id changed) and lost what it held: the budget's grants are rebuilt from the leases the hosts report, the lists from what the hosts hold"
+            "the shared store restarted and lost what it held: the budget's grants and the daily counts are rebuilt from what the hosts report, the lists from what they hold"
         );
         // Not noted as seen until reported: a failure here is retried at the next connection.
         sync.forwarder.report_lease().await?;
         sync.fleet.note_restart();
+        *run = sync.fleet.epoch().await?;
+    } else {
+        *run = epoch;
     }
-    *run = Some(id);
     resync(sync, pos, restarted).await?;
     sync.ready.shared_store_ok.store(true, Ordering::Relaxed);
     sync.fleet.heartbeat(&sync.me).await?;

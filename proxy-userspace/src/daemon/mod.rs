@@ -184,8 +184,8 @@ impl Daemon {
             None => (None, None),
         };
         let store: Arc<dyn ListStore> = Arc::new(embedded);
-        let fleet = match (&forwarder, &config.store.redis_url) {
-            (Some(f), Some(_)) => {
+        let fleet = match (&forwarder, config.store.shared()) {
+            (Some(f), true) => {
                 let fleet = rt.block_on(connect_fleet(&config.store))?;
                 f.set_fleet(fleet.clone());
                 Some(fleet)
@@ -296,8 +296,15 @@ impl Daemon {
 /// cannot be reached or refuses the credentials.
 async fn connect_fleet(cfg: &crate::config::Store) -> anyhow::Result<Arc<crate::shared::lease::Fleet>> {
     use crate::{proxy::limit::micros, shared};
-    let url = cfg.redis_url.clone().unwrap_or_default();
-    let sc = shared::StoreConfig { url: url.clone(), site: cfg.site.clone(), timeout: cfg.timeout.0 };
+    let sentinel = cfg.sentinel_service.clone().map(|svc| (cfg.sentinels.clone(), svc));
+    let url = match (&cfg.redis_url, &sentinel) {
+        (Some(u), _) => u.clone(),
+        (None, Some((nodes, svc))) => {
+            format!("sentinel {svc} via {}", nodes.iter().map(|n| shared::redact(n)).collect::<Vec<_>>().join(", "))
+        }
+        (None, None) => String::new(),
+    };
+    let sc = shared::StoreConfig { url: url.clone(), sentinel, site: cfg.site.clone(), timeout: cfg.timeout.0 };
     let store = shared::Store::connect(&sc)
         .await
         .map_err(|e| anyhow::anyhow!("cannot use the shared store at {}: {e}", shared::redact(&url)))?;

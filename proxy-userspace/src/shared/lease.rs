@@ -44,10 +44,10 @@ local now = tonumber(t[1])
 local now_ms = now * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mark = redis.call('GET', KEYS[3])
 if not mark then
-  redis.call('SET', KEYS[3], now_ms + tonumber(ARGV[7]))
+  redis.call('SET', KEYS[3], now_ms .. ' ' .. (now_ms + tonumber(ARGV[7])))
   return {0, 0, 0, 1}
 end
-if now_ms < tonumber(mark) then return {0, 0, 0, 1} end
+if now_ms < tonumber(string.match(mark, '(%d+)$')) then return {0, 0, 0, 1} end
 local key, exp, which = KEYS[1], ARGV[5], 0
 if now >= tonumber(ARGV[4]) then key, exp, which = KEYS[2], ARGV[6], 1 end
 local granted = tonumber(redis.call('GET', key) or '0')
@@ -62,11 +62,21 @@ redis.call('EXPIREAT', key, exp)
 return {g, which, granted + g, 0}
 ";
 
-/// `KEYS[1]`: the store's marker. Set (no rebuild) when a host connects
-/// and finds none: a new store, or one whose hosts are all starting.
+/// `KEYS[1]`: the store's marker, `<epoch> <rebuilt until>` (ms). Set (no
+/// rebuild) when a host connects and finds none: a new store, or one whose
+/// hosts are all starting. A marker is replicated, so a Sentinel failover
+/// keeps the epoch; a restart that lost the data changes it.
 const INIT: &str = r"
-redis.call('SET', KEYS[1], '0', 'NX')
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) .. ' 0', 'NX')
 return 0
+";
+
+/// `KEYS[1]`: the store's marker. Its epoch, or nothing.
+const EPOCH: &str = r"
+local m = redis.call('GET', KEYS[1])
+if not m then return false end
+return string.match(m, '^(%d+)')
 ";
 
 /// `KEYS`: today's granted total, the store's marker. `ARGV`: this host's
@@ -76,7 +86,8 @@ return 0
 const REPORT: &str = r"
 if not redis.call('GET', KEYS[2]) then
   local t = redis.call('TIME')
-  redis.call('SET', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]))
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('SET', KEYS[2], now_ms .. ' ' .. (now_ms + tonumber(ARGV[3])))
 end
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('EXPIREAT', KEYS[1], ARGV[2])
@@ -203,6 +214,7 @@ pub struct Fleet {
     refund: redis::Script,
     spend: redis::Script,
     init: redis::Script,
+    epoch: redis::Script,
     report: redis::Script,
     add_counts: redis::Script,
     jitter: i64,
@@ -245,6 +257,7 @@ impl Fleet {
             refund: redis::Script::new(REFUND),
             spend: redis::Script::new(SPEND),
             init: redis::Script::new(INIT),
+            epoch: redis::Script::new(EPOCH),
             report: redis::Script::new(REPORT),
             add_counts: redis::Script::new(ADD_COUNTS),
             jitter,
@@ -280,6 +293,12 @@ impl Fleet {
     pub async fn init(&self) -> Result<(), StoreError> {
         let _: i64 = self.store.script(&self.init, &[self.marker()], &[] as &[i64]).await?;
         Ok(())
+    }
+
+    /// The store's epoch: it changes only when the store lost what it held
+    /// (`None`: lost, and no host has noticed yet).
+    pub async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        self.store.script(&self.epoch, &[self.marker()], &[] as &[i64]).await
     }
 
     /// After a store restart: add this host's lease of today (`s`) to the

@@ -221,12 +221,6 @@ impl SharedLists {
     }
 }
 
-/// The server's run id (changes when Redis restarts), on the tail's connection.
-pub async fn run_id(conn: &mut MultiplexedConnection) -> Result<String, redis::RedisError> {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-    Ok(info.lines().find_map(|l| l.strip_prefix("run_id:")).map(|s| s.trim().to_owned()).unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

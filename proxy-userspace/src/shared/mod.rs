@@ -13,14 +13,17 @@ pub mod lists;
 
 use std::{
     sync::{
-        Mutex,
+        Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use prometheus_client::metrics::histogram::Histogram;
-use redis::aio::ConnectionManager;
+use redis::{
+    aio::ConnectionManager,
+    sentinel::{SentinelClient, SentinelServerType},
+};
 
 /// Failures in a row that open the breaker.
 const BREAKER_FAILURES: u32 = 3;
@@ -49,7 +52,12 @@ pub enum StoreError {
 /// How to reach the shared store.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
+    /// The store's URL; with `sentinel`, only what logs and status show.
     pub url: String,
+    /// Sentinel: the sentinels' URLs and the service (master) name. The
+    /// master is asked of them at start and again whenever the breaker opens
+    /// (a failover moved it).
+    pub sentinel: Option<(Vec<String>, String)>,
     pub site: String,
     pub timeout: Duration,
 }
@@ -73,8 +81,11 @@ struct Breaker {
 
 /// One host's connection to the shared store.
 pub struct Store {
-    client: redis::Client,
-    conn: ConnectionManager,
+    client: RwLock<redis::Client>,
+    conn: RwLock<ConnectionManager>,
+    /// With Sentinel: where to ask for the master again, and whether to.
+    sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
+    resolve: AtomicBool,
     url: String,
     prefix: String,
     timeout: Duration,
@@ -87,20 +98,24 @@ pub struct Store {
 impl Store {
     /// Connect and check the store answers (one clear error when it does not).
     pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        let client = redis::Client::open(cfg.url.as_str())?;
-        // Connecting may take longer than one call: a TLS handshake, AUTH.
-        let connect_within = (cfg.timeout * 20).max(Duration::from_secs(1));
-        let mc = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(connect_within))
-            .set_response_timeout(Some(cfg.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(connect_within, client.get_connection_manager_with_config(mc))
-            .await
-            .map_err(|_| StoreError::Timeout(connect_within))??;
+        // Connecting may take longer than one call: a TLS handshake, AUTH, asking a sentinel.
+        let within = connect_within(cfg.timeout);
+        let mut sentinel = match &cfg.sentinel {
+            Some((nodes, service)) => {
+                Some(SentinelClient::build(nodes.clone(), service.as_str(), None, SentinelServerType::Master)?)
+            }
+            None => None,
+        };
+        let client = match &mut sentinel {
+            Some(s) => bounded(within, s.async_get_client()).await?,
+            None => redis::Client::open(cfg.url.as_str())?,
+        };
+        let conn = manager(&client, cfg.timeout).await?;
         let store = Store {
-            client,
-            conn,
+            client: RwLock::new(client),
+            conn: RwLock::new(conn),
+            sentinel: sentinel.map(tokio::sync::Mutex::new),
+            resolve: AtomicBool::new(false),
             url: redact(&cfg.url),
             prefix: format!("{{kw:{}}}", cfg.site),
             timeout: cfg.timeout,
@@ -109,10 +124,28 @@ impl Store {
             calls: AtomicU64::new(0),
             round_trip: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 12)),
         };
-        let _: String = tokio::time::timeout(connect_within, redis::cmd("PING").query_async(&mut store.conn.clone()))
-            .await
-            .map_err(|_| StoreError::Timeout(connect_within))??;
+        let _: String = bounded(within, redis::cmd("PING").query_async(&mut store.connection())).await?;
         Ok(store)
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.conn.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// With Sentinel, after the breaker opened: ask the sentinels for the
+    /// master again and connect to it (a failover may have moved it).
+    async fn resolve_master(&self) -> Result<(), StoreError> {
+        let Some(s) = &self.sentinel else { return Ok(()) };
+        if !self.resolve.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let within = connect_within(self.timeout);
+        let client = bounded(within, async { s.lock().await.async_get_client().await }).await?;
+        let conn = manager(&client, self.timeout).await?;
+        tracing::info!(master = ?client.get_connection_info().addr(), "the shared store's master, as the sentinels name it");
+        *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        *self.conn.write().unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
+        Ok(())
     }
 
     /// A key under this site's namespace.
@@ -155,7 +188,12 @@ impl Store {
         for a in args {
             inv.arg(a);
         }
-        let mut conn = self.conn.clone();
+        if let Err(e) = self.resolve_master().await {
+            self.resolve.store(true, Ordering::Relaxed);
+            self.record(false);
+            return Err(e);
+        }
+        let mut conn = self.connection();
         let started = Instant::now();
         self.calls.fetch_add(1, Ordering::Relaxed);
         let out = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
@@ -176,7 +214,8 @@ impl Store {
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(within))
             .set_response_timeout(Some(block + self.timeout));
-        tokio::time::timeout(within, self.client.get_multiplexed_async_connection_with_config(&cfg))
+        let client = self.client.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        tokio::time::timeout(within, client.get_multiplexed_async_connection_with_config(&cfg))
             .await
             .map_err(|_| StoreError::Timeout(within))?
             .map_err(StoreError::Redis)
@@ -209,10 +248,34 @@ impl Store {
             b.failures += 1;
             if b.failures >= BREAKER_FAILURES {
                 b.open_until = Some(Instant::now() + BREAKER_OPEN);
+                self.resolve.store(true, Ordering::Relaxed);
             }
         }
         self.up.store(ok, Ordering::Relaxed);
     }
+}
+
+fn connect_within(timeout: Duration) -> Duration {
+    (timeout * 20).max(Duration::from_secs(1))
+}
+
+/// `f`, or a timeout after `within`.
+async fn bounded<T>(
+    within: Duration,
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(within, f).await.map_err(|_| StoreError::Timeout(within))?.map_err(StoreError::Redis)
+}
+
+/// A connection manager to `client`: bounded calls, few retries.
+async fn manager(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+    let within = connect_within(timeout);
+    let mc = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(within))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    bounded(within, client.get_connection_manager_with_config(mc)).await
 }
 
 #[cfg(test)]
