@@ -45,7 +45,9 @@ fn host_with(redis: &RedisServer, text: impl Fn(&Upstream) -> String) -> Host {
     let t = Topology::new();
     let up = Upstream::start(&t.server_ns);
     let mut d = Daemon::prepare_with(&t, XDP_OPEN, &text(&up));
-    let store = format!("[store]\nredis_url = \"{}\"\nsite = \"test\"\n", redis.url());
+    // A call timeout above the default's 50 ms: a machine busy with other
+    // builds must not turn a slow answer into the outage policy mid-test.
+    let store = format!("[store]\nredis_url = \"{}\"\nsite = \"test\"\ntimeout = \"200ms\"\n", redis.url());
     let text = std::fs::read_to_string(&d.config).expect("config").replacen("[store]\n", &store, 1);
     std::fs::write(&d.config, text).expect("config");
     d.spawn();
