@@ -187,10 +187,15 @@ fn a_paused_redis_bounds_latency_and_spend_to_the_lease() {
 
 /// `GET /readyz` on `h`'s metrics listener (in its server namespace).
 fn readyz(h: &Host) -> (u16, String) {
-    keyward_tests::netns::in_ns(&h.t.server_ns, || {
+    probe(h, "/readyz")
+}
+
+/// `GET path` on `h`'s metrics listener (in its server namespace).
+fn probe(h: &Host, path: &'static str) -> (u16, String) {
+    keyward_tests::netns::in_ns(&h.t.server_ns, move || {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect("127.0.0.1:9901").expect("metrics listener");
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").expect("write");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").expect("write");
         let mut out = String::new();
         s.read_to_string(&mut out).expect("read");
         let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -307,6 +312,9 @@ fn after_redis_is_killed_and_restarted_the_budget_is_not_spent_twice() {
     let seen: usize = hs.iter().map(|h| h.up.calls().len()).sum();
     assert_eq!((ok, seen), (10, 10), "the budget was spent again after the store restarted");
     assert!(hs[0].d.log().contains("counts added back"), "the hosts say what they rebuilt");
+    let metrics = probe(&hs[0], "/metrics").1;
+    assert!(metrics.contains("keyward_store_restarts_total 1"), "{metrics}");
+    assert!(metrics.contains("keyward_store_live_hosts 3"), "{metrics}");
 }
 
 #[test]

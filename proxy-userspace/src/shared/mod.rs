@@ -3,7 +3,8 @@
 //! bound on every call (a timeout, then a circuit breaker that stays open for
 //! a second after three failures in a row, so a paused or dead Redis adds at
 //! most one timeout to a few requests and nothing to the rest), the key
-//! namespace `{kw:<site>}` and the Lua scripts. What is shared and how is in
+//! namespace `{kw:<site>}` and the Lua scripts. With Sentinel, the master is
+//! asked of the sentinels at start and again after the breaker opens. What is shared and how is in
 //! `lease` (the global budget, per-IP daily counts) and `lists` (the allow
 //! and deny lists, escalations included). Scripts only, no
 //! modules, so managed Redis and Valkey serve too.
