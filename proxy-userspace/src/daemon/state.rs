@@ -517,6 +517,12 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ("xdp.table_size", x.table_size != y.table_size),
         ("store.path", old.store.path != new.store.path),
         ("store.durability", old.store.durability != new.store.durability),
+        ("store.redis_url", old.store.redis_url != new.store.redis_url),
+        (
+            "store.sentinels",
+            (&old.store.sentinels, &old.store.sentinel_service) != (&new.store.sentinels, &new.store.sentinel_service),
+        ),
+        ("store.site", old.store.site != new.store.site),
         ("admin.socket", old.admin.socket != new.admin.socket),
         ("admin.metrics", old.admin.metrics != new.admin.metrics),
         ("log.format", old.log != new.log),
