@@ -282,6 +282,14 @@ pub struct StoreStatus {
     pub fleet_granted_micros: u64,
     /// Calls to the store since start.
     pub round_trips: u64,
+    /// Hosts with a recent heartbeat, as last counted (this one included):
+    /// while the store does not answer, each admits a client up to
+    /// `ceil(per_ip_daily / live_hosts)`.
+    #[serde(default)]
+    pub live_hosts: u32,
+    /// Restarts of the store this host has seen (each lost what the store held).
+    #[serde(default)]
+    pub restarts_seen: u64,
 }
 
 /// Requests per route and outcome since start.

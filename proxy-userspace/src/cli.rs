@@ -514,14 +514,16 @@ fn print_status(s: &Status) {
         if let Some(s) = &f.store {
             let fmt = crate::proxy::limit::format_amount;
             println!(
-                "  {:<11} {} {}; leased here {} {}, fleet granted {}; {} round trips",
+                "  {:<11} {} {}; leased here {} {}, fleet granted {}; {} round trips; {} live hosts; {} restarts seen",
                 "store",
                 s.url,
                 if s.up { "up" } else { "DOWN (spending leases, then 503 budget-unavailable)" },
                 fmt(s.leased_micros),
                 f.currency,
                 fmt(s.fleet_granted_micros),
-                s.round_trips
+                s.round_trips,
+                s.live_hosts,
+                s.restarts_seen
             );
         }
         println!("  {:<11} {} raised today", "alerts", f.alerts_raised);

@@ -516,6 +516,12 @@ pub struct Store {
     /// the global budget, per-IP daily counts (see `crate::shared`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// Or Redis Sentinel: the sentinels' URLs (`redis://host:26379`) …
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sentinels: Vec<String>,
+    /// … and the name of the service (master) they watch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_service: Option<String>,
     /// When a billable call's reservation reaches the disk.
     #[serde(default)]
     pub durability: Durability,
@@ -535,6 +541,8 @@ impl Default for Store {
         Store {
             path: default_store_path(),
             redis_url: None,
+            sentinels: Vec::new(),
+            sentinel_service: None,
             durability: Durability::default(),
             site: default_site(),
             timeout: default_store_timeout(),
@@ -577,15 +585,28 @@ pub struct StoreBudget {
     /// Kept leased while Redis answers, to spend while it does not.
     #[serde(default)]
     pub standby_lease: f64,
-    /// How often the standby lease is topped up.
+    /// How often the standby lease is topped up (and idleness checked).
     #[serde(default = "default_lease_period")]
     pub lease_period: Span,
+    /// A host that has spent nothing for this long hands back its unspent
+    /// lease beyond the standby.
+    #[serde(default = "default_idle_return")]
+    pub idle_return: Span,
 }
 
 impl Default for StoreBudget {
     fn default() -> Self {
-        StoreBudget { max_lease: default_max_lease(), standby_lease: 0.0, lease_period: default_lease_period() }
+        StoreBudget {
+            max_lease: default_max_lease(),
+            standby_lease: 0.0,
+            lease_period: default_lease_period(),
+            idle_return: default_idle_return(),
+        }
     }
+}
+
+fn default_idle_return() -> Span {
+    Span(std::time::Duration::from_secs(60))
 }
 
 fn default_site() -> String {
@@ -617,16 +638,46 @@ impl Store {
         if self.timeout.0.is_zero() || self.timeout.0 > std::time::Duration::from_secs(5) {
             return Err("[store] timeout must be between 1ms and 5s".into());
         }
+        self.validate_sentinels()?;
         let Some(url) = &self.redis_url else { return Ok(()) };
         if !["redis://", "rediss://", "unix://", "redis+unix://"].iter().any(|s| url.starts_with(s)) {
             return Err(format!(
-                "[store] redis_url must start with redis://, rediss:// or unix:// (Sentinel is not supported yet), not `{}`",
+                "[store] redis_url must start with redis://, rediss:// or unix:// (for Sentinel, set sentinels and sentinel_service), not `{}`",
                 crate::shared::redact(url)
             ));
         }
         redis::Client::open(url.as_str())
             .map(drop)
             .map_err(|e| format!("[store] redis_url `{}`: {e}", crate::shared::redact(url)))
+    }
+}
+
+impl Store {
+    /// Whether a shared store is configured (a URL or Sentinel).
+    pub fn shared(&self) -> bool {
+        self.redis_url.is_some() || !self.sentinels.is_empty()
+    }
+
+    /// `sentinels` and `sentinel_service` go together, instead of `redis_url`.
+    fn validate_sentinels(&self) -> Result<(), String> {
+        match (self.sentinels.is_empty(), &self.sentinel_service, &self.redis_url) {
+            (true, None, _) => return Ok(()),
+            (false, Some(s), None) if !s.is_empty() => {}
+            (_, _, Some(_)) => return Err("[store] sets redis_url or sentinels, not both".into()),
+            _ => return Err("[store] sentinels and sentinel_service go together".into()),
+        }
+        for u in &self.sentinels {
+            if !u.starts_with("redis://") && !u.starts_with("rediss://") {
+                return Err(format!(
+                    "[store] sentinels: `{}` must start with redis:// or rediss://",
+                    crate::shared::redact(u)
+                ));
+            }
+            redis::Client::open(u.as_str())
+                .map(drop)
+                .map_err(|e| format!("[store] sentinels: `{}`: {e}", crate::shared::redact(u)))?;
+        }
+        Ok(())
     }
 }
 
@@ -813,6 +864,9 @@ impl Config {
         if let Some(u) = &mut shown.store.redis_url {
             *u = crate::shared::redact(u);
         }
+        for u in &mut shown.store.sentinels {
+            *u = crate::shared::redact(u);
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -879,6 +933,13 @@ burst = 400
         assert!(e.starts_with("k.toml:") && e.contains("redis_url must start with"), "{e}");
         assert!(err(&with("redis_url = \"redis://h:notaport\"")).contains("redis_url"));
         assert!(err(&with("site = \"a b\"")).contains("site"));
+        let c = parse(&with("sentinels = [\"redis://:pw@s1:26379\", \"redis://s2:26379\"]\nsentinel_service = \"m\""))
+            .unwrap();
+        assert!(c.store.shared() && !c.to_toml().contains(":pw@"), "{}", c.to_toml());
+        assert!(err(&with("sentinels = [\"redis://s1:26379\"]")).contains("go together"));
+        assert!(err(&with("sentinels = [\"s1:26379\"]\nsentinel_service = \"m\"")).contains("must start with"));
+        let both = "redis_url = \"redis://h:6379\"\nsentinels = [\"redis://s1:26379\"]\nsentinel_service = \"m\"";
+        assert!(err(&with(both)).contains("not both"));
         assert!(err(&with("timeout = \"0s\"")).contains("timeout"));
     }
 

@@ -47,6 +47,9 @@ pub struct Readiness {
     pub listening: AtomicBool,
     /// The last write to the store succeeded.
     pub store_ok: AtomicBool,
+    /// The shared store (when configured) answered the last read of the
+    /// lists' stream (at least once a second).
+    pub shared_store_ok: AtomicBool,
 }
 
 impl Default for Readiness {
@@ -55,6 +58,7 @@ impl Default for Readiness {
             xdp_attached: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             store_ok: AtomicBool::new(true),
+            shared_store_ok: AtomicBool::new(true),
         }
     }
 }
@@ -66,6 +70,7 @@ impl Readiness {
             (&self.xdp_attached, "XDP is not attached"),
             (&self.listening, "listeners are not serving"),
             (&self.store_ok, "the store cannot be written"),
+            (&self.shared_store_ok, "the shared store does not answer"),
         ]
         .into_iter()
         .filter(|(f, _)| !f.load(Ordering::Relaxed))
@@ -306,6 +311,11 @@ mod tests {
         assert_eq!(body(answer("/readyz", &r, &ready)), (200, "ready\n".into()));
         ready.store_ok.store(false, Ordering::Relaxed);
         assert_eq!(body(answer("/readyz", &r, &ready)).0, 503);
+        ready.shared_store_ok.store(false, Ordering::Relaxed);
+        let (code, text) = body(answer("/readyz", &r, &ready));
+        assert_eq!(code, 503);
+        assert!(text.ends_with("the store cannot be written; the shared store does not answer\n"), "{text}");
+        ready.shared_store_ok.store(true, Ordering::Relaxed);
 
         reloads.record(true, 1_700_000_000);
         reloads.record(false, 1_700_000_100);

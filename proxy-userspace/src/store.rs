@@ -28,7 +28,7 @@ const RUN: TableDefinition<'static, &'static str, u64> = TableDefinition::new("r
 const TOKENS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("tokens");
 
 /// A list the operator manages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum List {
     /// Sources that bypass rate limits.

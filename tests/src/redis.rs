@@ -26,19 +26,26 @@ impl RedisServer {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("redis dir");
         let socket = dir.join("redis.sock");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocketperm", "700"])
-            .arg("--unixsocket")
-            .arg(&socket)
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian's package; `cargo xtask setup` installs it)");
+        let child = spawn(&dir, &socket);
         let r = RedisServer { child, dir, socket };
-        let up = crate::wait_for(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&r.socket).ok());
-        assert!(up.is_some(), "redis-server did not listen on {}", r.socket.display());
+        r.await_listening();
         r
+    }
+
+    fn await_listening(&self) {
+        let up =
+            crate::wait_for(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&self.socket).ok());
+        assert!(up.is_some(), "redis-server did not listen on {}", self.socket.display());
+    }
+
+    /// Kill the server (SIGKILL: with persistence off, everything it held is
+    /// lost) and start a new one on the same socket.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = spawn(&self.dir, &self.socket);
+        self.await_listening();
     }
 
     /// The URL daemons are given.
@@ -52,6 +59,18 @@ impl RedisServer {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         kill(pid, if paused { Signal::SIGSTOP } else { Signal::SIGCONT }).expect("signal redis-server");
     }
+}
+
+fn spawn(dir: &std::path::Path, socket: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocketperm", "700"])
+        .arg("--unixsocket")
+        .arg(socket)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian's package; `cargo xtask setup` installs it)")
 }
 
 impl Drop for RedisServer {

@@ -11,6 +11,7 @@
 //! shutdown leave the same nothing behind.
 
 mod admin_server;
+mod fleet_lists;
 mod host;
 mod ops;
 mod state;
@@ -183,19 +184,25 @@ impl Daemon {
             None => (None, None),
         };
         let store: Arc<dyn ListStore> = Arc::new(embedded);
-        let fleet = match (&forwarder, &config.store.redis_url) {
-            (Some(f), Some(_)) => {
+        let fleet = match (&forwarder, config.store.shared()) {
+            (Some(f), true) => {
                 let fleet = rt.block_on(connect_fleet(&config.store))?;
                 f.set_fleet(fleet.clone());
                 Some(fleet)
             }
             _ => None,
         };
-        let lease_period = config.store.budget.lease_period.0;
+        let (lease_period, idle_return) = (config.store.budget.lease_period.0, config.store.budget.idle_return.0);
         let ops = Arc::new(Ops::default());
         ops.reloads.last_success.set(i64::try_from(clock.unix_secs()).unwrap_or(i64::MAX));
+        let iface = config.xdp().interface.clone();
         let mut state = attach(config_path, config, slot, store, clock.clone(), forwarder.clone(), ops.clone())?;
         state.run = run;
+        let (share_tx, share_rx) = tokio::sync::mpsc::unbounded_channel();
+        let me = fleet_lists::host_name(&iface);
+        if fleet.is_some() {
+            state.share = Some((share_tx, me.clone()));
+        }
         if let Err(e) = state.store.mark_running(true, clock.unix_secs()) {
             warn!(error = %e, "noting the start in the store");
         }
@@ -213,8 +220,18 @@ impl Daemon {
             info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, /healthz, /readyz");
             rt.spawn(crate::metrics::serve(m, Arc::new(registry), ops.ready.clone()));
         }
-        if let (Some(f), Some(_)) = (&forwarder, &fleet) {
-            rt.spawn(keep_standby(f.clone(), lease_period, stop_rx.clone()));
+        if let (Some(f), Some(fleet)) = (&forwarder, &fleet) {
+            rt.spawn(keep_standby(f.clone(), lease_period, idle_return, stop_rx.clone()));
+            let _in_rt = rt.enter();
+            fleet_lists::spawn(
+                f.clone(),
+                fleet.clone(),
+                admin.state.clone(),
+                me,
+                share_rx,
+                ops.ready.clone(),
+                stop_rx.clone(),
+            );
         }
         let http = match (forwarder.clone(), listeners.forward) {
             (Some(f), Some(sock)) => {
@@ -279,8 +296,15 @@ impl Daemon {
 /// cannot be reached or refuses the credentials.
 async fn connect_fleet(cfg: &crate::config::Store) -> anyhow::Result<Arc<crate::shared::lease::Fleet>> {
     use crate::{proxy::limit::micros, shared};
-    let url = cfg.redis_url.clone().unwrap_or_default();
-    let sc = shared::StoreConfig { url: url.clone(), site: cfg.site.clone(), timeout: cfg.timeout.0 };
+    let sentinel = cfg.sentinel_service.clone().map(|svc| (cfg.sentinels.clone(), svc));
+    let url = match (&cfg.redis_url, &sentinel) {
+        (Some(u), _) => u.clone(),
+        (None, Some((nodes, svc))) => {
+            format!("sentinel {svc} via {}", nodes.iter().map(|n| shared::redact(n)).collect::<Vec<_>>().join(", "))
+        }
+        (None, None) => String::new(),
+    };
+    let sc = shared::StoreConfig { url: url.clone(), sentinel, site: cfg.site.clone(), timeout: cfg.timeout.0 };
     let store = shared::Store::connect(&sc)
         .await
         .map_err(|e| anyhow::anyhow!("cannot use the shared store at {}: {e}", shared::redact(&url)))?;
@@ -288,16 +312,22 @@ async fn connect_fleet(cfg: &crate::config::Store) -> anyhow::Result<Arc<crate::
         max_lease: micros(cfg.budget.max_lease).unwrap_or(0),
         standby: micros(cfg.budget.standby_lease).unwrap_or(0),
     };
-    info!(url = %shared::redact(&url), site = %cfg.site, "sharing the budget and daily counts through the shared store");
-    Ok(Arc::new(shared::lease::Fleet::new(store, policy)))
+    let fleet = shared::lease::Fleet::new(store, policy);
+    fleet.init().await.map_err(|e| anyhow::anyhow!("cannot use the shared store at {}: {e}", shared::redact(&url)))?;
+    info!(url = %shared::redact(&url), site = %cfg.site, "sharing the budget, daily counts, lists and page tokens through the shared store");
+    Ok(Arc::new(fleet))
 }
 
-/// Keep the standby lease topped up every `period` until told to stop.
-async fn keep_standby(f: Arc<Forwarder>, period: Duration, mut stop: watch::Receiver<bool>) {
+/// Keep the standby lease topped up every `period`, and hand an idle
+/// host's lease back after `idle`, until told to stop.
+async fn keep_standby(f: Arc<Forwarder>, period: Duration, idle: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
     loop {
         tokio::select! {
-            _ = tick.tick() => f.keep_standby().await,
+            _ = tick.tick() => {
+                f.keep_standby().await;
+                f.return_idle(idle).await;
+            }
             _ = stop.changed() => return,
         }
     }
@@ -367,6 +397,7 @@ fn attach(
         unsaved: false,
         ops,
         files: Default::default(),
+        share: None,
     };
     state.restore_lists()?;
     state.load_files()?;

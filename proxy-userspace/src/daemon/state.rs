@@ -24,6 +24,7 @@ use crate::{
     lists::{self, FileEntries},
     metrics::ListGauges,
     proxy::{Escalation, Forwarder},
+    shared::lists::Change,
     store::{Entry, List, ListStore},
     units::Cidr,
 };
@@ -51,6 +52,9 @@ pub struct State {
     pub(super) ops: Arc<super::ops::Ops>,
     /// What the list files said at the last load.
     pub(super) files: FileLists,
+    /// With a shared store: where this host's list changes go to be
+    /// published to the other hosts (`super::fleet_lists`), and this host's name there.
+    pub(super) share: Option<(tokio::sync::mpsc::UnboundedSender<Change>, String)>,
 }
 
 /// The entries of `[xdp] allow_files` and `deny_files`.
@@ -138,6 +142,7 @@ impl State {
         }
         info!(list = ?list, %cidr, expires_unix, reason, "list entry added");
         self.lists_changed(list);
+        self.share(|me| Change::from_entry(list, &entry, me));
         Ok(entry)
     }
 
@@ -181,6 +186,9 @@ impl State {
         }
         info!(list = ?list, entries = cidrs.len(), expires_unix, reason, "list entries added");
         self.lists_changed(list);
+        for e in &entries {
+            self.share(|me| Change::from_entry(list, e, me));
+        }
         Ok(cidrs.len())
     }
 
@@ -203,7 +211,83 @@ impl State {
         }
         info!(list = ?list, %cidr, "list entry removed");
         self.lists_changed(list);
+        let now = self.clock.unix_secs();
+        self.share(|me| Change::removal(list, cidr, now, me));
         Ok(())
+    }
+
+    /// Hand a change of this host's to the publisher (with a shared store).
+    fn share(&self, change: impl FnOnce(&str) -> Change) {
+        if let Some((tx, me)) = &self.share {
+            let _ = tx.send(change(me));
+        }
+    }
+
+    /// This host's entry for `cidr` in `list`, if any.
+    fn stored(&self, list: List, cidr: Cidr) -> Result<Option<Entry>, AdminError> {
+        Ok(self.store.entries(list)?.into_iter().find(|e| e.cidr == cidr))
+    }
+
+    /// A change another host made, applied to the kernel and the store
+    /// (not published again). An entry replaces this host's for the same
+    /// network; a removal removes what was added before it. True when
+    /// something changed.
+    pub fn apply_shared(&mut self, c: &Change) -> Result<bool, AdminError> {
+        let now = self.clock.unix_secs();
+        let held = self.stored(c.list, c.cidr)?;
+        let in_file = self.files.get(c.list).contains_key(&c.cidr);
+        if !c.present {
+            if held.as_ref().is_none_or(|e| e.added_unix.unwrap_or(0) > c.at_unix) {
+                return Ok(false);
+            }
+            self.store.remove(c.list, &c.cidr)?;
+            if !in_file {
+                self.dp.list_remove(c.list, &c.cidr)?;
+            }
+            info!(list = ?c.list, cidr = %c.cidr, origin = %c.origin, "list entry removed by another host");
+        } else {
+            let entry = c.entry();
+            let same = |e: &Entry| e.expires_unix == c.expires_unix && e.reason == entry.reason;
+            if c.expires_unix.is_some_and(|t| t <= now) || held.as_ref().is_some_and(same) {
+                return Ok(false);
+            }
+            let ns = c.expires_unix.map_or(0, |t| self.clock.monotonic_at(t));
+            self.dp.list_insert(c.list, &c.cidr, if in_file { 0 } else { ns })?;
+            self.store.put(c.list, &entry)?;
+            info!(list = ?c.list, cidr = %c.cidr, expires_unix = c.expires_unix, reason = entry.reason.as_deref().unwrap_or(""), "list entry from another host");
+        }
+        self.lists_changed(c.list);
+        Ok(true)
+    }
+
+    /// Bring this host's lists in line with the shared state (`me` being
+    /// this host): apply what others wrote, and return this host's entries
+    /// the state lacks (added while the store was away, or lost by a store
+    /// restart), to be published again. An entry of this host's own that
+    /// the state holds and this host no longer does was removed here while
+    /// the store was away: its removal is queued and wins.
+    pub fn resync_shared(&mut self, state: &[Change], me: &str) -> Result<(usize, Vec<Change>), AdminError> {
+        let mut applied = 0;
+        for c in state.iter().filter(|c| !(c.present && c.origin == me)) {
+            match self.apply_shared(c) {
+                Ok(true) => applied += 1,
+                Ok(false) => {}
+                Err(e) => warn!(cidr = %c.cidr, error = %e, "applying a shared list entry"),
+            }
+        }
+        let known: std::collections::HashMap<(List, Cidr), &Change> =
+            state.iter().map(|c| ((c.list, c.cidr), c)).collect();
+        let now = self.clock.unix_secs();
+        let mut missing = Vec::new();
+        for list in [List::Allow, List::Deny] {
+            for e in self.store.entries(list)?.iter().filter(|e| e.expires_unix.is_none_or(|t| t > now)) {
+                let newer = |c: &&Change| !c.present && c.at_unix < e.added_unix.unwrap_or(0);
+                if known.get(&(list, e.cidr)).is_none_or(newer) {
+                    missing.push(Change::from_entry(list, e, me));
+                }
+            }
+        }
+        Ok((applied, missing))
     }
 
     /// Re-read the config file, counting the result and telling systemd.
@@ -433,6 +517,12 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ("xdp.table_size", x.table_size != y.table_size),
         ("store.path", old.store.path != new.store.path),
         ("store.durability", old.store.durability != new.store.durability),
+        ("store.redis_url", old.store.redis_url != new.store.redis_url),
+        (
+            "store.sentinels",
+            (&old.store.sentinels, &old.store.sentinel_service) != (&new.store.sentinels, &new.store.sentinel_service),
+        ),
+        ("store.site", old.store.site != new.store.site),
         ("admin.socket", old.admin.socket != new.admin.socket),
         ("admin.metrics", old.admin.metrics != new.admin.metrics),
         ("log.format", old.log.format != new.log.format),

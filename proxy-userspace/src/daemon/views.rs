@@ -136,6 +136,8 @@ impl State {
                 leased_micros: f.limiter().lease(now).map_or(0, |l| l.leased),
                 fleet_granted_micros: fl.fleet_granted.load(std::sync::atomic::Ordering::Relaxed),
                 round_trips: fl.store.calls(),
+                live_hosts: fl.live_hosts(),
+                restarts_seen: fl.restarts.load(std::sync::atomic::Ordering::Relaxed),
             }),
         }
     }

@@ -99,6 +99,11 @@ impl Forwarder {
                 let body = read_submission(req).await?;
                 let sub = Submission::from_json(&body).map_err(pow_refusal)?;
                 rt.pow.redeem(&sub, &origin, client).map_err(pow_refusal)?;
+                let params = &sub.challenge.parameters;
+                let expires = params.expires_at.and_then(|e| u64::try_from(e).ok()).unwrap_or(0);
+                if !self.spend_on_fleet(&params.nonce, expires).await {
+                    return Err(pow_refusal(token::pow::PowError::Spent));
+                }
                 let solved = rt.pow.config().solved_max_calls.map(std::num::NonZeroU32::get);
                 let m = rt.tokens.mint(&origin, client, Level::Pow, solved);
                 (json(StatusCode::OK, &token::Issue::solved(m)), Outcome::TokenMinted)

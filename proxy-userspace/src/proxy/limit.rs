@@ -113,6 +113,11 @@ pub enum Refusal {
     Paced { retry_after: u64 },
     /// Shared budget: this host's leases are spent; lease more and retry.
     Unleased,
+    /// Shared store: the call's page token has used its calls on the fleet.
+    TokenUsed,
+    /// The shared store does not answer and the client (or its network)
+    /// used this host's share of its daily cap (the cap over the live hosts).
+    DailyShare,
 }
 
 /// Today's counters, as persisted.
@@ -397,6 +402,17 @@ impl Limiter {
             }
             _ => false,
         }
+    }
+
+    /// Give up the unspent part of today's lease beyond `keep` (an idle
+    /// host): (day, amount handed back).
+    pub fn release_lease_above(&self, keep: u64) -> Option<(u64, u64)> {
+        let mut inner = lock(&self.inner);
+        let spent = inner.counts.spent;
+        let l = inner.leased.as_mut()?;
+        let unused = l.saturating_sub(spent).saturating_sub(keep);
+        *l -= unused;
+        Some((inner.counts.day, unused))
     }
 
     /// Give up the unspent part of today's lease (shutdown): (day, amount).

@@ -139,12 +139,24 @@ fn encode_store(f: &Forwarder, now: i64, enc: &mut DescriptorEncoder) -> Result<
             "The fleet's budget granted today as last seen, in the cost unit.",
             granted as f64 / micros,
         ),
+        (
+            "keyward_store_live_hosts",
+            "Hosts with a recent heartbeat in the shared store, as last counted (they share the per-IP caps during an outage).",
+            f64::from(fleet.live_hosts()),
+        ),
     ] {
         ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
     }
     prometheus_client::metrics::counter::ConstCounter::new(fleet.store.calls()).encode(enc.encode_descriptor(
         "keyward_store_calls",
         "Calls made to the shared store since start.",
+        None,
+        MetricType::Counter,
+    )?)?;
+    let restarts = fleet.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    prometheus_client::metrics::counter::ConstCounter::new(restarts).encode(enc.encode_descriptor(
+        "keyward_store_restarts",
+        "Restarts of the shared store that lost what it held, seen by this host (each rebuilt from the hosts' reports).",
         None,
         MetricType::Counter,
     )?)

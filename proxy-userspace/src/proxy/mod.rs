@@ -86,6 +86,8 @@ pub struct Forwarder {
     conns: Arc<conns::Conns>,
     /// The shared store (several hosts), set once at start.
     fleet: std::sync::OnceLock<Arc<crate::shared::lease::Fleet>>,
+    /// Today's spend when last seen to change, and when (monotonic ns): idle lease return.
+    last_spend: Mutex<(u64, u64)>,
     /// The listener's certificate, replaced on reload.
     certs: Option<Arc<tls::Certs>>,
     /// Where reservations are made durable before their call leaves
@@ -137,6 +139,7 @@ impl Forwarder {
             token_rt,
             conns: Arc::default(),
             fleet: std::sync::OnceLock::new(),
+            last_spend: Mutex::new((0, 0)),
             certs: policy_tls,
             journal,
         });
@@ -166,6 +169,66 @@ impl Forwarder {
         let enough = standby;
         if let Err(e) = fleet.top_up(unit, enough, limits.budget, state, |d, a| self.limiter.add_lease(d, a)).await {
             tracing::debug!(error = %e, "standby lease not topped up");
+        }
+    }
+
+    /// After a store restart (persistence off, so it lost what it held):
+    /// report this host's lease of today again, so the fleet's grants still
+    /// cover what every host may spend, and add back its own per-address,
+    /// per-network and page-token counts. Say what was rebuilt.
+    pub async fn report_lease(&self) -> Result<(), crate::shared::StoreError> {
+        let Some(fleet) = self.fleet() else { return Ok(()) };
+        let now = self.clock.unix_secs() as i64;
+        let Some(s) = self.limiter.lease(now) else { return Ok(()) };
+        let total = fleet.report(s).await?;
+        let (counts, window) = self.limiter.today(now);
+        let per_ip: Vec<_> = counts.per_ip.iter().map(|(ip, n)| (*ip, *n)).collect();
+        let per_net: Vec<_> = counts.per_prefix.iter().map(|(c, n)| (*c, *n)).collect();
+        let tokens: Vec<_> = self
+            .token_allowance()
+            .snapshot(self.clock.unix_secs())
+            .into_iter()
+            .map(|e| (e.nonce.to_string(), e.used, e.expires_unix))
+            .collect();
+        let added = fleet.report_counts(counts.day, window.end, &per_ip, &per_net, &tokens).await?;
+        tracing::warn!(
+            leased_micros = s.leased,
+            spent_micros = s.spent,
+            fleet_granted_micros = total,
+            counts_added_back = added,
+            "the shared store restarted: this host's lease of today is reported again (no lease is granted for {} ms while the hosts report theirs; a host that does not report in time is not counted) and its own {added} per-address, per-network and page-token counts added back (the counts of a host that does not come back are lost)",
+            crate::shared::lease::REBUILD_WINDOW_MS
+        );
+        Ok(())
+    }
+
+    /// A host that has spent nothing for `after` hands its unspent lease
+    /// beyond the standby back (called every lease period).
+    pub async fn return_idle(&self, after: std::time::Duration) {
+        let Some(fleet) = self.fleet() else { return };
+        let (now, ns) = (self.clock.unix_secs() as i64, self.clock.monotonic_ns());
+        let Some(s) = self.limiter.lease(now) else { return };
+        {
+            let mut last = self.last_spend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+            if last.0 != s.spent || last.1 == 0 {
+                *last = (s.spent, ns);
+                return;
+            }
+            if ns.saturating_sub(last.1) < after_ns {
+                return;
+            }
+            last.1 = ns;
+        }
+        if let Some((day, unused)) = self.limiter.release_lease_above(fleet.policy().standby)
+            && unused > 0
+        {
+            match fleet.hand_back(day, unused).await {
+                Ok(n) => {
+                    tracing::info!(returned_micros = n, "idle: unspent budget lease handed back to the shared store")
+                }
+                Err(e) => tracing::warn!(error = %e, unused, "idle lease not handed back (the fleet under-spends it)"),
+            }
         }
     }
 

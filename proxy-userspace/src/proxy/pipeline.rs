@@ -322,6 +322,12 @@ impl Forwarder {
             Refusal::Unleased => {
                 Refused::new(Outcome::BudgetUnavailable, "the service is briefly unavailable").retry(1)
             }
+            Refusal::TokenUsed => Refused::new(Outcome::TokenExhausted, TokenError::Exhausted.to_string()),
+            Refusal::DailyShare => Refused::new(
+                Outcome::DailyCapReached,
+                "the daily limit for your address is reached on this server for now",
+            )
+            .retry(60),
         }
     }
 

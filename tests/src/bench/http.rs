@@ -9,7 +9,11 @@
 //! serves a static 503, its nearest equivalent), pass over an HTTPS
 //! upstream, and pass with `[store] durability = "lose-up-to-1s"` (the
 //! periodic flush instead of every reservation on disk before its call
-//! leaves, the default: the pair shows what durability costs per call).
+//! leaves, the default: the pair shows what durability costs per call),
+//! and pass with a shared store (`[store] redis_url` on a local
+//! `redis-server` over a Unix socket: the budget leased, the per-IP daily
+//! count taken in Redis on every billable call), whose Redis round trips
+//! per billable call are counted from the daemon's status.
 
 use std::{
     path::{Path, PathBuf},
@@ -201,13 +205,14 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     wait_port(&ns, NGX);
 
     // keyward for one path: started pinned to CPU1, measured, stopped.
-    let start_kw = |limits: &str, base: &str, extra_up: &str, durability: &str| -> (Proc, daemon::Daemon) {
+    let redis = crate::redis::RedisServer::start();
+    let start_kw = |limits: &str, base: &str, extra_up: &str, store: &str| -> (Proc, daemon::Daemon) {
         let rest = format!(
             "metrics = \"\"\n\n[listen]\naddr = \"127.0.0.1:{KW}\"\n\n[upstream]\nbase_url = \"{base}\"\ntimeout = \"5s\"\nkey_env = \"KEYWARD_TEST_KEY\"\ninject = {{ header = \"X-Api-Key\", value = \"{{key}}\" }}\n{extra_up}\n\n[[route]]\nmethod = \"GET\"\npath = \"/postcodes/{{p}}\"\nupstream_path = \"/postcodes/{{p}}\"\ncost = 0.0001\n\n[access]\nallowed_origins = [\"https://www.example.com\"]\nrequire_origin = true\n\n[limits]\nper_ip_daily = 4000000000\ndeny_on_daily_cap = false\n{limits}\n"
         );
         let d = daemon::Daemon::prepare_with(&t, "rate_pps = 100000000\nburst = 100000000", &rest);
         let text = std::fs::read_to_string(&d.config).expect("bench config");
-        let text = text.replacen("[store]\n", &format!("[store]\ndurability = \"{durability}\"\n"), 1);
+        let text = text.replacen("[store]\n", &format!("[store]\n{store}"), 1);
         std::fs::write(&d.config, text).expect("bench config");
         let child = in_ns(
             &t.server_ns,
@@ -226,9 +231,11 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     let tls = format!("https://localhost:{UP_TLS}");
     let ca = format!("ca_file = \"{}\"", dir.join("ca.crt").display());
     let open = "per_ip_rate = 4000000\nper_ip_burst = 4000000\ndaily = 1000000.0";
-    // (name, keyward limits, keyward base, keyward extra, nginx path, measure direct too, durability)
-    let paths: [(&str, String, String, String, &str, bool, &str); 5] = [
-        ("pass", open.into(), plain.clone(), String::new(), "/postcodes/AB1", true, "immediate"),
+    let durable = |d: &str| format!("durability = \"{d}\"\n");
+    let shared = format!("{}redis_url = \"{}\"\nsite = \"bench\"\n", durable("immediate"), redis.url());
+    // (name, keyward limits, keyward base, keyward extra, nginx path, measure direct too, [store] lines)
+    let paths: [(&str, String, String, String, &str, bool, String); 6] = [
+        ("pass", open.into(), plain.clone(), String::new(), "/postcodes/AB1", true, durable("immediate")),
         (
             "per-IP 429",
             "per_ip_rate = 100\nper_ip_burst = 10\ndaily = 1000000.0".into(),
@@ -236,7 +243,7 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
             String::new(),
             "/tight/AB1",
             false,
-            "immediate",
+            durable("immediate"),
         ),
         (
             "budget exhausted (503)",
@@ -245,10 +252,19 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
             String::new(),
             "/broke/AB1",
             false,
-            "immediate",
+            durable("immediate"),
         ),
-        ("pass, HTTPS upstream", open.into(), tls, ca, "/tls/AB1", false, "immediate"),
-        ("pass, durability lose-up-to-1s", open.into(), plain, String::new(), "/postcodes/AB1", false, "lose-up-to-1s"),
+        ("pass, HTTPS upstream", open.into(), tls, ca, "/tls/AB1", false, durable("immediate")),
+        (
+            "pass, durability lose-up-to-1s",
+            open.into(),
+            plain.clone(),
+            String::new(),
+            "/postcodes/AB1",
+            false,
+            durable("lose-up-to-1s"),
+        ),
+        ("pass, shared store (Redis)", open.into(), plain, String::new(), "/postcodes/AB1", false, shared),
     ];
     let mut us: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
     let mut rps: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
@@ -266,16 +282,24 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
         ((cpu, reqs as f64 / f64::from(secs), open_loop(&ns, port, path, rate, secs.min(3))), own)
     };
     let mut own: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    // Shared store: Redis round trips per billable call, per round.
+    let mut trips: Vec<f64> = Vec::new();
     let mut record = |i: usize, j: usize, m: (f64, f64, (f64, f64))| {
         us[i][j].push(m.0);
         rps[i][j].push(m.1);
         lat[i][j].push(m.2);
     };
     for round in 0..rounds {
-        for (i, (name, limits, base, extra, ngx_path, direct, durability)) in paths.iter().enumerate() {
+        for (i, (name, limits, base, extra, ngx_path, direct, store)) in paths.iter().enumerate() {
             let (k, k_own) = {
-                let kw = start_kw(limits, base, extra, durability);
-                measure(KW, "/postcodes/AB1", Some(kw.0.0.id()))
+                let kw = start_kw(limits, base, extra, store);
+                let m = measure(KW, "/postcodes/AB1", Some(kw.0.0.id()));
+                if let Some(st) = kw.1.status().forwarder.filter(|f| f.store.is_some()) {
+                    // Every measured call is billable at 0.0001 (100 micro-units).
+                    let calls = (st.spent_micros / 100).max(1) as f64;
+                    trips.push(st.store.map_or(0, |s| s.round_trips) as f64 / calls);
+                }
+                m
             };
             own[i].push(k_own);
             let (n, _) = measure(NGX, ngx_path, None);
@@ -323,8 +347,13 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
         }));
     }
     let direct_rps = stats(&rps[0][2]).0;
+    let shared_i = paths.len() - 1;
+    let over_embedded = |pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        lat[shared_i][0].iter().zip(&lat[0][0]).map(|(s, e)| pick(s) - pick(e)).collect()
+    };
+    let (s50, s99) = (over_embedded(|x| x.0), over_embedded(|x| x.1));
     let md = format!(
-        "{}\nDirect to the upstream: {direct_rps:.0} req/s; open loop at {rate} req/s for the latency columns (µs added over direct, p50 / p99).\n",
+        "{}\nDirect to the upstream: {direct_rps:.0} req/s; open loop at {rate} req/s for the latency columns (µs added over direct, p50 / p99).\nShared store against the embedded store (same run): {} Redis round trips per billable call; p50 / p99 added {} / {} µs.\n",
         table(
             &[
                 "path",
@@ -338,10 +367,14 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
                 "nginx added p50 / p99 µs"
             ],
             &rows
-        )
+        ),
+        fmt(&trips, 2),
+        fmt(&s50, 0),
+        fmt(&s99, 0)
     );
+    let shared_store = json!({ "round_trips_per_billable_call": summary(&trips), "added_p50_us_over_embedded": summary(&s50), "added_p99_us_over_embedded": summary(&s99) });
     (
-        json!({ "rounds": rounds, "seconds": secs, "open_loop_rate": rate, "paths": out, "direct_rps": summary(&rps[0][2]) }),
+        json!({ "rounds": rounds, "seconds": secs, "open_loop_rate": rate, "paths": out, "direct_rps": summary(&rps[0][2]), "shared_store": shared_store }),
         md,
     )
 }
