@@ -25,6 +25,7 @@ pub mod endpoint;
 pub mod forward;
 pub mod geo;
 pub mod inject;
+pub mod ipmap;
 pub mod limit;
 pub mod metrics;
 mod pipeline;
