@@ -77,6 +77,10 @@ enum Cmd {
         /// Only these tiers (1 program cost, 2 packet path, 3 HTTP, 4 memory).
         #[arg(long)]
         tier: Vec<u8>,
+        /// With tier 3: profile each keyward path with perf (top frames,
+        /// allocations per request) into `bench/results/<date>-profile.md`.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -109,7 +113,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "--package", "keyward", "--bins"])?;
             dist()
         }
-        Cmd::Bench { quick, tier } => {
+        Cmd::Bench { quick, tier, profile } => {
             setup::run()?;
             setup::bench_peers()?;
             cargo(&["build", "--release", "--package", "keyward", "--package", "keyward-tests", "--bins"])?;
@@ -120,6 +124,9 @@ fn main() -> anyhow::Result<()> {
             }
             for t in tier {
                 cmd.args(["--tier", &t.to_string()]);
+            }
+            if profile {
+                cmd.arg("--profile");
             }
             let st =
                 cmd.current_dir(workspace_root()).status().with_context(|| format!("running {}", bin.display()))?;

@@ -61,7 +61,8 @@ fn check_platform() -> anyhow::Result<()> {
 
 /// The benchmark's peers, from Debian's packages.
 pub fn bench_peers() -> anyhow::Result<()> {
-    const PEERS: &[&str] = &["nftables", "iptables", "nginx-light", "wrk", "ethtool"];
+    const PEERS: &[&str] = &["nftables", "iptables", "nginx-light", "haproxy", "wrk", "ethtool"];
+    profiler();
     let missing: Vec<&str> = PEERS.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
@@ -74,6 +75,24 @@ pub fn bench_peers() -> anyhow::Result<()> {
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
     apt(&args)
+}
+
+/// `perf` (Debian's `linux-perf`) for the profiles: installed when missing,
+/// and when it cannot be, the benchmark goes on without profiles and says so.
+fn profiler() {
+    if installed("linux-perf") {
+        return;
+    }
+    let why = if !is_root() {
+        "not root".to_owned()
+    } else {
+        eprintln!("==> setup: apt-get install linux-perf (for the profiles)");
+        match apt(&["install", "-y", "-q", "--no-install-recommends", "linux-perf"]) {
+            Ok(()) => return,
+            Err(e) => e.to_string(),
+        }
+    };
+    eprintln!("==> setup: linux-perf could not be installed ({why}); the benchmark runs without profiles");
 }
 
 /// Run apt-get non-interactively; an error names the command.

@@ -17,7 +17,10 @@ use std::{
 
 use proxy_common::bucket::Params;
 
-use super::day::{Schedule, Window};
+use super::{
+    day::{Schedule, Window},
+    ipmap::IpMap,
+};
 use crate::units::Cidr;
 
 /// Micro-units per unit of currency: amounts are kept exactly as integers.
@@ -125,7 +128,7 @@ pub enum Refusal {
 pub struct DayCounts {
     pub day: u64,
     pub spent: u64,
-    pub per_ip: HashMap<IpAddr, u32>,
+    pub per_ip: IpMap<u32>,
     /// Indices into `alert_at` already raised today.
     pub alerted: HashSet<usize>,
     /// Sources already pushed into the XDP deny list today.
@@ -187,7 +190,7 @@ pub struct Remaining {
 }
 
 struct Inner {
-    tat: HashMap<IpAddr, u64>,
+    tat: IpMap<u64>,
     counts: DayCounts,
     window: Window,
     dirty: bool,
@@ -246,7 +249,7 @@ impl Limiter {
         Limiter {
             limits: Mutex::new(std::sync::Arc::new(limits)),
             schedule: Mutex::new(schedule),
-            inner: Mutex::new(Inner { tat: HashMap::new(), counts, window, dirty: true, leased: None }),
+            inner: Mutex::new(Inner { tat: IpMap::new(), counts, window, dirty: true, leased: None }),
         }
     }
 

@@ -26,6 +26,7 @@ pub mod endpoint;
 pub mod forward;
 pub mod geo;
 pub mod inject;
+pub mod ipmap;
 pub mod limit;
 pub mod metrics;
 mod pipeline;
@@ -182,7 +183,7 @@ impl Forwarder {
         let Some(s) = self.limiter.lease(now) else { return Ok(()) };
         let total = fleet.report(s).await?;
         let (counts, window) = self.limiter.today(now);
-        let per_ip: Vec<_> = counts.per_ip.iter().map(|(ip, n)| (*ip, *n)).collect();
+        let per_ip: Vec<_> = counts.per_ip.iter().map(|(ip, n)| (ip, *n)).collect();
         let per_net: Vec<_> = counts.per_prefix.iter().map(|(c, n)| (*c, *n)).collect();
         let tokens: Vec<_> = self
             .token_allowance()

@@ -68,8 +68,12 @@ impl Refused {
         self
     }
 
+    /// A constant detail's body is pre-rendered (see `respond`).
     fn response(&self) -> Response<Body> {
-        problem(self.outcome, &self.detail, self.retry_after)
+        match self.detail {
+            Cow::Borrowed(d) => respond::problem_static(self.outcome, d, self.retry_after),
+            Cow::Owned(ref d) => problem(self.outcome, d, self.retry_after),
+        }
     }
 }
 

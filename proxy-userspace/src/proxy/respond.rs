@@ -192,30 +192,80 @@ impl Outcome {
 /// The IANA problem type of the per-IP quota refusals.
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
+/// The problem type and the violated per-IP policy of `outcome`.
+fn problem_type(outcome: Outcome) -> (std::borrow::Cow<'static, str>, Option<&'static str>) {
+    match outcome {
+        Outcome::RateLimited => (QUOTA_EXCEEDED.into(), Some("ip-rate")),
+        Outcome::DailyCapReached => (QUOTA_EXCEEDED.into(), Some("ip-daily")),
+        Outcome::PrefixCapReached => (QUOTA_EXCEEDED.into(), Some("prefix-daily")),
+        o => (format!("urn:keyward:problem:{}", o.name()).into(), None),
+    }
+}
+
+/// The problem+json body of `outcome` with `detail`.
+fn render(outcome: Outcome, detail: &str) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Problem<'a> {
+        #[serde(rename = "type")]
+        ty: &'a str,
+        title: &'a str,
+        status: u16,
+        detail: &'a str,
+        #[serde(rename = "violated-policies", skip_serializing_if = "Option::is_none")]
+        violated: Option<[&'a str; 1]>,
+    }
+    let (ty, violated) = problem_type(outcome);
+    let p = Problem {
+        ty: &ty,
+        title: outcome.title(),
+        status: outcome.status().as_u16(),
+        detail,
+        violated: violated.map(|v| [v]),
+    };
+    Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
+}
+
+thread_local! {
+    /// Bodies already rendered for a constant detail, by outcome and the
+    /// detail's address and length: a refusal with a fixed detail is answered with
+    /// bytes built once per thread (a few dozen entries at most).
+    static RENDERED: std::cell::RefCell<Vec<(Outcome, (usize, usize), Bytes)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The body for a constant `detail`, rendered once per thread.
+fn rendered(outcome: Outcome, detail: &'static str) -> Bytes {
+    let at = (detail.as_ptr() as usize, detail.len());
+    RENDERED.with_borrow_mut(|done| {
+        if let Some((_, _, b)) = done.iter().find(|(o, a, _)| *o == outcome && *a == at) {
+            return b.clone();
+        }
+        let b = render(outcome, detail);
+        if done.len() < 256 {
+            done.push((outcome, at, b.clone()));
+        }
+        b
+    })
+}
+
 /// A refusal answer.
 pub fn problem(outcome: Outcome, detail: &str, retry_after: Option<u64>) -> Response<Body> {
-    let (ty, violated) = match outcome {
-        Outcome::RateLimited => (QUOTA_EXCEEDED.to_owned(), Some("ip-rate")),
-        Outcome::DailyCapReached => (QUOTA_EXCEEDED.to_owned(), Some("ip-daily")),
-        Outcome::PrefixCapReached => (QUOTA_EXCEEDED.to_owned(), Some("prefix-daily")),
-        o => (format!("urn:keyward:problem:{}", o.name()), None),
-    };
-    let status = outcome.status();
-    let mut body = serde_json::json!({
-        "type": ty,
-        "title": outcome.title(),
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    if let Some(v) = violated {
-        body["violated-policies"] = serde_json::json!([v]);
-    }
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    answer(outcome, render(outcome, detail), retry_after)
+}
+
+/// A refusal answer whose detail is a constant: its body is pre-rendered.
+pub fn problem_static(outcome: Outcome, detail: &'static str, retry_after: Option<u64>) -> Response<Body> {
+    answer(outcome, rendered(outcome, detail), retry_after)
+}
+
+fn answer(outcome: Outcome, body: Bytes, retry_after: Option<u64>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = outcome.status();
+    let h = r.headers_mut();
+    h.reserve(8);
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(s) = retry_after {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        h.insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
     r
 }
@@ -255,8 +305,38 @@ fn jitter(max: u64) -> u64 {
     h.finish() % (max + 1)
 }
 
+/// `RateLimit-Policy`: the same for every answer under one policy, so
+/// rendered once per thread and policy.
+fn policy_value(burst: u32, daily: u32, prefix_daily: Option<u32>) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<((u32, u32, Option<u32>), HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    let k = (burst, daily, prefix_daily);
+    LAST.with_borrow_mut(|last| {
+        if let Some((lk, v)) = last.as_ref()
+            && *lk == k
+        {
+            return v.clone();
+        }
+        let mut policy = format!("\"ip-rate\";q={burst};w=1, \"ip-daily\";q={daily};w=86400");
+        if let Some(q) = prefix_daily {
+            policy.push_str(&format!(", \"prefix-daily\";q={q};w=86400"));
+        }
+        let v = HeaderValue::from_maybe_shared(Bytes::from(policy)).unwrap_or_else(|_| HeaderValue::from_static(""));
+        *last = Some((k, v.clone()));
+        v
+    })
+}
+
+/// Append the decimal digits of `n`.
+fn num(buf: &mut Vec<u8>, n: impl itoa::Integer) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 /// Add the per-client policies to an answer: the address's rate and daily
-/// cap, and its network's daily cap when one is set (`prefix_daily`).
+/// cap, and its network's daily cap when one is set (`prefix_daily`). The
+/// policy field is pre-rendered; the state field is written straight into
+/// its header bytes (one allocation).
 pub fn rate_headers(
     r: &mut Response<Body>,
     burst: u32,
@@ -266,18 +346,25 @@ pub fn rate_headers(
     now_unix: i64,
 ) {
     let t = u64::try_from(rem.reset.saturating_sub(now_unix)).unwrap_or(0);
-    let mut policy = format!("\"ip-rate\";q={burst};w=1, \"ip-daily\";q={daily};w=86400");
-    let mut state = format!("\"ip-rate\";r={};t=1, \"ip-daily\";r={};t={t}", rem.rate, rem.daily);
-    if let (Some(q), Some(left)) = (prefix_daily, rem.prefix) {
-        policy.push_str(&format!(", \"prefix-daily\";q={q};w=86400"));
-        state.push_str(&format!(", \"prefix-daily\";r={left};t={t}"));
+    let prefix = prefix_daily.and(rem.prefix);
+    let policy = policy_value(burst, daily, prefix_daily.filter(|_| rem.prefix.is_some()));
+    let mut state = Vec::with_capacity(96);
+    state.extend_from_slice(b"\"ip-rate\";r=");
+    num(&mut state, rem.rate);
+    state.extend_from_slice(b";t=1, \"ip-daily\";r=");
+    num(&mut state, rem.daily);
+    state.extend_from_slice(b";t=");
+    num(&mut state, t);
+    if let Some(left) = prefix {
+        state.extend_from_slice(b", \"prefix-daily\";r=");
+        num(&mut state, left);
+        state.extend_from_slice(b";t=");
+        num(&mut state, t);
     }
     let h = r.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&policy) {
-        h.insert("ratelimit-policy", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&state) {
-        h.insert("ratelimit", v);
+    h.insert(header::HeaderName::from_static("ratelimit-policy"), policy);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
+        h.insert(header::HeaderName::from_static("ratelimit"), v);
     }
 }
 
@@ -308,6 +395,18 @@ mod tests {
         assert_eq!(j["type"], "urn:keyward:problem:budget-exhausted");
         assert_eq!(j["status"], 503);
         assert!(j.get("violated-policies").is_none());
+    }
+
+    #[test]
+    fn pre_rendered_bodies_match_and_stay_per_detail() {
+        let b = |r: Response<Body>| json(r);
+        assert_eq!(
+            b(problem_static(Outcome::RateLimited, "a", Some(1))),
+            b(problem(Outcome::RateLimited, "a", Some(1)))
+        );
+        assert_eq!(b(problem_static(Outcome::RateLimited, "a", None))["detail"], "a");
+        assert_eq!(b(problem_static(Outcome::RateLimited, "b", None))["detail"], "b");
+        assert_eq!(b(problem_static(Outcome::BudgetExhausted, "a", None))["status"], 503);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Tier 3: the forwarder against nginx configured the same way, both pinned
+//! Tier 3: the forwarder against nginx and HAProxy configured the same way, all pinned
 //! to CPU1 in a namespace of their own, in front of the same stand-in
 //! upstream (nginx `return 200`, pinned to CPU0). Per round and path:
 //! closed-loop throughput with `wrk` (pinned to CPU0) and CPU1 µs per
@@ -30,6 +30,7 @@ const UP: u16 = 18080;
 const UP_TLS: u16 = 18081;
 const KW: u16 = 18443;
 const NGX: u16 = 18444;
+const HAP: u16 = 18445;
 const KEY: &str = "bench-key-0123456789";
 
 /// A process we started, stopped by pid on drop.
@@ -162,12 +163,13 @@ fn open_loop(ns: &str, port: u16, path: &str, rate: u32, secs: u32) -> (f64, f64
     })
 }
 
-/// Run tier 3; returns JSON and markdown.
+/// Run tier 3; returns JSON, markdown and, with `profile_dir` (scratch
+/// space for perf's data), the profile of each keyward path.
 ///
 /// Long on purpose: one measurement script read top to bottom (topology,
 /// peers, rounds interleaved, tables); splitting it would scatter the order
 /// of the rounds, which is what makes the ratios fair.
-pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
+pub fn run(rounds: usize, secs: u32, rate: u32, profile_dir: Option<&Path>) -> (Value, String, Option<String>) {
     let t = netns::Topology::new();
     let ns = t.server_ns.clone();
     let dir = std::env::temp_dir().join(format!("keyward-bench-http-{}", std::process::id()));
@@ -266,28 +268,46 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
         ),
         ("pass, shared store (Redis)", open.into(), plain, String::new(), "/postcodes/AB1", false, shared),
     ];
-    let mut us: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
-    let mut rps: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
-    let mut lat: Vec<[Vec<(f64, f64)>; 3]> = (0..paths.len()).map(|_| [Vec::new(), Vec::new(), Vec::new()]).collect();
+    let hap_conf = haproxy_conf(&dir);
+    let _hap =
+        Proc(in_ns(&ns, 1, &["haproxy", "-db", "-f"]).arg(&hap_conf).stderr(Stdio::null()).spawn().expect("haproxy"));
+    wait_port(&ns, HAP);
+
+    // Columns: keyward, nginx, HAProxy, direct to the upstream.
+    let cols = || -> [Vec<f64>; 4] { Default::default() };
+    let mut us: Vec<[Vec<f64>; 4]> = (0..paths.len()).map(|_| cols()).collect();
+    let mut rps: Vec<[Vec<f64>; 4]> = (0..paths.len()).map(|_| cols()).collect();
+    let mut bad: Vec<[Vec<f64>; 4]> = (0..paths.len()).map(|_| cols()).collect();
+    let mut lat: Vec<[Vec<(f64, f64)>; 4]> = (0..paths.len()).map(|_| Default::default()).collect();
     // Also the CPU of process `pid` per request when given.
     let measure = |port: u16, path: &str, pid: Option<u32>| {
         let url = format!("http://127.0.0.1:{port}{path}");
         let o0 = pid.map(proc_cpu_ns);
         let b0 = cpu1_busy_ns();
-        let (reqs, _bad) = wrk(&ns, &url, secs);
+        let (reqs, non2xx) = wrk(&ns, &url, secs);
         let b1 = cpu1_busy_ns();
         let per_req = |ns: u64| ns as f64 / 1e3 / reqs.max(1) as f64;
         let own = pid.map(proc_cpu_ns).zip(o0).map_or(f64::NAN, |(o1, o0)| per_req(o1.saturating_sub(o0)));
         let cpu = per_req(b1 - b0);
-        ((cpu, reqs as f64 / f64::from(secs), open_loop(&ns, port, path, rate, secs.min(3))), own)
+        let m = Measured {
+            cpu,
+            rps: reqs as f64 / f64::from(secs),
+            non2xx: non2xx as f64 / reqs.max(1) as f64,
+            lat: open_loop(&ns, port, path, rate, secs.min(3)),
+        };
+        (m, own)
     };
-    let mut own: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    // Each proxy's own CPU (its processes' user + system time) per request:
+    // unlike CPU1's busy time, other work on a shared CPU1 does not inflate it.
+    let mut own: Vec<[Vec<f64>; 3]> = (0..paths.len()).map(|_| Default::default()).collect();
+    let (ngx_pid, hap_pid) = (_ngx.0.id(), _hap.0.id());
     // Shared store: Redis round trips per billable call, per round.
     let mut trips: Vec<f64> = Vec::new();
-    let mut record = |i: usize, j: usize, m: (f64, f64, (f64, f64))| {
-        us[i][j].push(m.0);
-        rps[i][j].push(m.1);
-        lat[i][j].push(m.2);
+    let mut record = |i: usize, j: usize, m: Measured| {
+        us[i][j].push(m.cpu);
+        rps[i][j].push(m.rps);
+        bad[i][j].push(m.non2xx);
+        lat[i][j].push(m.lat);
     };
     for round in 0..rounds {
         for (i, (name, limits, base, extra, ngx_path, direct, store)) in paths.iter().enumerate() {
@@ -301,70 +321,105 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
                 }
                 m
             };
-            own[i].push(k_own);
-            let (n, _) = measure(NGX, ngx_path, None);
+            let (n, n_own) = measure(NGX, ngx_path, Some(ngx_pid));
+            let (h, h_own) = measure(HAP, ngx_path, Some(hap_pid));
+            for (j, o) in [k_own, n_own, h_own].into_iter().enumerate() {
+                own[i][j].push(o);
+            }
             eprintln!(
-                "   round {} {name:<24} keyward {:>7.0} req/s {:>5.1} µs/req ({k_own:.1} own) · nginx {:>7.0} req/s {:>5.1} µs/req",
+                "   round {} {name:<24} keyward {:>7.0} req/s {:>5.1} µs/req ({k_own:.1} own) · nginx {:>7.0} req/s {:>5.1} µs/req ({n_own:.1} own) · haproxy {:>7.0} req/s {:>5.1} µs/req ({h_own:.1} own)",
                 round + 1,
-                k.1,
-                k.0,
-                n.1,
-                n.0
+                k.rps,
+                k.cpu,
+                n.rps,
+                n.cpu,
+                h.rps,
+                h.cpu
             );
             record(i, 0, k);
             record(i, 1, n);
+            record(i, 2, h);
             if *direct {
-                record(i, 2, measure(UP, "/postcodes/AB1", None).0);
+                record(i, 3, measure(UP, "/postcodes/AB1", None).0);
             }
         }
     }
+    let profiles = profile_dir.map(|pd| {
+        let probes = super::profile::add_probes();
+        let mut text = String::new();
+        for (name, limits, base, extra, _, _, durability) in paths.iter() {
+            let kw = start_kw(limits, base, extra, durability);
+            let url = format!("http://127.0.0.1:{KW}/postcodes/AB1");
+            text.push_str(&super::profile::around(pd, name, kw.0.0.id(), probes, || wrk(&ns, &url, secs.max(3)).0));
+        }
+        if probes {
+            super::profile::remove_probes();
+        }
+        text
+    });
     let mut rows = Vec::new();
     let mut out = Vec::new();
-    let direct_p = &lat[0][2];
+    let direct_p = &lat[0][3];
     for (i, (name, ..)) in paths.iter().enumerate() {
         let r_us = ratios(&us[i][0], &us[i][1]);
+        let r_hap = ratios(&us[i][0], &us[i][2]);
+        let r_own = ratios(&own[i][0], &own[i][1]);
+        let r_own_hap = ratios(&own[i][0], &own[i][2]);
         let add = |v: &Vec<(f64, f64)>, pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
             v.iter().zip(direct_p).map(|(a, d)| pick(a) - pick(d)).collect()
         };
-        let (k50, k99, n50, n99) =
-            (add(&lat[i][0], |x| x.0), add(&lat[i][0], |x| x.1), add(&lat[i][1], |x| x.0), add(&lat[i][1], |x| x.1));
+        let p5099 = |j: usize| (add(&lat[i][j], |x| x.0), add(&lat[i][j], |x| x.1));
+        let ((k50, k99), (n50, n99), (h50, h99)) = (p5099(0), p5099(1), p5099(2));
         rows.push(vec![
             (*name).to_owned(),
             fmt(&rps[i][0], 0),
             fmt(&us[i][0], 1),
-            fmt(&own[i], 1),
-            fmt(&rps[i][1], 0),
             fmt(&us[i][1], 1),
+            fmt(&us[i][2], 1),
             fmt(&r_us, 2),
+            fmt(&r_hap, 2),
+            format!("{} / {} / {}", fmt(&own[i][0], 1), fmt(&own[i][1], 1), fmt(&own[i][2], 1)),
+            format!("{} / {}", fmt(&r_own, 2), fmt(&r_own_hap, 2)),
             format!("{} / {}", fmt(&k50, 0), fmt(&k99, 0)),
             format!("{} / {}", fmt(&n50, 0), fmt(&n99, 0)),
+            format!("{} / {}", fmt(&h50, 0), fmt(&h99, 0)),
+            format!("{} / {} / {}", fmt(&rps[i][1], 0), fmt(&rps[i][2], 0), fmt(&pct(&bad[i][1]), 0)),
         ]);
         out.push(json!({
             "path": name,
-            "keyward": { "rps": summary(&rps[i][0]), "cpu_us_per_req": summary(&us[i][0]), "own_cpu_us_per_req": summary(&own[i]), "added_p50_us": summary(&k50), "added_p99_us": summary(&k99) },
-            "nginx": { "rps": summary(&rps[i][1]), "cpu_us_per_req": summary(&us[i][1]), "added_p50_us": summary(&n50), "added_p99_us": summary(&n99) },
+            "keyward": { "rps": summary(&rps[i][0]), "cpu_us_per_req": summary(&us[i][0]), "own_cpu_us_per_req": summary(&own[i][0]), "added_p50_us": summary(&k50), "added_p99_us": summary(&k99), "non2xx": summary(&bad[i][0]) },
+            "nginx": { "rps": summary(&rps[i][1]), "cpu_us_per_req": summary(&us[i][1]), "added_p50_us": summary(&n50), "added_p99_us": summary(&n99), "non2xx": summary(&bad[i][1]), "own_cpu_us_per_req": summary(&own[i][1]) },
+            "haproxy": { "rps": summary(&rps[i][2]), "cpu_us_per_req": summary(&us[i][2]), "added_p50_us": summary(&h50), "added_p99_us": summary(&h99), "non2xx": summary(&bad[i][2]), "own_cpu_us_per_req": summary(&own[i][2]) },
             "keyward_over_nginx_cpu_per_req": summary(&r_us),
+            "keyward_over_haproxy_cpu_per_req": summary(&r_hap),
+            "keyward_over_nginx_own_cpu_per_req": summary(&r_own),
+            "keyward_over_haproxy_own_cpu_per_req": summary(&r_own_hap),
         }));
     }
-    let direct_rps = stats(&rps[0][2]).0;
+    let direct_rps = stats(&rps[0][3]).0;
     let shared_i = paths.len() - 1;
     let over_embedded = |pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
         lat[shared_i][0].iter().zip(&lat[0][0]).map(|(s, e)| pick(s) - pick(e)).collect()
     };
     let (s50, s99) = (over_embedded(|x| x.0), over_embedded(|x| x.1));
     let md = format!(
-        "{}\nDirect to the upstream: {direct_rps:.0} req/s; open loop at {rate} req/s for the latency columns (µs added over direct, p50 / p99).\nShared store against the embedded store (same run): {} Redis round trips per billable call; p50 / p99 added {} / {} µs.\n",
+        "Peers: {}.\n\n{}\nDirect to the upstream: {direct_rps:.0} req/s; open loop at {rate} req/s for the latency columns (µs added over direct, p50 / p99). The last column is the peers' closed-loop req/s and the share of nginx's answers that were not 2xx/3xx (expected on the 429 and 503 paths only). \"own\" is each proxy's processes' user + system time per request (nginx: master and worker), which other work on a shared CPU1 does not inflate; on a busy machine its ratios are the ones to read.\nShared store against the embedded store (same run): {} Redis round trips per billable call; p50 / p99 added {} / {} µs.\n",
+        versions(),
         table(
             &[
                 "path",
                 "keyward req/s",
                 "keyward CPU1 µs/req",
-                "keyward own µs/req",
-                "nginx req/s",
                 "nginx CPU1 µs/req",
+                "HAProxy CPU1 µs/req",
                 "keyward ÷ nginx µs/req",
+                "keyward ÷ HAProxy µs/req",
+                "own µs/req keyward / nginx / HAProxy",
+                "own ÷ nginx / ÷ HAProxy",
                 "keyward added p50 / p99 µs",
-                "nginx added p50 / p99 µs"
+                "nginx added p50 / p99 µs",
+                "HAProxy added p50 / p99 µs",
+                "nginx / HAProxy req/s, nginx non-2xx %"
             ],
             &rows
         ),
@@ -374,14 +429,65 @@ pub fn run(rounds: usize, secs: u32, rate: u32) -> (Value, String) {
     );
     let shared_store = json!({ "round_trips_per_billable_call": summary(&trips), "added_p50_us_over_embedded": summary(&s50), "added_p99_us_over_embedded": summary(&s99) });
     (
-        json!({ "rounds": rounds, "seconds": secs, "open_loop_rate": rate, "paths": out, "direct_rps": summary(&rps[0][2]), "shared_store": shared_store }),
+        json!({ "rounds": rounds, "seconds": secs, "open_loop_rate": rate, "peers": versions(), "paths": out, "direct_rps": summary(&rps[0][3]), "shared_store": shared_store }),
         md,
+        profiles,
     )
 }
 
-/// User + system CPU of process `pid` (all its threads) so far, in ns
-/// (USER_HZ = 100).
+/// One closed-loop and open-loop measurement of one proxy on one path.
+struct Measured {
+    cpu: f64,
+    rps: f64,
+    /// Share of the closed-loop answers that were not 2xx/3xx.
+    non2xx: f64,
+    lat: (f64, f64),
+}
+
+fn pct(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| x * 100.0).collect()
+}
+
+/// The peers' versions, as they print them.
+fn versions() -> String {
+    let first = |cmd: &str, arg: &str| {
+        Command::new(cmd).arg(arg).output().map_or_else(
+            |_| format!("{cmd} (not found)"),
+            |o| {
+                let t = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+                t.lines().next().unwrap_or("").trim().to_owned()
+            },
+        )
+    };
+    format!("{} · {} · {}", first("nginx", "-v"), first("haproxy", "-v"), first("wrk", "-v"))
+}
+
+/// HAProxy as its documentation recommends for per-client rate limiting: a
+/// stick table of request rates by source address, `http-request
+/// track-sc0 src`, and `http-request deny deny_status 429` over the rate
+/// (100/s on `/tight/`, as nginx's zone; a ceiling no load reaches elsewhere,
+/// so the pass paths pay for the tracking too); the key set on the way up;
+/// idle server connections reused (`http-reuse always`), TLS verified with
+/// session reuse (the default).
+fn haproxy_conf(dir: &Path) -> PathBuf {
+    let p = dir.join("haproxy.cfg");
+    let text = format!(
+        "global\n  nbthread 1\n  pidfile {d}/haproxy.pid\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\nfrontend fe\n  bind 127.0.0.1:{HAP}\n  stick-table type ip size 1m expire 60s store http_req_rate(1s)\n  http-request track-sc0 src\n  http-request return status 503 if {{ path_beg /broke/ }}\n  http-request deny deny_status 429 if {{ path_beg /tight/ }} {{ sc_http_req_rate(0) gt 100 }}\n  http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt 1000000 }}\n  use_backend uptls if {{ path_beg /tls/ }}\n  default_backend up\n\nbackend up\n  http-request replace-path /tight/(.*) /postcodes/\\1\n  http-request set-header X-Api-Key {KEY}\n  server s1 127.0.0.1:{UP}\n\nbackend uptls\n  http-request replace-path /tls/(.*) /postcodes/\\1\n  http-request set-header X-Api-Key {KEY}\n  server s1 127.0.0.1:{UP_TLS} ssl verify required ca-file {d}/ca.crt verifyhost localhost sni str(localhost)\n",
+        d = dir.display()
+    );
+    std::fs::write(&p, text).expect("haproxy config");
+    p
+}
+
+/// User + system CPU of process `pid` (all its threads) and its children
+/// (nginx's worker) so far, in ns (USER_HZ = 100).
 fn proc_cpu_ns(pid: u32) -> u64 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let kids: u64 = children.split_whitespace().filter_map(|c| c.parse().ok()).map(one_proc_cpu_ns).sum();
+    one_proc_cpu_ns(pid) + kids
+}
+
+fn one_proc_cpu_ns(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // After the command name (in parentheses, may hold spaces): state is
     // field 3, utime 14, stime 15.
@@ -403,12 +509,19 @@ impl Drop for DirGuard {
 fn certs() -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().expect("ca key");
+    // Distinct subject names: with rcgen's default name on both, the leaf's
+    // issuer equals its own subject and OpenSSL (nginx, HAProxy) takes it
+    // for self-signed and refuses it (every call a handshake and a 502).
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca");
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "keyward bench CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
     let key = KeyPair::generate().expect("key");
     let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
-    let cert =
-        CertificateParams::new(vec!["localhost".to_owned()]).expect("params").signed_by(&key, &issuer).expect("cert");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    let cert = leaf.signed_by(&key, &issuer).expect("cert");
     (cert.pem(), key.serialize_pem(), ca_cert.pem())
 }

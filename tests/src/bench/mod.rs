@@ -8,6 +8,7 @@ pub mod env;
 pub mod http;
 pub mod mem;
 pub mod packet;
+pub mod profile;
 pub mod program;
 
 use serde_json::{Value, json};

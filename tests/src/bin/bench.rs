@@ -42,6 +42,7 @@ fn allocated() -> usize {
 
 fn main() {
     let mut quick = false;
+    let mut profile = false;
     let mut tiers: Vec<u8> = Vec::new();
     let mut out = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/results"));
     let mut args = std::env::args().skip(1);
@@ -49,6 +50,7 @@ fn main() {
         match a.as_str() {
             "--quick" => quick = true,
             "--tier" => tiers.push(args.next().and_then(|t| t.parse().ok()).unwrap_or_else(|| usage())),
+            "--profile" => profile = true,
             "--out" => out = args.next().map(Into::into).unwrap_or_else(|| usage()),
             _ => usage(),
         }
@@ -91,10 +93,28 @@ fn main() {
     if tiers.contains(&3) {
         eprintln!("== tier 3: HTTP, keyward vs nginx");
         let (rounds, secs, rate) = if quick { (1, 2, 1000) } else { (5, 5, 2000) };
-        let (j, t) = bench::http::run(rounds, secs, rate);
+        let scratch = std::env::temp_dir().join(format!("keyward-bench-perf-{}", std::process::id()));
+        let profile_dir = (profile && bench::profile::available()).then(|| {
+            let _ = std::fs::create_dir_all(&scratch);
+            scratch.as_path()
+        });
+        if profile && profile_dir.is_none() {
+            eprintln!("keyward bench: --profile needs perf (Debian's linux-perf); going on without profiles");
+        }
+        let (j, t, prof) = bench::http::run(rounds, secs, rate, profile_dir);
+        let _ = std::fs::remove_dir_all(&scratch);
         doc["tier3"] = j;
-        md.push_str(&format!("## Tier 3: HTTP forwarder vs nginx\n\n{rounds} interleaved rounds; `wrk -t1 -c50 -d{secs}s` on CPU0, proxies (one nginx worker; keyward's runtime) pinned to CPU1, upstream nginx `return 200` on CPU0; CPU1 busy time per request.\n\n{t}\n"));
+        md.push_str(&format!("## Tier 3: HTTP forwarder vs nginx and HAProxy\n\n{rounds} interleaved rounds; `wrk -t1 -c50 -d{secs}s` on CPU0, proxies (one nginx worker, one HAProxy thread; keyward's runtime) pinned to CPU1, upstream nginx `return 200` on CPU0; CPU1 busy time per request.\n\n{t}\n"));
         println!("{t}");
+        if let Some(p) = prof {
+            std::fs::create_dir_all(&out).expect("results directory");
+            let stem = if quick { format!("{}-quick", bench::date()) } else { bench::date() };
+            let text = format!(
+                "# keyward forwarder profile, {}\n\n`perf record -g` on the pinned daemon under `wrk -t1 -c50`, frames by self time (≥ 1%); allocations counted by uprobes on libc's malloc and realloc.\n\n{p}",
+                bench::date()
+            );
+            std::fs::write(out.join(format!("{stem}-profile.md")), text).expect("write profile");
+        }
     }
     if tiers.contains(&4) {
         eprintln!("== tier 4: memory and scale");
@@ -111,6 +131,6 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: keyward-bench [--quick] [--tier 1|2|3|4]... [--out DIR]");
+    eprintln!("usage: keyward-bench [--quick] [--tier 1|2|3|4]... [--profile] [--out DIR]");
     std::process::exit(2);
 }
