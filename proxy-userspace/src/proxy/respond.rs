@@ -225,11 +225,14 @@ fn render(outcome: Outcome, detail: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
 }
 
+/// A body rendered for (outcome, the constant detail's address and length).
+type Rendered = (Outcome, (usize, usize), Bytes);
+
 thread_local! {
     /// Bodies already rendered for a constant detail, by outcome and the
     /// detail's address and length: a refusal with a fixed detail is answered with
     /// bytes built once per thread (a few dozen entries at most).
-    static RENDERED: std::cell::RefCell<Vec<(Outcome, (usize, usize), Bytes)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static RENDERED: std::cell::RefCell<Vec<Rendered>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The body for a constant `detail`, rendered once per thread.
@@ -308,8 +311,9 @@ fn jitter(max: u64) -> u64 {
 /// `RateLimit-Policy`: the same for every answer under one policy, so
 /// rendered once per thread and policy.
 fn policy_value(burst: u32, daily: u32, prefix_daily: Option<u32>) -> HeaderValue {
+    type Limits = (u32, u32, Option<u32>);
     thread_local! {
-        static LAST: std::cell::RefCell<Option<((u32, u32, Option<u32>), HeaderValue)>> = const { std::cell::RefCell::new(None) };
+        static LAST: std::cell::RefCell<Option<(Limits, HeaderValue)>> = const { std::cell::RefCell::new(None) };
     }
     let k = (burst, daily, prefix_daily);
     LAST.with_borrow_mut(|last| {
