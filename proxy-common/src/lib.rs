@@ -99,9 +99,10 @@ pub enum Reason {
     Allowed = 1,
     /// Source in the deny list (and the entry has not expired).
     Denied = 2,
-    /// Over the per-source or the aggregate token bucket.
+    /// Over the per-source, the aggregate or the admission bucket; or a new
+    /// source's SYN over the untracked cap that is not a retransmission.
     Rate = 3,
-    /// Guarded, under both buckets.
+    /// Guarded, under every bucket.
     UnderRate = 4,
     /// A header was truncated or garbled; passed untouched, never dropped.
     Malformed = 5,

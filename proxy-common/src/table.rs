@@ -71,6 +71,15 @@ pub fn set_index(key: &SourceKey, seed: u64, mask: u32) -> u32 {
 /// Slots of the table of SYNs dropped over the untracked cap (`SYN_RETRY`).
 pub const SYN_RETRY_SLOTS: u32 = 1 << 18;
 
+/// A TCP header's source port and sequence number as one word, read from
+/// their wire bytes as the program reads them (native-endian: the word
+/// only feeds [`syn_slot`], so its byte order does not matter as long as
+/// every reader uses this function).
+#[inline(always)]
+pub const fn sport_seq(sport: [u8; 2], seq: [u8; 4]) -> u64 {
+    ((u16::from_ne_bytes(sport) as u64) << 32) | (u32::from_ne_bytes(seq) as u64)
+}
+
 /// Slot and tag of a SYN in `SYN_RETRY`: a keyed hash of its source, port
 /// and sequence number, which a retransmission repeats and a spoofed flood
 /// does not. The tag is never 0 (an empty slot).
