@@ -107,9 +107,10 @@ pub enum Reason {
     /// A header was truncated or garbled; passed untouched, never dropped.
     Malformed = 5,
     /// A SYN from a source not in the table while the admission bucket is
-    /// spent, under the host-wide cap on such SYNs: passed without a table
-    /// entry, to the kernel's own SYN cookies (a spoofed flood of new
-    /// sources must not lock new visitors out).
+    /// spent, under the host-wide cap on such SYNs or repeating one dropped
+    /// over it (`SYN_RETRY`): passed without a table entry, to the kernel's
+    /// own SYN cookies (a spoofed flood of new sources must not lock new
+    /// visitors out).
     Untracked = 6,
 }
 
