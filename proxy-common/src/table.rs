@@ -163,6 +163,15 @@ mod tests {
     }
 
     #[test]
+    fn sport_seq_keeps_port_and_sequence_apart() {
+        let w = sport_seq(40_000u16.to_be_bytes(), 12345u32.to_be_bytes());
+        assert_eq!(w >> 32, u64::from(u16::from_ne_bytes(40_000u16.to_be_bytes())));
+        assert_eq!(w & 0xffff_ffff, u64::from(u32::from_ne_bytes(12345u32.to_be_bytes())));
+        assert_ne!(w, sport_seq(40_001u16.to_be_bytes(), 12345u32.to_be_bytes()));
+        assert_ne!(w, sport_seq(40_000u16.to_be_bytes(), 12346u32.to_be_bytes()));
+    }
+
+    #[test]
     fn a_slot_holds_its_key_only_while_used() {
         let k = key_v4([10, 0, 0, 1], 32);
         let mut s = Slot { key: k, bucket: Bucket::default() };
