@@ -99,16 +99,18 @@ pub enum Reason {
     Allowed = 1,
     /// Source in the deny list (and the entry has not expired).
     Denied = 2,
-    /// Over the per-source or the aggregate token bucket.
+    /// Over the per-source, the aggregate or the admission bucket; or a new
+    /// source's SYN over the untracked cap that is not a retransmission.
     Rate = 3,
-    /// Guarded, under both buckets.
+    /// Guarded, under every bucket.
     UnderRate = 4,
     /// A header was truncated or garbled; passed untouched, never dropped.
     Malformed = 5,
     /// A SYN from a source not in the table while the admission bucket is
-    /// spent, under the host-wide cap on such SYNs: passed without a table
-    /// entry, to the kernel's own SYN cookies (a spoofed flood of new
-    /// sources must not lock new visitors out).
+    /// spent, under the host-wide cap on such SYNs or repeating one dropped
+    /// over it (`SYN_RETRY`): passed without a table entry, to the kernel's
+    /// own SYN cookies (a spoofed flood of new sources must not lock new
+    /// visitors out).
     Untracked = 6,
 }
 

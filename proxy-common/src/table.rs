@@ -71,6 +71,15 @@ pub fn set_index(key: &SourceKey, seed: u64, mask: u32) -> u32 {
 /// Slots of the table of SYNs dropped over the untracked cap (`SYN_RETRY`).
 pub const SYN_RETRY_SLOTS: u32 = 1 << 18;
 
+/// A TCP header's source port and sequence number as one word, read from
+/// their wire bytes as the program reads them (native-endian: the word
+/// only feeds [`syn_slot`], so its byte order does not matter as long as
+/// every reader uses this function).
+#[inline(always)]
+pub const fn sport_seq(sport: [u8; 2], seq: [u8; 4]) -> u64 {
+    ((u16::from_ne_bytes(sport) as u64) << 32) | (u32::from_ne_bytes(seq) as u64)
+}
+
 /// Slot and tag of a SYN in `SYN_RETRY`: a keyed hash of its source, port
 /// and sequence number, which a retransmission repeats and a spoofed flood
 /// does not. The tag is never 0 (an empty slot).
@@ -151,6 +160,15 @@ mod tests {
         assert_ne!(syn_slot(&k, (40_001 << 32) | 12345, 7), (s, t));
         assert_ne!(syn_slot(&key_v4([10, 0, 0, 2], 32), (40_000 << 32) | 12345, 7), (s, t));
         assert_ne!(syn_slot(&k, (40_000 << 32) | 12345, 8), (s, t));
+    }
+
+    #[test]
+    fn sport_seq_keeps_port_and_sequence_apart() {
+        let w = sport_seq(40_000u16.to_be_bytes(), 12345u32.to_be_bytes());
+        assert_eq!(w >> 32, u64::from(u16::from_ne_bytes(40_000u16.to_be_bytes())));
+        assert_eq!(w & 0xffff_ffff, u64::from(u32::from_ne_bytes(12345u32.to_be_bytes())));
+        assert_ne!(w, sport_seq(40_001u16.to_be_bytes(), 12345u32.to_be_bytes()));
+        assert_ne!(w, sport_seq(40_000u16.to_be_bytes(), 12346u32.to_be_bytes()));
     }
 
     #[test]

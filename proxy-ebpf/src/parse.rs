@@ -56,7 +56,7 @@ impl Tcp {
         // SAFETY: the parser checked that the TCP header lies wholly inside
         // the packet.
         let (sport, seq) = unsafe { ((*tcp).sport, (*tcp).seq) };
-        (u64::from(u16::from_ne_bytes(sport)) << 32) | u64::from(u32::from_ne_bytes(seq))
+        proxy_common::table::sport_seq(sport, seq)
     }
 }
 

@@ -142,7 +142,9 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
                 Reason::Rate
             }
         }
-        Some(t) if proven(ctx, t) => {
+        // A handshake is shown by a non-SYN packet (docs/kernel.md), as for
+        // a tracked source above: a SYN-ACK is nothing a visitor sends.
+        Some(t) if t.flags & TCP_SYN == 0 && proven(ctx, t) => {
             track(cfg, set, own, now, true);
             Reason::UnderRate
         }

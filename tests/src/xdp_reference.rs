@@ -2,7 +2,10 @@
 //! differential fuzz (`tests/xdp_fuzz.rs`): what docs/kernel.md says the
 //! program decides for a frame, computed from headers parsed by a packet
 //! library (etherparse) instead of the program's own walk, against a fixed
-//! [`World`] of maps whose answers do not depend on time.
+//! [`World`] of maps whose answers do not depend on time, and a [`Round`]
+//! that follows what one frame's runs change: the `SYN_RETRY` tags
+//! (computed with the program's own keyed hash, `proxy_common::table`, and
+//! the seed it was loaded with) and the aggregates charged.
 //!
 //! Where the program reads less than a full header, the reference says so
 //! and reads the same: only the fixed 20 bytes of the TCP header (the data
@@ -10,14 +13,21 @@
 //! IPv6 extension header (its declared length need not fit; whatever it
 //! points past the end of the frame is then out of reach).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use etherparse::{
     EtherType, Ethernet2HeaderSlice, IpAuthHeaderSlice, IpNumber, Ipv4HeaderSlice, Ipv6FragmentHeaderSlice,
     Ipv6HeaderSlice, Ipv6RawExtHeaderSlice, SingleVlanHeaderSlice, TcpHeaderSlice,
 };
 use keyward::units::Cidr;
-use proxy_common::Reason;
+use proxy_common::{
+    Reason, SourceKey,
+    prefix::{key_v4, key_v6},
+    table,
+};
 
 /// The TCP flags the decision looks at.
 pub const SYN: u8 = 0x02;
@@ -31,8 +41,9 @@ const V6_EXT_MAX: usize = 6;
 pub enum Parsed {
     /// Decided by the headers alone (`unguarded`, `malformed`).
     Verdict(Reason),
-    /// A TCP packet: its source, destination port and flags.
-    Tcp { src: IpAddr, dport: u16, flags: u8 },
+    /// A TCP packet: its source, destination port and flags, and its
+    /// source port and sequence number (`table::sport_seq`).
+    Tcp { src: IpAddr, dport: u16, flags: u8, sport_seq: u64 },
     /// The source is known, the TCP header is out of reach.
     Unattributed(IpAddr),
 }
@@ -52,7 +63,8 @@ pub enum Planted {
 /// lists (one deny entry expired), planted per-source entries, aggregates
 /// planted spent, rates otherwise too high to matter, and the admission
 /// bucket spent (so a new source is never admitted: its SYN is
-/// `untracked`, anything else `rate`).
+/// `untracked` under the untracked cap, or over it when it repeats the
+/// last SYN dropped in its `SYN_RETRY` slot; anything else `rate`).
 pub struct World {
     pub ports: &'static [u16],
     pub allow: Vec<Cidr>,
@@ -64,10 +76,71 @@ pub struct World {
     pub spent: Vec<Cidr>,
 }
 
-/// The XDP config the [`World`] assumes (rates that always admit).
+/// The XDP config the [`World`] assumes (rates that always admit, unless
+/// a bucket is planted spent).
 pub const WORLD_XDP: &str = "ports = [443, 8443]\nrate_pps = 1000000000\nburst = 1000000000\nipv6_prefix = 64\n\
     aggregate = { v4_prefix = 24, v6_prefix = 48, rate_pps = 1000000000, burst = 1000000000 }\n\
-    new_sources = { rate_pps = 1, burst = 1 }\ntable_size = 4096\n";
+    new_sources = { rate_pps = 1, burst = 1 }\nuntracked_syns = { rate_pps = 1000000000, burst = 1000000000 }\n\
+    table_size = 4096\n";
+
+/// Per-source prefix of IPv6 sources in [`WORLD_XDP`].
+pub const V6_PREFIX: u32 = 64;
+/// Aggregate prefixes in [`WORLD_XDP`].
+pub const AGG_V4_PREFIX: u8 = 24;
+pub const AGG_V6_PREFIX: u8 = 48;
+
+/// What one frame's runs change, for the reference to follow: planted
+/// afresh before each frame.
+#[derive(Clone, Debug)]
+pub struct Round {
+    /// The program's hash seed (`XdpConfig::seed`, random per load).
+    pub seed: u64,
+    /// The host-wide cap on untracked SYNs is planted spent for the whole
+    /// frame (else it is planted full, and never runs out in one frame).
+    pub cap_spent: bool,
+    /// `SYN_RETRY`: the non-zero slots and their tags.
+    pub syn_retry: HashMap<u32, u32>,
+    /// The aggregates charged (each created by its first charge), by the
+    /// address of their wider prefix.
+    pub charged: BTreeSet<IpAddr>,
+}
+
+impl Round {
+    /// A round with `SYN_RETRY` empty and no aggregate charged.
+    pub fn new(seed: u64, cap_spent: bool) -> Round {
+        Round { seed, cap_spent, syn_retry: HashMap::new(), charged: BTreeSet::new() }
+    }
+
+    /// Over the untracked cap, whether this SYN repeats the one last
+    /// dropped in its `SYN_RETRY` slot (docs/kernel.md, "Admission
+    /// spent"): then it passes and the slot is emptied; else the slot
+    /// remembers it.
+    fn retried(&mut self, own: &SourceKey, sport_seq: u64) -> bool {
+        let (i, tag) = table::syn_slot(own, sport_seq, self.seed);
+        if self.syn_retry.get(&i) == Some(&tag) {
+            self.syn_retry.remove(&i);
+            true
+        } else {
+            self.syn_retry.insert(i, tag);
+            false
+        }
+    }
+}
+
+/// The key of a source's own bucket: IPv4 per address, IPv6 per
+/// [`V6_PREFIX`].
+pub fn own_key(src: IpAddr) -> SourceKey {
+    match src {
+        IpAddr::V4(a) => key_v4(a.octets(), 32),
+        IpAddr::V6(a) => key_v6(a.octets(), V6_PREFIX),
+    }
+}
+
+/// The address of a source's aggregate prefix.
+pub fn wide(src: IpAddr) -> IpAddr {
+    let prefix = if src.is_ipv4() { AGG_V4_PREFIX } else { AGG_V6_PREFIX };
+    Cidr::covering(src, prefix).addr()
+}
 
 impl World {
     /// The one world the fuzz runs in.
@@ -113,41 +186,56 @@ impl World {
         (v4, v6)
     }
 
-    /// The reason the program must give `frame`.
-    pub fn decide(&self, frame: &[u8]) -> Reason {
+    /// The reason the program must give `frame`, in `round`.
+    pub fn decide(&self, frame: &[u8], round: &mut Round) -> Reason {
         match parse(frame) {
             Parsed::Verdict(r) => r,
             Parsed::Tcp { dport, .. } if !self.ports.contains(&dport) => Reason::Unguarded,
-            Parsed::Tcp { src, flags, .. } => self.judge(src, Some(flags)),
-            Parsed::Unattributed(src) => match self.judge(src, None) {
+            Parsed::Tcp { src, flags, sport_seq, .. } => self.judge(src, Some((flags, sport_seq)), round),
+            Parsed::Unattributed(src) => match self.judge(src, None, round) {
                 Reason::UnderRate => Reason::Malformed,
                 r => r,
             },
         }
     }
 
-    /// Lists, then buckets (docs/kernel.md, "How it decides").
-    fn judge(&self, src: IpAddr, flags: Option<u8>) -> Reason {
+    /// Lists, then buckets (docs/kernel.md, "How it decides"). `tcp`:
+    /// the flags and `sport_seq` when the TCP header was reached.
+    fn judge(&self, src: IpAddr, tcp: Option<(u8, u64)>, round: &mut Round) -> Reason {
         if self.deny.iter().any(|(c, expired)| !expired && c.contains(src)) {
             return Reason::Denied;
         }
         if self.allow.iter().any(|c| c.contains(src)) {
             return Reason::Allowed;
         }
-        let spent = self.spent.iter().any(|c| c.contains(src));
-        match self.sources.iter().find(|(c, _)| c.contains(src)).map(|(_, p)| *p) {
-            Some(Planted::Over) => Reason::Rate,
-            Some(Planted::Proven) => Reason::UnderRate,
+        let planted = self.sources.iter().find(|(c, _)| c.contains(src)).map(|(_, p)| *p);
+        match planted {
+            // Over its own bucket: dropped, and not charged to its prefix.
+            Some(Planted::Over) => return Reason::Rate,
+            // Held by its own bucket only.
+            Some(Planted::Proven) => return Reason::UnderRate,
             // No packet here can show a handshake: the fuzz runs in a network
             // namespace of its own, with no socket and no SYN cookie sent.
-            Some(Planted::Unproven) if spent => Reason::Rate,
-            Some(Planted::Unproven) => Reason::UnderRate,
-            None if spent => Reason::Rate,
-            // The admission bucket is spent.
-            None => match flags {
-                Some(f) if f & (SYN | ACK) == SYN => Reason::Untracked,
-                _ => Reason::Rate,
-            },
+            Some(Planted::Unproven) | None => {}
+        }
+        round.charged.insert(wide(src));
+        if self.spent.iter().any(|c| c.contains(src)) {
+            return Reason::Rate;
+        }
+        if planted.is_some() {
+            return Reason::UnderRate;
+        }
+        // A new source, and the admission bucket is spent: its SYN meets
+        // the untracked cap.
+        match tcp {
+            Some((f, sport_seq)) if f & (SYN | ACK) == SYN => {
+                if !round.cap_spent || round.retried(&own_key(src), sport_seq) {
+                    Reason::Untracked
+                } else {
+                    Reason::Rate
+                }
+            }
+            _ => Reason::Rate,
         }
     }
 }
@@ -306,7 +394,8 @@ fn tcp(l4: &[u8], src: IpAddr) -> Parsed {
     b[12] = 0x50 | (b[12] & 0x0f);
     let t = TcpHeaderSlice::from_slice(&b).expect("a 20-byte TCP header with data offset 5 parses");
     let flags = (u8::from(t.syn()) * SYN) | (u8::from(t.ack()) * ACK);
-    Parsed::Tcp { src, dport: t.destination_port(), flags }
+    let sport_seq = table::sport_seq(t.source_port().to_be_bytes(), t.sequence_number().to_be_bytes());
+    Parsed::Tcp { src, dport: t.destination_port(), flags, sport_seq }
 }
 
 #[cfg(test)]
@@ -318,20 +407,45 @@ mod tests {
     fn plain_frames_parse() {
         let a = Ipv4Addr::new(198, 51, 100, 1);
         let f = frame::tcp4(Macs::TEST, a, a, 1, 443);
-        assert_eq!(parse(&f), Parsed::Tcp { src: a.into(), dport: 443, flags: SYN });
+        let sport_seq = table::sport_seq(f[34..36].try_into().unwrap(), f[38..42].try_into().unwrap());
+        assert_eq!(parse(&f), Parsed::Tcp { src: a.into(), dport: 443, flags: SYN, sport_seq });
         assert_eq!(parse(&f[..40]), Parsed::Unattributed(a.into()));
         assert_eq!(parse(&f[..20]), Parsed::Verdict(Reason::Malformed));
         let w = World::new();
-        assert_eq!(w.decide(&f), Reason::UnderRate);
-        assert_eq!(w.decide(&f[..40]), Reason::Malformed);
+        let mut r = Round::new(7, false);
+        assert_eq!(w.decide(&f, &mut r), Reason::UnderRate);
+        assert_eq!(w.decide(&f[..40], &mut r), Reason::Malformed);
         let b = Ipv4Addr::new(198, 51, 100, 2);
-        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, b, a, 1, 443)), Reason::Rate);
+        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, b, a, 1, 443), &mut r), Reason::Rate);
         let c = Ipv4Addr::new(192, 0, 2, 130);
-        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, c, a, 1, 443)), Reason::Denied);
+        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, c, a, 1, 443), &mut r), Reason::Denied);
         let d = Ipv4Addr::new(192, 0, 2, 70);
-        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, d, a, 1, 443)), Reason::Allowed);
+        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, d, a, 1, 443), &mut r), Reason::Allowed);
         let e = Ipv4Addr::new(10, 1, 2, 3);
-        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, e, a, 1, 443)), Reason::Untracked);
-        assert_eq!(w.decide(&frame::tcp4_with(Macs::TEST, e, a, 1, 443, ACK)), Reason::Rate);
+        let new = frame::tcp4(Macs::TEST, e, a, 1, 443);
+        assert_eq!(w.decide(&new, &mut r), Reason::Untracked);
+        assert_eq!(w.decide(&frame::tcp4_with(Macs::TEST, e, a, 1, 443, ACK), &mut r), Reason::Rate);
+        // Neither the known source over its rate nor the proven one charged its /24.
+        let charged: Vec<IpAddr> = r.charged.iter().copied().collect();
+        assert_eq!(charged, [IpAddr::from([10, 1, 2, 0])]);
+        assert!(r.syn_retry.is_empty());
+    }
+
+    #[test]
+    fn over_the_cap_a_repeated_syn_passes_every_other_time() {
+        let w = World::new();
+        let mut r = Round::new(7, true);
+        let a = Ipv4Addr::new(10, 1, 2, 3);
+        let syn = frame::tcp4(Macs::TEST, a, a, 1, 443);
+        assert_eq!(w.decide(&syn, &mut r), Reason::Rate);
+        assert_eq!(r.syn_retry.len(), 1);
+        assert_eq!(w.decide(&syn, &mut r), Reason::Untracked);
+        assert!(r.syn_retry.is_empty());
+        assert_eq!(w.decide(&syn, &mut r), Reason::Rate);
+        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, a, a, 2, 443), &mut r), Reason::Rate);
+        // A SYN-ACK is no new connection: dropped, not remembered.
+        let before = r.syn_retry.clone();
+        assert_eq!(w.decide(&frame::tcp4_with(Macs::TEST, a, a, 3, 443, SYN | ACK), &mut r), Reason::Rate);
+        assert_eq!(r.syn_retry, before);
     }
 }

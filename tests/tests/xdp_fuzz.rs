@@ -10,9 +10,15 @@
 //! in the kernel, where no coverage instrumentation of a fuzzer reaches.
 //! Seeded (`KEYWARD_FUZZ_SEED`, printed) and bounded by a case count:
 //! about a minute in `cargo xtask test`; `cargo xtask fuzz` runs many more
-//! (`KEYWARD_XDP_FUZZ_CASES`). The maps are planted so that every decision
-//! is fixed (see `World`), and the program runs in a network namespace of
-//! its own, where no socket or SYN cookie can vouch for a fuzzed packet.
+//! (`KEYWARD_XDP_FUZZ_CASES`). The maps are planted through their pins
+//! before each frame so that every decision is fixed (see `World`; the
+//! per-source entries go into the slots the program's keyed hash picks,
+//! with the seed read back from `CONFIG`), the untracked cap is planted
+//! spent or full per frame, and the reference follows what the runs of one
+//! frame change (`Round`: the `SYN_RETRY` tags and the aggregates charged,
+//! both compared with the maps after each frame). The program runs in a
+//! network namespace of its own, where no socket or SYN cookie can vouch for
+//! a fuzzed packet.
 
 use std::{
     cell::RefCell,
@@ -35,7 +41,7 @@ use keyward::{
 use keyward_tests::{
     frame::{self, Macs},
     privileged,
-    xdp_reference::{Planted, WORLD_XDP, World},
+    xdp_reference::{Planted, Round, WORLD_XDP, World, own_key},
 };
 use proptest::{
     prelude::*,
@@ -43,8 +49,9 @@ use proptest::{
     test_runner::{Config as ProptestConfig, RngAlgorithm, TestCaseError, TestRng, TestRunner},
 };
 use proxy_common::{
-    Action, Bucket, Reason, SourceKey, maps as names,
+    ADMIT_NEW_SOURCES, ADMIT_UNTRACKED_SYNS, Action, Bucket, Reason, SourceKey, maps as names,
     prefix::{key_v4, key_v6},
+    table::{self, SYN_RETRY_SLOTS, Slot},
 };
 
 const XDP_DROP: u32 = 1;
@@ -63,15 +70,27 @@ fn seed() -> u64 {
 
 /// The maps the harness plants (opened from their pins).
 struct Planting {
-    sources: HashMap<MapData, SourceKey, Bucket>,
+    sources: Array<MapData, Slot>,
     aggregates: HashMap<MapData, SourceKey, Bucket>,
     admit: Array<MapData, Bucket>,
+    syn_retry: Array<MapData, u32>,
 }
 
 struct Fuzz {
     dp: Dataplane,
     world: World,
     maps: Planting,
+    /// Each planted source's slot in `SOURCES` and its entry.
+    slots: Vec<(u32, Slot)>,
+    /// The program's hash seed, read back from `CONFIG`.
+    seed: u64,
+    /// What the current frame's runs changed, as the reference has it.
+    round: Round,
+    /// After a disagreement the maps may hold what the reference does not
+    /// know of: the next planting empties them whole.
+    dirty: bool,
+    /// Sources tracked before this round.
+    tracked: u64,
     /// The counters after the last run, as (action, reason) → packets.
     last: Vec<(String, String, u64)>,
     runs: u64,
@@ -83,19 +102,55 @@ fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &std::path::Path, nam
     T::try_from(Map::from_map_data(data).expect("map type")).expect("map kind")
 }
 
+/// Where each of `world`'s sources lives in a table of `mask + 1` slots
+/// hashed with `seed` (`proxy_common::table`), planted as `Planted` says;
+/// `None` when three of them share a set (then no planting can hold them).
+fn layout(world: &World, seed: u64, mask: u32) -> Option<Vec<(u32, Slot)>> {
+    let now = SystemClock.monotonic_ns();
+    let mut slots: Vec<(u32, Slot)> = Vec::new();
+    for (c, p) in &world.sources {
+        let key = own_key(c.addr());
+        let tat_ns = match p {
+            // Any arrival time long past is under the rate; the lowest bit
+            // is the proven mark, and 0 would be an empty slot.
+            Planted::Proven => 2 | Bucket::PROVEN,
+            Planted::Unproven => 2,
+            Planted::Over => (now + FAR_NS) & !Bucket::PROVEN,
+        };
+        let set = table::set_index(&key, seed, mask);
+        let i = [set, set | 1].into_iter().find(|i| slots.iter().all(|(j, _)| j != i))?;
+        slots.push((i, Slot { key, bucket: Bucket { tat_ns, packets: 0, drops: 0 } }));
+    }
+    Some(slots)
+}
+
+/// Load the program and pin its maps; again (a new seed) in the unlikely
+/// case that three planted sources share a set.
+fn load(world: &World, pins: &std::path::Path) -> (Dataplane, u64, Vec<(u32, Slot)>) {
+    let text = format!("[xdp]\ninterface = \"lo\"\n{WORLD_XDP}");
+    let cfg = Config::parse(std::path::Path::new("fuzz.toml"), &text).expect("fuzz config");
+    for _ in 0..8 {
+        let mut dp = Dataplane::load(cfg.xdp()).expect("load XDP object");
+        let k = dp.kernel_config().expect("read CONFIG");
+        if let Some(slots) = layout(world, k.seed, k.table_mask) {
+            dp.pin(pins).expect("pin maps");
+            return (dp, k.seed, slots);
+        }
+    }
+    panic!("eight seeds in a row put three planted sources in one set");
+}
+
 impl Fuzz {
     fn new() -> Fuzz {
-        let text = format!("[xdp]\ninterface = \"lo\"\n{WORLD_XDP}");
-        let cfg = Config::parse(std::path::Path::new("fuzz.toml"), &text).expect("fuzz config");
-        let mut dp = Dataplane::load(cfg.xdp()).expect("load XDP object");
+        let world = World::new();
         let pins = PathBuf::from(format!("/sys/fs/bpf/kwt{}-xdpfuzz", std::process::id()));
-        dp.pin(&pins).expect("pin maps");
+        let (mut dp, seed, slots) = load(&world, &pins);
         let maps = Planting {
             sources: open(&pins, names::SOURCES),
             aggregates: open(&pins, names::AGGREGATES),
             admit: open(&pins, names::ADMIT),
+            syn_retry: open(&pins, names::SYN_RETRY),
         };
-        let world = World::new();
         let now = SystemClock.monotonic_ns();
         for (c, expired) in &world.deny {
             dp.list_insert(List::Deny, c, if *expired { 1 } else { now + FAR_NS }).expect("deny");
@@ -104,45 +159,88 @@ impl Fuzz {
             dp.list_insert(List::Allow, c, 0).expect("allow");
         }
         let last = counts(&dp);
-        Fuzz { dp, world, maps, last, runs: 0, pins }
+        let round = Round::new(seed, false);
+        Fuzz { dp, world, maps, slots, seed, round, dirty: false, tracked: 0, last, runs: 0, pins }
     }
 
-    /// Reset the buckets to the world's planting: tables emptied, planted
-    /// entries written, the admission bucket spent.
-    fn plant(&mut self) {
+    /// Reset the maps to the world's planting for a new round: the
+    /// `SYN_RETRY` slots the last round wrote and the aggregates emptied,
+    /// the planted entries written, the admission bucket spent and the
+    /// untracked cap spent or full.
+    fn plant(&mut self, cap_spent: bool) {
+        if std::mem::take(&mut self.dirty) {
+            self.empty_all();
+        }
+        for i in self.round.syn_retry.keys() {
+            self.maps.syn_retry.set(*i, 0, 0).expect("empty a SYN_RETRY slot");
+        }
+        self.round = Round::new(self.seed, cap_spent);
+        self.tracked = self.dp.new_sources().expect("new sources");
+        let keys: Vec<SourceKey> = self.maps.aggregates.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.maps.aggregates.remove(&k);
+        }
+        for (i, slot) in &self.slots {
+            self.maps.sources.set(*i, *slot, 0).expect("plant source");
+        }
         let now = SystemClock.monotonic_ns();
         let spent = Bucket { tat_ns: (now + FAR_NS) & !Bucket::PROVEN, packets: 0, drops: 0 };
-        for map in [&mut self.maps.sources, &mut self.maps.aggregates] {
-            let keys: Vec<SourceKey> = map.keys().filter_map(Result::ok).collect();
-            for k in keys {
-                let _ = map.remove(&k);
-            }
-        }
-        for (c, p) in &self.world.sources {
-            let b = match p {
-                Planted::Proven => Bucket { tat_ns: Bucket::PROVEN, packets: 0, drops: 0 },
-                Planted::Unproven => Bucket::default(),
-                Planted::Over => spent,
-            };
-            self.maps.sources.insert(key(c.addr(), 32, 64), b, 0).expect("plant source");
-        }
         for c in &self.world.spent {
             self.maps.aggregates.insert(key(c.addr(), 24, 48), spent, 0).expect("plant aggregate");
         }
-        self.maps.admit.set(0, spent, 0).expect("spend admission");
+        self.maps.admit.set(ADMIT_NEW_SOURCES, spent, 0).expect("spend admission");
+        let cap = if cap_spent { spent } else { Bucket::default() };
+        self.maps.admit.set(ADMIT_UNTRACKED_SYNS, cap, 0).expect("plant the untracked cap");
     }
 
-    /// Run `f` at every length from the end of Ethernet; each must match.
-    fn check_all(&mut self, f: &[u8]) -> Result<(), TestCaseError> {
-        self.plant();
-        for len in 14..=f.len() {
-            self.check(&f[..len])?;
+    /// Empty `SYN_RETRY` and `SOURCES` whole (after a disagreement, before
+    /// proptest runs the next, smaller input).
+    fn empty_all(&mut self) {
+        for i in 0..SYN_RETRY_SLOTS {
+            self.maps.syn_retry.set(i, 0, 0).expect("empty SYN_RETRY");
+        }
+        for i in 0..self.maps.sources.len() {
+            self.maps.sources.set(i, Slot::default(), 0).expect("empty SOURCES");
+        }
+    }
+
+    /// Run `f` at every length from the end of Ethernet; each must match,
+    /// and so must the maps the runs changed.
+    fn check_all(&mut self, f: &Frame) -> Result<(), TestCaseError> {
+        self.plant(f.cap_spent);
+        let r = (14..=f.bytes.len()).try_for_each(|len| self.check(&f.bytes[..len])).and_then(|()| self.check_maps());
+        self.dirty = r.is_err();
+        r
+    }
+
+    /// The aggregates and `SYN_RETRY` slots as the reference has them, and
+    /// no source tracked (the admission bucket is spent and nothing can
+    /// show a handshake).
+    fn check_maps(&self) -> Result<(), TestCaseError> {
+        let mut want: Vec<SourceKey> = self.round.charged.iter().map(|a| key(*a, 24, 48)).collect();
+        want.extend(self.world.spent.iter().map(|c| key(c.addr(), 24, 48)));
+        want.sort_by_key(|k| k.addr);
+        want.dedup();
+        let mut got: Vec<SourceKey> = self.maps.aggregates.keys().filter_map(Result::ok).collect();
+        got.sort_by_key(|k| k.addr);
+        if got != want {
+            return Err(TestCaseError::fail(format!("aggregates: the program holds {got:?}, the reference {want:?}")));
+        }
+        for (i, tag) in &self.round.syn_retry {
+            let got = self.maps.syn_retry.get(i, 0).expect("read SYN_RETRY");
+            if got != *tag {
+                return Err(TestCaseError::fail(format!("SYN_RETRY[{i}]: the program holds {got:#x}, not {tag:#x}")));
+            }
+        }
+        let new = self.dp.new_sources().expect("new sources") - self.tracked;
+        if new != 0 {
+            return Err(TestCaseError::fail(format!("{new} sources were tracked")));
         }
         Ok(())
     }
 
     fn check(&mut self, f: &[u8]) -> Result<(), TestCaseError> {
-        let want = self.world.decide(f);
+        let want = self.world.decide(f, &mut self.round);
         let action = match want.verdict() {
             Action::Pass => XDP_PASS,
             Action::Drop => XDP_DROP,
@@ -290,13 +388,18 @@ fn other_l3() -> impl Strategy<Value = (u16, Vec<u8>)> {
     (et, prop::collection::vec(any::<u8>(), 0..48))
 }
 
-/// A frame, shown as hex (in proptest's report of the minimal input).
+/// A frame, shown as hex (in proptest's report of the minimal input), and
+/// whether the untracked cap is planted spent while it runs.
 #[derive(Clone)]
-struct Frame(Vec<u8>);
+struct Frame {
+    bytes: Vec<u8>,
+    cap_spent: bool,
+}
 
 impl std::fmt::Debug for Frame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&hex(&self.0))
+        let cap = if self.cap_spent { "spent" } else { "full" };
+        write!(f, "{} (untracked cap {cap})", hex(&self.bytes))
     }
 }
 
@@ -314,7 +417,8 @@ fn frames() -> impl Strategy<Value = Frame> {
         }
         f
     });
-    prop_oneof![9 => built, 1 => prop::collection::vec(any::<u8>(), 14..120)].prop_map(Frame)
+    let bytes = prop_oneof![9 => built, 1 => prop::collection::vec(any::<u8>(), 14..120)];
+    (bytes, any::<bool>()).prop_map(|(bytes, cap_spent)| Frame { bytes, cap_spent })
 }
 
 #[test]
@@ -333,7 +437,7 @@ fn the_program_decides_every_frame_as_the_reference_does() {
         let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
         let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
         let start = Instant::now();
-        let r = runner.run(&frames(), |f| fuzz.borrow_mut().check_all(&f.0));
+        let r = runner.run(&frames(), |f| fuzz.borrow_mut().check_all(&f));
         let runs = fuzz.borrow().runs;
         eprintln!("info: {runs} frames run in {:.1} s", start.elapsed().as_secs_f64());
         if let Err(e) = r {
@@ -349,19 +453,20 @@ fn the_program_decides_every_frame_as_the_reference_does() {
 fn the_reference_agrees_with_the_hand_built_table() {
     // The reference itself, on frames whose decision xdp_test_run.rs states.
     let w = World::new();
+    let mut r = Round::new(0, false);
     let v4 = frame::tcp4(Macs::TEST, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 1, 443);
-    assert_eq!(w.decide(&v4), Reason::Untracked);
+    assert_eq!(w.decide(&v4, &mut r), Reason::Untracked);
     let mut bad_ihl = v4.clone();
     bad_ihl[14] = 0x44;
-    assert_eq!(w.decide(&bad_ihl), Reason::Malformed);
+    assert_eq!(w.decide(&bad_ihl, &mut r), Reason::Malformed);
     let seven: Vec<(u8, Vec<u8>)> = (0..7).map(|_| (60, frame::ext8())).collect();
     let a = Ipv6Addr::new(0x2001, 0xdb8, 1, 1, 0, 0, 0, 1);
     let t6 = frame::tcp6_header(a, a, 1, 443);
     let deep = frame::ethernet(Macs::TEST, &[], 0x86dd, &frame::ipv6(a, a, &seven, frame::TCP, &t6));
-    assert_eq!(w.decide(&deep), Reason::Malformed);
+    assert_eq!(w.decide(&deep, &mut r), Reason::Malformed);
     let six: Vec<(u8, Vec<u8>)> = (0..6).map(|_| (60, frame::ext8())).collect();
     let six = frame::ethernet(Macs::TEST, &[], 0x86dd, &frame::ipv6(a, a, &six, frame::TCP, &t6));
-    assert_eq!(w.decide(&six), Reason::UnderRate);
+    assert_eq!(w.decide(&six, &mut r), Reason::UnderRate);
     let later = frame::ipv4(
         Ipv4Addr::new(198, 51, 100, 2),
         a.to_ipv4_mapped().unwrap_or(Ipv4Addr::LOCALHOST),
@@ -370,5 +475,5 @@ fn the_reference_agrees_with_the_hand_built_table() {
         100,
         &[],
     );
-    assert_eq!(w.decide(&frame::ethernet(Macs::TEST, &[], 0x0800, &later)), Reason::Unguarded);
+    assert_eq!(w.decide(&frame::ethernet(Macs::TEST, &[], 0x0800, &later), &mut r), Reason::Unguarded);
 }

@@ -141,6 +141,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// `CONFIG` as the program reads it: the configured knobs with the
+    /// table mask, the hash seed of this load and the list flags.
+    pub fn kernel_config(&self) -> Result<proxy_common::XdpConfig, DataplaneError> {
+        let config: Array<&MapData, proxy_common::XdpConfig> =
+            Array::try_from(self.map(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        config.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
     /// Every possible (action, reason) counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<ReasonCount>, DataplaneError> {
         counters(&PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?)
