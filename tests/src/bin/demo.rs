@@ -47,10 +47,17 @@ fn main() {
         }
     }
     install_ctrl_c();
+    // The daemon removes its own pin directory; the bpffs directory above it
+    // is left for an installed keyward unless this demo created it.
+    let pin_root = std::path::Path::new("/sys/fs/bpf/keyward");
+    let had_pin_root = pin_root.exists();
     let code = match std::panic::catch_unwind(|| play(report_path.as_deref())) {
         Ok(()) => 0,
         Err(_) => 1,
     };
+    if !had_pin_root {
+        let _ = std::fs::remove_dir(pin_root); // only if empty
+    }
     std::process::exit(code);
 }
 
