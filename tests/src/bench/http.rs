@@ -347,14 +347,33 @@ pub fn run(rounds: usize, secs: u32, rate: u32, profile_dir: Option<&Path>) -> (
     let profiles = profile_dir.map(|pd| {
         let probes = super::profile::add_probes();
         let mut text = String::new();
-        for (name, limits, base, extra, _, _, durability) in paths.iter() {
+        let mut sys_rows = Vec::new();
+        for (name, limits, base, extra, ngx_path, _, durability) in paths.iter() {
             let kw = start_kw(limits, base, extra, durability);
             let url = format!("http://127.0.0.1:{KW}/postcodes/AB1");
             text.push_str(&super::profile::around(pd, name, kw.0.0.id(), probes, || wrk(&ns, &url, secs.max(3)).0));
+            let peers = [
+                ("keyward", vec![kw.0.0.id()], url),
+                ("nginx", with_children(ngx_pid), format!("http://127.0.0.1:{NGX}{ngx_path}")),
+                ("HAProxy", vec![hap_pid], format!("http://127.0.0.1:{HAP}{ngx_path}")),
+            ];
+            for (who, pids, url) in peers {
+                let slug = format!("{}-{who}", sys_rows.len());
+                let counted = super::profile::syscalls(pd, &slug, &pids, || wrk(&ns, &url, secs.max(3)).0);
+                let mut row = vec![(*name).to_owned(), who.to_owned()];
+                row.extend(counted.unwrap_or_default().iter().map(|v| format!("{v:.2}")));
+                sys_rows.push(row);
+            }
         }
         if probes {
             super::profile::remove_probes();
         }
+        let mut head = vec!["path", "proxy"];
+        head.extend(super::profile::syscall_columns());
+        text.push_str(&format!(
+            "### Syscalls and context switches per request (`perf stat -p`, every thread of each proxy's processes)\n\n{}\n",
+            table(&head, &sys_rows)
+        ));
         text
     });
     let mut rows = Vec::new();
@@ -485,6 +504,12 @@ fn proc_cpu_ns(pid: u32) -> u64 {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     let kids: u64 = children.split_whitespace().filter_map(|c| c.parse().ok()).map(one_proc_cpu_ns).sum();
     one_proc_cpu_ns(pid) + kids
+}
+
+/// `pid` and its children (nginx's master and worker).
+fn with_children(pid: u32) -> Vec<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid).chain(children.split_whitespace().filter_map(|c| c.parse().ok())).collect()
 }
 
 fn one_proc_cpu_ns(pid: u32) -> u64 {

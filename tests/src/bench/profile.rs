@@ -118,3 +118,77 @@ fn report(data: &str, sort: &str, n: usize) -> String {
     }
     lines.iter().take(n).map(|l| format!("{}\n", l.trim_end())).collect()
 }
+
+/// What [`syscalls`] counts, as (column, perf events summed into it). The
+/// EAGAIN column is every syscall that returned -EAGAIN (a read or accept
+/// that found nothing, the readiness model's probe).
+const SYSCALL_COLUMNS: [(&str, &[&str]); 8] = [
+    ("syscalls", &["raw_syscalls:sys_enter"]),
+    ("EAGAIN", &["raw_syscalls:sys_exit"]),
+    (
+        "reads",
+        &[
+            "syscalls:sys_enter_read",
+            "syscalls:sys_enter_recvfrom",
+            "syscalls:sys_enter_recvmsg",
+            "syscalls:sys_enter_readv",
+        ],
+    ),
+    (
+        "writes",
+        &[
+            "syscalls:sys_enter_write",
+            "syscalls:sys_enter_writev",
+            "syscalls:sys_enter_sendto",
+            "syscalls:sys_enter_sendmsg",
+        ],
+    ),
+    (
+        "epoll waits",
+        &["syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_pwait", "syscalls:sys_enter_epoll_pwait2"],
+    ),
+    ("epoll_ctl", &["syscalls:sys_enter_epoll_ctl"]),
+    ("futex", &["syscalls:sys_enter_futex"]),
+    ("context switches", &["context-switches"]),
+];
+
+/// The header of the table [`syscalls`] fills a row of.
+pub fn syscall_columns() -> Vec<&'static str> {
+    SYSCALL_COLUMNS.iter().map(|(c, _)| *c).collect()
+}
+
+/// Syscalls and context switches per request of processes `pids` (all
+/// their threads) over one run of `load` (it returns the requests made),
+/// counted by `perf stat`; one value per [`syscall_columns`], or `None`
+/// when perf could not count.
+pub fn syscalls(dir: &Path, slug: &str, pids: &[u32], load: impl Fn() -> u64) -> Option<Vec<f64>> {
+    let out = dir.join(format!("{slug}.syscalls"));
+    let out_s = out.display().to_string();
+    let pids = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut args: Vec<&str> = vec!["stat", "-x", ",", "-p", &pids, "-o", &out_s];
+    for (col, events) in SYSCALL_COLUMNS {
+        for e in events {
+            args.extend(["-e", e]);
+            if col == "EAGAIN" {
+                args.extend(["--filter", "ret == -11"]);
+            }
+        }
+    }
+    let c = spawn(&args)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let reqs = load();
+    c.stop();
+    let text = std::fs::read_to_string(&out).ok()?;
+    let _ = std::fs::remove_file(&out);
+    let count = |event: &str| -> Option<u64> {
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f.get(2) == Some(&event)).then(|| f[0].trim().parse::<u64>().ok()).flatten()
+        })
+    };
+    let cols: Vec<f64> = SYSCALL_COLUMNS
+        .iter()
+        .map(|(_, events)| events.iter().filter_map(|e| count(e)).sum::<u64>() as f64 / reqs.max(1) as f64)
+        .collect();
+    (cols[0] > 0.0).then_some(cols)
+}
