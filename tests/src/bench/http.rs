@@ -361,7 +361,10 @@ pub fn run(rounds: usize, secs: u32, rate: u32, profile_dir: Option<&Path>) -> (
                 let slug = format!("{}-{who}", sys_rows.len());
                 let counted = super::profile::syscalls(pd, &slug, &pids, || wrk(&ns, &url, secs.max(3)).0);
                 let mut row = vec![(*name).to_owned(), who.to_owned()];
-                row.extend(counted.unwrap_or_default().iter().map(|v| format!("{v:.2}")));
+                match counted {
+                    Some(c) => row.extend(c.iter().map(|v| format!("{v:.2}"))),
+                    None => row.extend(super::profile::syscall_columns().iter().map(|_| "–".to_owned())),
+                }
                 sys_rows.push(row);
             }
         }
