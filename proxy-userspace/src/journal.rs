@@ -3,10 +3,10 @@
 //! under, its cost, and the page token whose call it took) is appended to a
 //! table of the embedded store and committed durably before the call leaves.
 //!
-//! One writer thread owns the journal's write transactions. Callers queue a
-//! record and await a oneshot; each commit covers every record queued while
-//! the previous commit was on its way to disk (group commit), so concurrent
-//! calls share one fsync. Settlements (billed, or given back) are queued the
+//! One writer thread owns the journal's write transactions ([`writer`]).
+//! Callers queue a record and await the commit it goes into; each commit
+//! covers every record queued while the previous commit was on its way to
+//! disk (group commit), so concurrent calls share one fsync and one wakeup. Settlements (billed, or given back) are queued the
 //! same way but nobody waits for them, and they never cost a commit of
 //! their own: they go with the next reservation's (or are made moot by the
 //! next snapshot). A lost one counts the call as spent, never the reverse.
@@ -25,17 +25,10 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
-    thread::JoinHandle,
 };
 
-use redb::{Database, Durability, TableDefinition};
+use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 use crate::{
     proxy::limit::{DayCounts, Reservation},
@@ -43,13 +36,16 @@ use crate::{
     units::Cidr,
 };
 
+mod record;
+mod writer;
+
+pub use writer::Journal;
+
 /// The journal table: (sequence number, kind) → for [`Kind::Reserved`] and
-/// [`Kind::Refunded`], what was taken or given back (JSON); for
+/// [`Kind::Refunded`], what was taken or given back (a fixed-size binary
+/// record, or JSON as written before it: see [`record`]); for
 /// [`Kind::Billed`] (numbered as the reservation it keeps), nothing.
 pub(crate) const TABLE: TableDefinition<'static, (u64, u8), &'static [u8]> = TableDefinition::new("journal");
-
-/// The most records one commit takes; the rest wait for the next.
-const MAX_BATCH: usize = 4096;
 
 /// What a journal record says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,11 +114,12 @@ impl Record {
         }
     }
 
-    fn value(&self) -> Vec<u8> {
+    /// The value on disk, encoded inline.
+    fn encode(&self) -> record::Value {
         match self {
-            Record::Reserved(_, r) => serde_json::to_vec(r).unwrap_or_default(),
-            Record::Refunded(_, r) => serde_json::to_vec(r).unwrap_or_default(),
-            Record::Billed(_) => Vec::new(),
+            Record::Reserved(_, r) => record::encode(r, None),
+            Record::Refunded(_, r) => record::encode(&r.what, Some(r.of)),
+            Record::Billed(_) => record::Value::EMPTY,
         }
     }
 }
@@ -134,118 +131,6 @@ pub enum JournalError {
     Store(String),
     #[error("the reservation journal is stopped")]
     Stopped,
-}
-
-/// A record queued for the writer, with whoever waits for its commit.
-struct Op {
-    key: (u64, u8),
-    value: Vec<u8>,
-    done: Option<oneshot::Sender<Result<(), JournalError>>>,
-}
-
-/// The handle callers queue records on; dropping it lets the writer commit
-/// what is queued and stop.
-pub struct Journal {
-    tx: Option<mpsc::Sender<Op>>,
-    commits: Arc<AtomicU64>,
-    writer: Option<JoinHandle<()>>,
-}
-
-impl Journal {
-    /// Start the writer thread on `db` (whose [`TABLE`] exists).
-    pub fn start(db: Arc<Database>) -> std::io::Result<Journal> {
-        let (tx, rx) = mpsc::channel();
-        let commits = Arc::new(AtomicU64::new(0));
-        let c = commits.clone();
-        let writer = std::thread::Builder::new().name("kw-journal".into()).spawn(move || run(&db, &rx, &c))?;
-        Ok(Journal { tx: Some(tx), commits, writer: Some(writer) })
-    }
-
-    /// Queue `r` now; the future is ready once it is on disk (with
-    /// whatever else was queued meanwhile).
-    pub fn append(&self, r: Record) -> impl Future<Output = Result<(), JournalError>> + use<> {
-        let (done, wait) = oneshot::channel();
-        let queued = self.send(&r, Some(done));
-        async move {
-            queued?;
-            wait.await.unwrap_or(Err(JournalError::Stopped))
-        }
-    }
-
-    /// Append `r` with the next commit made for a waiter, without waiting.
-    pub fn append_lazy(&self, r: Record) {
-        let _ = self.send(&r, None);
-    }
-
-    fn send(&self, r: &Record, done: Option<oneshot::Sender<Result<(), JournalError>>>) -> Result<(), JournalError> {
-        let tx = self.tx.as_ref().ok_or(JournalError::Stopped)?;
-        tx.send(Op { key: r.key(), value: r.value(), done }).map_err(|_| JournalError::Stopped)
-    }
-
-    /// Commits made so far.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Journal {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
-    }
-}
-
-/// The writer: take every record queued, and commit once a caller waits on
-/// one of them (settlements alone wait for the next reservation's commit,
-/// or for the snapshot that makes them moot), answering every waiter; when
-/// every handle is gone, commit what is left and stop.
-fn run(db: &Database, rx: &mpsc::Receiver<Op>, commits: &AtomicU64) {
-    let mut batch: Vec<Op> = Vec::new();
-    let mut waited = false;
-    while let Ok(op) = rx.recv() {
-        waited |= op.done.is_some();
-        batch.push(op);
-        for op in rx.try_iter().take(MAX_BATCH.saturating_sub(batch.len())) {
-            waited |= op.done.is_some();
-            batch.push(op);
-        }
-        if waited || batch.len() >= MAX_BATCH {
-            commit(db, std::mem::take(&mut batch), commits);
-            waited = false;
-        }
-    }
-    if !batch.is_empty() {
-        commit(db, batch, commits);
-    }
-}
-
-/// One commit of `batch`; every waiter gets its outcome.
-fn commit(db: &Database, batch: Vec<Op>, commits: &AtomicU64) {
-    let result = write(db, &batch).map_err(|e| JournalError::Store(e.to_string()));
-    commits.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = &result {
-        tracing::error!(error = %e, records = batch.len(), "journal commit failed: the calls waiting on it are refused");
-    }
-    for op in batch {
-        if let Some(done) = op.done {
-            let _ = done.send(result.clone());
-        }
-    }
-}
-
-fn write(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
-    let mut tx = db.begin_write()?;
-    tx.set_durability(Durability::Immediate)?;
-    {
-        let mut t = tx.open_table(TABLE)?;
-        for op in batch {
-            t.insert(op.key, op.value.as_slice())?;
-        }
-    }
-    tx.commit()?;
-    Ok(())
 }
 
 /// The counters and token counts rebuilt at start.
@@ -285,13 +170,13 @@ pub fn replay(
     let mut changes = BTreeMap::new();
     let mut billed = HashSet::new();
     for ((seq, kind), value) in records.into_iter().filter(|((s, _), _)| *s > watermark) {
-        let bad = |e: serde_json::Error| Unreadable { seq, reason: e.to_string() };
+        let bad = |reason: String| Unreadable { seq, reason };
         match kind {
             k if k == Kind::Reserved as u8 => {
-                changes.insert(seq, Change::Take(serde_json::from_slice(&value).map_err(bad)?));
+                changes.insert(seq, Change::Take(record::reserved(&value).map_err(bad)?));
             }
             k if k == Kind::Refunded as u8 => {
-                changes.insert(seq, Change::Give(serde_json::from_slice(&value).map_err(bad)?));
+                changes.insert(seq, Change::Give(record::refund(&value).map_err(bad)?));
             }
             _ => {
                 billed.insert(seq);

@@ -4,7 +4,12 @@
 
 use std::{
     io,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::Poll,
+    time::{Duration, Instant},
 };
 
 use proxy_common::bucket::Params;
@@ -31,7 +36,7 @@ fn reserved(day: u64, who: &str, cost: u64) -> Reserved {
 }
 
 fn rec(r: &Record) -> ((u64, u8), Vec<u8>) {
-    (r.key(), r.value())
+    (r.key(), r.encode().as_bytes().to_vec())
 }
 
 struct TmpDir(std::path::PathBuf);
@@ -106,6 +111,68 @@ fn replay_follows_the_day_and_refuses_an_unreadable_record() {
     assert_eq!(r.counts.map(|c| (c.day, c.spent)), Some((DAY + 1, 7)));
     let bad = [((9, Kind::Reserved as u8), b"{".to_vec())];
     assert_eq!(replay(None, Vec::new(), bad).unwrap_err().seq, 9);
+}
+
+#[test]
+fn binary_records_read_back_as_written() {
+    let v6 = ip("2001:db8::1");
+    let token = Some(TokenCall { nonce: Nonce([7; 12]), expires_unix: u64::MAX });
+    let cases = [
+        reserved(DAY, "192.0.2.1", 20_000),
+        Reserved { network: None, ..reserved(DAY, "192.0.2.1", 0) },
+        Reserved { day: u64::MAX, ip: v6, network: Some(Cidr::covering(v6, 48)), cost: u64::MAX, token },
+        Reserved { ip: v6, network: Some(Cidr::covering(v6, 0)), token, ..reserved(DAY, "192.0.2.1", 1) },
+    ];
+    for (n, r) in cases.into_iter().enumerate() {
+        let taken = Record::Reserved(n as u64, r.clone()).encode();
+        assert_eq!(taken.as_bytes()[0], record::VERSION);
+        assert_eq!(record::reserved(taken.as_bytes()), Ok(r.clone()));
+        let given = Record::Refunded(99, refund(n as u64, r.clone())).encode();
+        assert_eq!(record::refund(given.as_bytes()), Ok(refund(n as u64, r)));
+        // A refund is not a reservation, nor the reverse: the lengths differ.
+        assert!(record::reserved(given.as_bytes()).is_err());
+        assert!(record::refund(taken.as_bytes()).is_err());
+    }
+    assert!(Record::Billed(1).encode().as_bytes().is_empty());
+}
+
+/// Records as the JSON journal (before the binary one) wrote them, which a
+/// crash of that version leaves behind: read at start like new ones.
+#[test]
+fn json_records_of_the_previous_version_are_replayed() {
+    let taken = br#"{"day":20261123,"ip":"192.0.2.1","network":"192.0.2.0/24","cost":20000,"token":{"nonce":"BQUFBQUFBQUFBQUF","expires_unix":99}}"#;
+    let given = br#"{"of":2,"day":20261123,"ip":"2001:db8::1","cost":7}"#;
+    let token = Some(TokenCall { nonce: Nonce([5; 12]), expires_unix: 99 });
+    let r1 = Reserved { token, ..reserved(DAY, "192.0.2.1", 20_000) };
+    let r2 = Reserved { network: None, ..reserved(DAY, "2001:db8::1", 7) };
+    // These are the bytes the previous writer made (serde_json of these types).
+    assert_eq!(serde_json::to_vec(&r1).unwrap(), taken);
+    assert_eq!(serde_json::to_vec(&refund(2, r2.clone())).unwrap(), given);
+    let old = [
+        ((1, Kind::Reserved as u8), taken.to_vec()),
+        ((2, Kind::Reserved as u8), serde_json::to_vec(&r2).unwrap()),
+        ((3, Kind::Refunded as u8), given.to_vec()),
+    ];
+    // Followed by binary ones written after the upgrade.
+    let new = [Record::Billed(1), Record::Reserved(4, reserved(DAY, "192.0.2.1", 5))];
+    let r = replay(None, Vec::new(), old.into_iter().chain(new.iter().map(rec))).unwrap();
+    let c = r.counts.unwrap();
+    assert_eq!((c.spent, c.seq, r.replayed, r.unsettled), (20_005, 4, 3, 1));
+    assert_eq!(c.per_ip.get(&ip("192.0.2.1")), Some(&2));
+    assert_eq!(c.per_ip.get(&ip("2001:db8::1")), Some(&0), "given back");
+    assert_eq!(r.tokens, vec![AllowanceEntry { nonce: Nonce([5; 12]), used: 1, expires_unix: 99 }]);
+}
+
+#[test]
+fn a_record_of_an_unknown_version_or_length_is_unreadable() {
+    let mut v = Record::Reserved(5, reserved(DAY, "192.0.2.1", 1)).encode().as_bytes().to_vec();
+    v[0] = 2;
+    let e = replay(None, Vec::new(), [((5, Kind::Reserved as u8), v.clone())]).unwrap_err();
+    assert_eq!(e.seq, 5);
+    assert!(e.reason.contains("version 2"), "{}", e.reason);
+    v[0] = record::VERSION;
+    v.pop();
+    assert!(replay(None, Vec::new(), [((5, Kind::Reserved as u8), v)]).is_err());
 }
 
 #[tokio::test]
@@ -210,11 +277,154 @@ async fn a_failed_commit_fails_its_waiters() {
     assert!(matches!(e, JournalError::Store(_)), "{e}");
 }
 
+/// Memory whose first sync waits while the gate is held (a commit on its
+/// way to disk), and whose writes fail when they hold `poison` (a disk that
+/// refuses one commit's pages: those with the poisoned records).
+#[derive(Debug, Default)]
+struct Gated {
+    mem: InMemoryBackend,
+    gate: Arc<Gate>,
+    poison: Option<[u8; 8]>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    /// (held, a sync is waiting at it)
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn hold(&self) {
+        *self.state.lock().unwrap() = (true, false);
+    }
+
+    /// Until a sync waits at the gate (bounded: 10 s).
+    fn reached(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = self.state.lock().unwrap();
+        while !s.1 {
+            let left = deadline.checked_duration_since(Instant::now()).expect("no commit reached the gate in 10 s");
+            s = self.changed.wait_timeout(s, left).unwrap().0;
+        }
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut s = self.state.lock().unwrap();
+        if s.0 {
+            s.1 = true;
+            self.changed.notify_all();
+        }
+        while s.0 {
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+}
+
+impl StorageBackend for Gated {
+    fn len(&self) -> Result<u64, io::Error> {
+        self.mem.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        self.mem.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        self.mem.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), io::Error> {
+        self.gate.pass();
+        self.mem.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        if self.poison.is_some_and(|p| data.windows(8).any(|w| w == p)) {
+            return Err(io::Error::other("injected: these pages cannot be written"));
+        }
+        self.mem.write(offset, data)
+    }
+}
+
+type Waiting = std::pin::Pin<Box<dyn Future<Output = Result<(), JournalError>>>>;
+
+/// A journal on [`Gated`] memory, its first commit (of reservation 1) held
+/// at the gate, and `n` reservations costing `cost` queued behind it: all
+/// of them for the next commit. None of them is answered yet.
+async fn behind_a_held_commit(
+    n: u64,
+    cost: u64,
+    poison: Option<[u8; 8]>,
+) -> (Arc<redb::Database>, Journal, Arc<Gate>, Vec<Waiting>) {
+    let gate = Arc::new(Gate::default());
+    let backend = Gated { gate: gate.clone(), poison, ..Gated::default() };
+    let db = Arc::new(redb::Database::builder().create_with_backend(backend).unwrap());
+    let j = Journal::start(db.clone()).unwrap();
+    gate.hold();
+    let first: Waiting = Box::pin(j.append(Record::Reserved(1, reserved(DAY, "192.0.2.1", 1))));
+    gate.reached();
+    let mut waiting = vec![first];
+    for s in 2..=n + 1 {
+        waiting.push(Box::pin(j.append(Record::Reserved(s, reserved(DAY, "192.0.2.2", cost)))));
+    }
+    for w in &mut waiting {
+        assert!(std::future::poll_fn(|cx| Poll::Ready(w.as_mut().poll(cx).is_pending())).await, "answered early");
+    }
+    assert_eq!(j.commits(), 0);
+    (db, j, gate, waiting)
+}
+
+/// `w`'s answer, which must come within 10 s.
+async fn answered(w: Waiting) -> Result<(), JournalError> {
+    tokio::time::timeout(Duration::from_secs(10), w).await.expect("a waiter was never answered")
+}
+
+#[tokio::test]
+async fn the_waiters_of_one_commit_are_each_answered_once_when_it_is_on_disk() {
+    const N: u64 = 300;
+    let (db, j, gate, waiting) = behind_a_held_commit(N, 1, None).await;
+    j.append_lazy(Record::Billed(1));
+    gate.release();
+    let mut ok = 0;
+    for w in waiting {
+        answered(w).await.unwrap();
+        ok += 1;
+    }
+    assert_eq!(ok, N + 1);
+    assert_eq!(j.commits(), 2, "the held one, then one for all {N} queued behind it");
+    drop(j);
+    let r = replay(None, Vec::new(), records_of(&db)).unwrap();
+    assert_eq!((r.replayed, r.unsettled, r.counts.unwrap().spent), (N + 1, N, N + 1));
+}
+
+#[tokio::test]
+async fn a_failed_commit_fails_every_waiter_of_it_and_no_other() {
+    const N: u64 = 300;
+    const COST: u64 = 0x5eed_f00d_dead_beef;
+    let (db, j, gate, mut waiting) = behind_a_held_commit(N, COST, Some(COST.to_le_bytes())).await;
+    gate.release();
+    let first = waiting.remove(0);
+    answered(first).await.expect("the held commit had no poisoned record");
+    let mut failed = 0;
+    for w in waiting {
+        let e = answered(w).await.expect_err("a waiter of the failed commit was acknowledged");
+        assert!(matches!(e, JournalError::Store(_)), "{e}");
+        failed += 1;
+    }
+    assert_eq!(failed, N);
+    assert_eq!(j.commits(), 2);
+    drop(j);
+    let r = replay(None, Vec::new(), records_of(&db)).unwrap();
+    assert_eq!((r.replayed, r.counts.unwrap().spent), (1, 1), "only the first commit is on disk");
+}
+
 #[tokio::test]
 async fn a_stopped_journal_refuses() {
     let db = Arc::new(redb::Database::builder().create_with_backend(InMemoryBackend::new()).unwrap());
-    let mut j = Journal::start(db).unwrap();
-    drop(j.tx.take());
+    let j = Journal::start(db).unwrap();
+    j.close();
     let e = j.append(Record::Billed(1)).await.unwrap_err();
     assert!(matches!(e, JournalError::Stopped));
 }
