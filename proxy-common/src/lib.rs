@@ -252,7 +252,7 @@ const _: () = assert!(core::mem::size_of::<SourceKey>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
     /// Theoretical arrival time of the next conforming packet (ns,
-    /// `bpf_ktime_get_ns`), except its lowest bit: [`Bucket::PROVEN`]
+    /// `bpf_ktime_get_coarse_ns`), except its lowest bit: [`Bucket::PROVEN`]
     /// (a nanosecond of the arrival time is not worth 8 bytes per source).
     pub tat_ns: u64,
     /// Packets seen while the entry existed (wrapping).

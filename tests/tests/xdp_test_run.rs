@@ -225,7 +225,10 @@ fn deny_entries_expire_in_the_kernel() {
     use keyward::clock::{Clock as _, SystemClock};
     let mut h = Harness::new("");
     let now = SystemClock.monotonic_ns();
-    h.dp.list_insert(List::Deny, &"192.0.2.10/32".parse().unwrap(), now - 1).unwrap();
+    // The program reads the coarse clock, up to a tick behind this one: an
+    // entry that expired a tick ago has expired for it too.
+    let expired = now - proxy_common::bucket::COARSE_TICK_MAX_NS;
+    h.dp.list_insert(List::Deny, &"192.0.2.10/32".parse().unwrap(), expired).unwrap();
     h.expect("expired", &syn(SRC), XDP_PASS, "pass", "under_rate");
     h.dp.list_insert(List::Deny, &"192.0.2.10/32".parse().unwrap(), now + 60_000_000_000).unwrap();
     h.expect("in force", &syn(SRC), XDP_DROP, "drop", "denied");
