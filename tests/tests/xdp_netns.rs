@@ -419,7 +419,7 @@ fn a_new_visitor_connects_while_spoofed_new_sources_spend_admission() {
     // No spoofed source was proven: each tracked one came through the
     // admission bucket (at most its burst and rate over the run).
     let limit = 10 + 10 * (took.as_secs() + 2);
-    assert!((s.tracked_sources as u64) <= limit + 1, "{} tracked, admission allows {limit}", s.tracked_sources);
+    assert!(s.tracked_sources <= limit + 1, "{} tracked, admission allows {limit}", s.tracked_sources);
 }
 
 #[test]
