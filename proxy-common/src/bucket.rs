@@ -3,9 +3,22 @@
 //! A bucket with rate `r` per second and size `b` admits `b` back-to-back
 //! packets, then one every `1/r` seconds, exactly like a token bucket that
 //! starts full. The XDP program and the host tests call these functions.
+//!
+//! The program reads `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`),
+//! which moves in steps of one scheduler tick. GCRA stays exact on it: the
+//! arrival time advances by `interval` per admitted packet, never to "now",
+//! so no time is lost to the steps, and a `now` behind the stored time
+//! (another CPU's later read) only means nothing has refilled yet. What a
+//! step does cost is a bucket whose `tolerance` is shorter than a tick: it
+//! would refill to its burst at most once a tick. Configuration refuses
+//! such buckets ([`Params::covers_tick`]).
 
 /// Nanoseconds per second.
 pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The longest clock step a bucket must absorb: a scheduler tick at the
+/// smallest `CONFIG_HZ` Linux offers (100, so 10 ms).
+pub const COARSE_TICK_MAX_NS: u64 = 10_000_000;
 
 /// A bucket's parameters in GCRA form.
 #[repr(C)]
@@ -28,6 +41,13 @@ impl Params {
         };
         let tolerance_ns = interval_ns.saturating_mul(burst as u64);
         Params { interval_ns, tolerance_ns }
+    }
+
+    /// Whether the bucket holds at least one clock step's worth of packets
+    /// ([`COARSE_TICK_MAX_NS`]); otherwise a coarse clock would cap its rate
+    /// at `burst` per tick.
+    pub const fn covers_tick(&self) -> bool {
+        self.tolerance_ns >= COARSE_TICK_MAX_NS
     }
 
     /// Arrival time to store for a brand-new bucket whose first packet is admitted at `now`.
@@ -113,6 +133,38 @@ mod tests {
             now += p.interval_ns / 2;
         }
         assert!((499..=501).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn a_clock_that_moves_in_ticks_loses_no_rate() {
+        // 1000 pps, burst 10 (10 ms): a 4 ms tick (HZ=250) and a 10 ms one.
+        for tick in [4_000_000u64, COARSE_TICK_MAX_NS] {
+            let p = Params::new(1000, 10);
+            assert!(p.covers_tick());
+            let mut tat = 0;
+            let t0 = 1_000 * NS_PER_SEC;
+            assert_eq!(run(&p, &mut tat, t0, 100), 10);
+            // Ten seconds of ticks, flooded: exactly the rate gets through.
+            let mut ok = 0;
+            for k in 1..=(10 * NS_PER_SEC / tick) {
+                ok += run(&p, &mut tat, t0 + k * tick, 100);
+            }
+            assert_eq!(ok, 10_000, "tick {tick}");
+        }
+        // A bucket shorter than a tick would refill only to its burst.
+        assert!(!Params::new(1000, 9).covers_tick());
+    }
+
+    #[test]
+    fn now_behind_the_stored_time_refills_nothing_and_does_not_underflow() {
+        let p = Params::new(10, 2);
+        let mut tat = 0;
+        let t = 1_000 * NS_PER_SEC;
+        assert_eq!(run(&p, &mut tat, t, 5), 2);
+        // Another CPU read the clock a tick earlier.
+        assert_eq!(run(&p, &mut tat, t - 4_000_000, 5), 0);
+        assert_eq!(p.admit(tat, 0), None);
+        assert_eq!(run(&p, &mut tat, t + p.interval_ns, 5), 1);
     }
 
     #[test]

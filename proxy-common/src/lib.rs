@@ -12,6 +12,7 @@
 )]
 
 pub mod bucket;
+pub mod challenge;
 pub mod prefix;
 pub mod table;
 
@@ -44,28 +45,13 @@ pub mod maps {
     /// `Array<Bucket>`, [`crate::ADMIT_LEN`] entries: the host-wide buckets
     /// that admit new sources into the per-source table
     /// ([`crate::ADMIT_NEW_SOURCES`]) and cap the untracked SYNs passed to
-    /// the kernel ([`crate::ADMIT_UNTRACKED_SYNS`]).
+    /// the kernel ([`crate::ADMIT_UNTRACKED_SYNS`]), and bound the RSTs
+    /// checked against a challenge ([`crate::ADMIT_PROOFS`]).
     pub const ADMIT: &str = "ADMIT";
 
-    /// `Array<u32>`, [`crate::table::SYN_RETRY_SLOTS`] entries: tags of SYNs
-    /// dropped over the untracked cap, so that their retransmission passes.
-    pub const SYN_RETRY: &str = "SYN_RETRY";
-
     /// Every map name, for pinning and for the test that checks them.
-    pub const ALL: [&str; 12] = [
-        CONFIG,
-        PORTS,
-        ALLOW_V4,
-        ALLOW_V6,
-        DENY_V4,
-        DENY_V6,
-        SOURCES,
-        AGGREGATES,
-        STATS,
-        NEW_SOURCES,
-        ADMIT,
-        SYN_RETRY,
-    ];
+    pub const ALL: [&str; 11] =
+        [CONFIG, PORTS, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, SOURCES, AGGREGATES, STATS, NEW_SOURCES, ADMIT];
 }
 
 /// Name of the XDP program in the object.
@@ -79,11 +65,15 @@ pub const SOURCES_MAX_DEFAULT: u32 = 1_048_576;
 /// Capacity of each allow and deny trie.
 pub const LIST_MAX: u32 = 262_144;
 /// Entries of `ADMIT`.
-pub const ADMIT_LEN: u32 = 2;
+pub const ADMIT_LEN: u32 = 3;
 /// `ADMIT` index of the bucket admitting new sources into the per-source table.
 pub const ADMIT_NEW_SOURCES: u32 = 0;
 /// `ADMIT` index of the bucket capping SYNs passed untracked to the kernel.
 pub const ADMIT_UNTRACKED_SYNS: u32 = 1;
+/// `ADMIT` index of the bucket bounding the RSTs of untracked sources
+/// checked against a challenge ([`challenge`]); it runs at the admission
+/// bucket's rate.
+pub const ADMIT_PROOFS: u32 = 2;
 /// IPv6 extension headers walked before a packet counts as malformed.
 pub const MAX_V6_EXT_HEADERS: u32 = 6;
 
@@ -99,23 +89,31 @@ pub enum Reason {
     Allowed = 1,
     /// Source in the deny list (and the entry has not expired).
     Denied = 2,
-    /// Over the per-source, the aggregate or the admission bucket; or a new
-    /// source's SYN over the untracked cap that is not a retransmission.
+    /// Over the per-source, the aggregate or the admission bucket; or an
+    /// untracked source's packet that is neither a SYN under the untracked
+    /// cap nor shows a handshake or a return path.
     Rate = 3,
     /// Guarded, under every bucket.
     UnderRate = 4,
     /// A header was truncated or garbled; passed untouched, never dropped.
     Malformed = 5,
     /// A SYN from a source not in the table while the admission bucket is
-    /// spent, under the host-wide cap on such SYNs or repeating one dropped
-    /// over it (`SYN_RETRY`): passed without a table entry, to the kernel's
-    /// own SYN cookies (a spoofed flood of new sources must not lock new
-    /// visitors out).
+    /// spent, under the host-wide cap on such SYNs: passed without a table
+    /// entry, to the kernel's own SYN cookies (a spoofed flood of new
+    /// sources must not lock new visitors out).
     Untracked = 6,
+    /// Such a SYN over the untracked cap: answered in place (`XDP_TX`) by a
+    /// challenge SYN-ACK whose acknowledgement number a real client answers
+    /// with a RST ([`challenge`]).
+    Challenge = 7,
+    /// A RST from a source not in the table that answers a challenge: the
+    /// source has a return path and is tracked as proven; the RST itself
+    /// is dropped.
+    Proven = 8,
 }
 
 /// Number of [`Reason`] values.
-pub const REASON_COUNT: u32 = 7;
+pub const REASON_COUNT: u32 = 9;
 
 impl Reason {
     /// Every reason, in discriminant order.
@@ -127,6 +125,8 @@ impl Reason {
         Reason::UnderRate,
         Reason::Malformed,
         Reason::Untracked,
+        Reason::Challenge,
+        Reason::Proven,
     ];
 
     /// The metric label and CLI name.
@@ -139,6 +139,8 @@ impl Reason {
             Reason::UnderRate => "under_rate",
             Reason::Malformed => "malformed",
             Reason::Untracked => "untracked",
+            Reason::Challenge => "challenge",
+            Reason::Proven => "proven",
         }
     }
 
@@ -146,7 +148,8 @@ impl Reason {
     /// (before `dry_run`, which turns every drop into a counted pass).
     pub const fn verdict(self) -> Action {
         match self {
-            Reason::Denied | Reason::Rate => Action::Drop,
+            Reason::Denied | Reason::Rate | Reason::Proven => Action::Drop,
+            Reason::Challenge => Action::Tx,
             Reason::Unguarded | Reason::Allowed | Reason::UnderRate | Reason::Malformed | Reason::Untracked => {
                 Action::Pass
             }
@@ -162,29 +165,32 @@ pub enum Action {
     Pass = 0,
     /// `XDP_DROP`.
     Drop = 1,
+    /// `XDP_TX`: the frame, rewritten, goes back out of the interface.
+    Tx = 2,
 }
 
 impl Action {
     /// Both actions, in discriminant order.
-    pub const ALL: [Action; 2] = [Action::Pass, Action::Drop];
+    pub const ALL: [Action; 3] = [Action::Pass, Action::Drop, Action::Tx];
 
     /// The metric label.
     pub const fn name(self) -> &'static str {
         match self {
             Action::Pass => "pass",
             Action::Drop => "drop",
+            Action::Tx => "tx",
         }
     }
 }
 
 /// Entries in `STATS`.
-pub const STATS_LEN: u32 = REASON_COUNT * 2;
+pub const STATS_LEN: u32 = REASON_COUNT * 3;
 
 /// Index of the (action, reason) counter in `STATS`.
 #[inline(always)]
 pub const fn stat_index(action: Action, reason: Reason) -> u32 {
     // Both factors are tiny enums: cannot overflow, so wrapping is exact.
-    (reason as u32).wrapping_mul(2).wrapping_add(action as u32)
+    (reason as u32).wrapping_mul(3).wrapping_add(action as u32)
 }
 
 /// One per-CPU counter slot.
@@ -252,7 +258,7 @@ const _: () = assert!(core::mem::size_of::<SourceKey>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
     /// Theoretical arrival time of the next conforming packet (ns,
-    /// `bpf_ktime_get_ns`), except its lowest bit: [`Bucket::PROVEN`]
+    /// `bpf_ktime_get_coarse_ns`), except its lowest bit: [`Bucket::PROVEN`]
     /// (a nanosecond of the arrival time is not worth 8 bytes per source).
     pub tat_ns: u64,
     /// Packets seen while the entry existed (wrapping).
@@ -394,10 +400,11 @@ mod tests {
     }
 
     #[test]
-    fn only_denied_and_rate_drop() {
+    fn only_denied_rate_and_proven_drop_and_only_challenge_transmits() {
         for r in Reason::ALL {
-            let drops = matches!(r, Reason::Denied | Reason::Rate);
+            let drops = matches!(r, Reason::Denied | Reason::Rate | Reason::Proven);
             assert_eq!(r.verdict() == Action::Drop, drops, "{r:?}");
+            assert_eq!(r.verdict() == Action::Tx, r == Reason::Challenge, "{r:?}");
         }
     }
 

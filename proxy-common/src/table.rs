@@ -68,31 +68,10 @@ pub fn set_index(key: &SourceKey, seed: u64, mask: u32) -> u32 {
     ((h >> 32) as u32) & mask & !1
 }
 
-/// Slots of the table of SYNs dropped over the untracked cap (`SYN_RETRY`).
-pub const SYN_RETRY_SLOTS: u32 = 1 << 18;
-
-/// A TCP header's source port and sequence number as one word, read from
-/// their wire bytes as the program reads them (native-endian: the word
-/// only feeds [`syn_slot`], so its byte order does not matter as long as
-/// every reader uses this function).
+/// One round of the keyed multiply-xorshift hash (also the challenge
+/// cookie's, `crate::challenge`).
 #[inline(always)]
-pub const fn sport_seq(sport: [u8; 2], seq: [u8; 4]) -> u64 {
-    ((u16::from_ne_bytes(sport) as u64) << 32) | (u32::from_ne_bytes(seq) as u64)
-}
-
-/// Slot and tag of a SYN in `SYN_RETRY`: a keyed hash of its source, port
-/// and sequence number, which a retransmission repeats and a spoofed flood
-/// does not. The tag is never 0 (an empty slot).
-#[inline(always)]
-pub fn syn_slot(key: &SourceKey, sport_seq: u64, seed: u64) -> (u32, u32) {
-    let (a, b) = words(key);
-    let mut h = mix(a ^ seed, b ^ sport_seq.rotate_left(17), seed);
-    h = mix(h, sport_seq, seed);
-    ((h as u32) & SYN_RETRY_SLOTS.wrapping_sub(1), ((h >> 32) as u32) | 1)
-}
-
-#[inline(always)]
-const fn mix(a: u64, b: u64, seed: u64) -> u64 {
+pub(crate) const fn mix(a: u64, b: u64, seed: u64) -> u64 {
     let mut h = a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (b ^ seed.rotate_left(29)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
     h ^= h >> 31;
     h = h.wrapping_mul(0x1656_67b1_9e37_79f9);
@@ -101,7 +80,7 @@ const fn mix(a: u64, b: u64, seed: u64) -> u64 {
 
 /// A key as two native-endian words (two loads in the kernel, no memcmp).
 #[inline(always)]
-const fn words(k: &SourceKey) -> (u64, u64) {
+pub(crate) const fn words(k: &SourceKey) -> (u64, u64) {
     let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = k.addr;
     (u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]), u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]))
 }
@@ -148,27 +127,6 @@ mod tests {
         let m = (1 << 20) - 1;
         let same = (0..64u64).filter(|s| set_index(&k, *s, m) == set_index(&k, 0, m)).count();
         assert!(same < 4, "{same} of 64 seeds give the same set");
-    }
-
-    #[test]
-    fn a_retransmitted_syn_finds_its_slot_and_others_do_not() {
-        let k = key_v4([10, 0, 0, 1], 32);
-        let (s, t) = syn_slot(&k, (40_000 << 32) | 12345, 7);
-        assert_eq!(syn_slot(&k, (40_000 << 32) | 12345, 7), (s, t));
-        assert!(s < SYN_RETRY_SLOTS && t & 1 == 1);
-        assert_ne!(syn_slot(&k, (40_000 << 32) | 12346, 7), (s, t));
-        assert_ne!(syn_slot(&k, (40_001 << 32) | 12345, 7), (s, t));
-        assert_ne!(syn_slot(&key_v4([10, 0, 0, 2], 32), (40_000 << 32) | 12345, 7), (s, t));
-        assert_ne!(syn_slot(&k, (40_000 << 32) | 12345, 8), (s, t));
-    }
-
-    #[test]
-    fn sport_seq_keeps_port_and_sequence_apart() {
-        let w = sport_seq(40_000u16.to_be_bytes(), 12345u32.to_be_bytes());
-        assert_eq!(w >> 32, u64::from(u16::from_ne_bytes(40_000u16.to_be_bytes())));
-        assert_eq!(w & 0xffff_ffff, u64::from(u32::from_ne_bytes(12345u32.to_be_bytes())));
-        assert_ne!(w, sport_seq(40_001u16.to_be_bytes(), 12345u32.to_be_bytes()));
-        assert_ne!(w, sport_seq(40_000u16.to_be_bytes(), 12346u32.to_be_bytes()));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 // arithmetic anywhere in the program.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects, clippy::panic, clippy::unwrap_used)]
 
+mod challenge;
 mod parse;
 mod policy;
 mod stats;
@@ -19,8 +20,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     ADMIT_LEN, AGGREGATES_MAX, AllowValue, Bucket, Counter, DenyValue, LIST_MAX, SOURCES_MAX_DEFAULT, STATS_LEN,
-    SourceKey, XdpConfig,
-    table::{SYN_RETRY_SLOTS, Slot},
+    SourceKey, XdpConfig, table::Slot,
 };
 
 #[map]
@@ -46,13 +46,10 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0)
 #[map]
 static NEW_SOURCES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Host-wide buckets, shared by all CPUs (updates race benignly): new
-/// sources admitted into `SOURCES`, and untracked SYNs passed to the kernel.
+/// sources admitted into `SOURCES`, untracked SYNs passed to the kernel,
+/// and RSTs checked against a challenge.
 #[map]
 static ADMIT: Array<Bucket> = Array::with_max_entries(ADMIT_LEN, 0);
-/// Tags of SYNs dropped over the untracked cap, so that their
-/// retransmission passes (`proxy_common::table::syn_slot`).
-#[map]
-static SYN_RETRY: Array<u32> = Array::with_max_entries(SYN_RETRY_SLOTS, 0);
 
 /// The program. Every path, parse failures included, ends in `stats::record`.
 #[xdp]

@@ -43,20 +43,18 @@ pub struct Tcp {
     /// The IP and TCP headers, checked to lie inside the packet, for the
     /// kernel's SYN-cookie check and socket lookup.
     pub hdrs: Hdrs,
+    /// The TCP header follows the IP header directly (no IPv4 options, no
+    /// IPv6 extension headers): a SYN the challenge may answer in place.
+    pub bare: bool,
 }
 
 impl Tcp {
-    /// Source port and sequence number, as one word (what a retransmitted
-    /// SYN repeats).
+    /// The TCP header.
     #[inline(always)]
-    pub fn sport_seq(&self) -> u64 {
-        let tcp = match self.hdrs {
+    pub fn tcp(&self) -> *const TcpHdr {
+        match self.hdrs {
             Hdrs::V4 { tcp, .. } | Hdrs::V6 { tcp, .. } => tcp,
-        };
-        // SAFETY: the parser checked that the TCP header lies wholly inside
-        // the packet.
-        let (sport, seq) = unsafe { ((*tcp).sport, (*tcp).seq) };
-        proxy_common::table::sport_seq(sport, seq)
+        }
     }
 }
 
@@ -64,6 +62,10 @@ impl Tcp {
 pub const TCP_SYN: u8 = 0x02;
 /// `TCP_ACK` in [`Tcp::flags`].
 pub const TCP_ACK: u8 = 0x10;
+/// `TCP_RST` in [`Tcp::flags`].
+pub const TCP_RST: u8 = 0x04;
+/// `TCP_FIN` in [`Tcp::flags`].
+pub const TCP_FIN: u8 = 0x01;
 
 /// Pointers to a packet's headers, each checked by [`ptr_at`] to lie
 /// wholly inside the packet (what the helpers taking headers require).
@@ -101,9 +103,9 @@ pub struct Ipv4Hdr {
     total_len: [u8; 2],
     id: [u8; 2],
     frag: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
     pub src: [u8; 4],
     pub dst: [u8; 4],
 }
@@ -113,7 +115,7 @@ pub struct Ipv6Hdr {
     vtcfl: [u8; 4],
     payload_len: [u8; 2],
     next: u8,
-    hop_limit: u8,
+    pub hop_limit: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
 }
@@ -138,16 +140,19 @@ pub struct TcpHdr {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub seq: [u8; 4],
-    /// Acknowledgement number and data offset, then `flags`.
-    ack_off: [u8; 5],
+    pub ack: [u8; 4],
+    /// Data offset and reserved bits.
+    pub off: u8,
     pub flags: u8,
-    rest: [u8; 6],
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    urgent: [u8; 2],
 }
 
 /// The bounds-checked accessor: a pointer to a `T` at `off`, or `Malformed`
 /// when the packet is shorter.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, Reason> {
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, Reason> {
     if off > MAX_OFFSET {
         return Err(Reason::Malformed);
     }
@@ -212,7 +217,8 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
     let tcp = tcp_hdr(ctx, off.wrapping_add(ihl)).map_err(|_| Miss::Source(Unattributed(Source::V4(src))))?;
     // SAFETY: tcp_hdr checked the whole fixed header is inside the packet.
     let (dport, flags) = unsafe { (u16::from_be_bytes((*tcp).dport), (*tcp).flags) };
-    Ok(Tcp { source: Source::V4(src), dport, flags, hdrs: Hdrs::V4 { ip, tcp } })
+    let bare = ihl == size_of::<Ipv4Hdr>();
+    Ok(Tcp { source: Source::V4(src), dport, flags, hdrs: Hdrs::V4 { ip, tcp }, bare })
 }
 
 #[inline(always)]
@@ -226,9 +232,12 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
     }
     let unattributed = || Miss::Source(Unattributed(Source::V6(src)));
     let mut off = off.wrapping_add(size_of::<Ipv6Hdr>());
+    if next == IPPROTO_TCP {
+        return v6_tcp(ctx, off, ip, src, true).map_err(|_| unattributed());
+    }
     for _ in 0..MAX_V6_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return v6_tcp(ctx, off, ip, src).map_err(|_| unattributed()),
+            IPPROTO_TCP => return v6_tcp(ctx, off, ip, src, false).map_err(|_| unattributed()),
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let h = read::<ExtHdr>(ctx, off).map_err(|_| unattributed())?;
                 next = h.next;
@@ -251,7 +260,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Tcp, Miss> {
         }
     }
     match next {
-        IPPROTO_TCP => v6_tcp(ctx, off, ip, src).map_err(|_| unattributed()),
+        IPPROTO_TCP => v6_tcp(ctx, off, ip, src, false).map_err(|_| unattributed()),
         // Still inside extension headers after the walk's bound: the stack may
         // well accept it, so it must not be a way around deny and rate.
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => Err(unattributed()),
@@ -268,11 +277,11 @@ fn tcp_hdr(ctx: &XdpContext, off: usize) -> Result<*const TcpHdr, Reason> {
 
 /// The TCP packet behind an IPv6 header.
 #[inline(always)]
-fn v6_tcp(ctx: &XdpContext, off: usize, ip: *const Ipv6Hdr, src: [u8; 16]) -> Result<Tcp, Reason> {
+fn v6_tcp(ctx: &XdpContext, off: usize, ip: *const Ipv6Hdr, src: [u8; 16], bare: bool) -> Result<Tcp, Reason> {
     let tcp = tcp_hdr(ctx, off)?;
     // SAFETY: tcp_hdr checked the whole fixed header is inside the packet.
     let (dport, flags) = unsafe { (u16::from_be_bytes((*tcp).dport), (*tcp).flags) };
-    Ok(Tcp { source: Source::V6(src), dport, flags, hdrs: Hdrs::V6 { ip, tcp } })
+    Ok(Tcp { source: Source::V6(src), dport, flags, hdrs: Hdrs::V6 { ip, tcp }, bare })
 }
 
 // Derive Copy for the headers read by value.

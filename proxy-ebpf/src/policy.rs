@@ -24,10 +24,13 @@
 //! bucket is spent, a new source's SYN passes untracked (`Untracked`) to the
 //! kernel, whose SYN cookies keep spoofed SYNs from holding any state, up
 //! to a second host-wide bucket that caps what the kernel is handed; beyond
-//! it a SYN is dropped and remembered (`SYN_RETRY`), and passes when it is
-//! retransmitted, which a real visitor's TCP does and a spoofed flood does
-//! not. Its other packets pass, and it is tracked, only once it has shown a
-//! handshake.
+//! it a SYN is answered here with a challenge SYN-ACK (`XDP_TX`,
+//! `crate::challenge`) whose acknowledgement number a real client's TCP
+//! answers with a RST carrying a keyed cookie, which a spoofer that never
+//! saw the challenge cannot forge: that RST tracks the source as proven,
+//! and the client's retransmitted SYN then passes as a known source. Its
+//! other packets pass, and it is tracked, only once it has shown a
+//! handshake or answered a challenge.
 //!
 //! The allow and deny tries are skipped while they are empty (flags the
 //! daemon keeps in `CONFIG`).
@@ -38,22 +41,22 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, iphdr, ipv6hdr, tcphdr,
     },
     helpers::{
-        bpf_ktime_get_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_raw_check_syncookie_ipv4,
+        bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_raw_check_syncookie_ipv4,
         bpf_tcp_raw_check_syncookie_ipv6,
     },
     maps::{LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
 use proxy_common::{
-    AllowValue, Bucket, DenyValue, FLAG_HAS_ALLOW, FLAG_HAS_DENY, Reason, SourceKey, XdpConfig,
+    AllowValue, Bucket, DenyValue, FLAG_DRY_RUN, FLAG_HAS_ALLOW, FLAG_HAS_DENY, Reason, SourceKey, XdpConfig,
     bucket::Params,
     prefix::{key_v4, key_v6},
     table::{self, Slot},
 };
 
 use crate::{
-    ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES, SYN_RETRY,
-    parse::{self, Hdrs, Source, TCP_ACK, TCP_SYN, Tcp},
+    ADMIT, AGGREGATES, ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, NEW_SOURCES, PORTS, SOURCES, challenge,
+    parse::{self, Hdrs, Source, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp},
 };
 
 /// `BPF_NOEXIST`: insert only when absent (two CPUs may race on a new prefix).
@@ -62,6 +65,8 @@ const BPF_NOEXIST: u64 = 1;
 const ADMISSION: u32 = proxy_common::ADMIT_NEW_SOURCES;
 /// Index in `ADMIT` of the bucket capping untracked SYNs passed to the kernel.
 const UNTRACKED: u32 = proxy_common::ADMIT_UNTRACKED_SYNS;
+/// Index in `ADMIT` of the bucket bounding the RSTs checked against a challenge.
+const PROOFS: u32 = proxy_common::ADMIT_PROOFS;
 
 /// Decide the reason for this packet.
 #[inline(always)]
@@ -77,8 +82,10 @@ pub fn decide(ctx: &XdpContext, cfg: &XdpConfig) -> Reason {
         Err(parse::Miss::Verdict(r)) => return r,
         Err(parse::Miss::Source(parse::Unattributed(s))) => (s, None),
     };
+    // The coarse clock (a tick's resolution) is cheaper to read, and the
+    // buckets lose nothing on it (`proxy_common::bucket`).
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let (listed, own, wide) = match source {
         Source::V4(a) => {
             (lists(cfg, &ALLOW_V4, &DENY_V4, &Key::new(32, a), now), key_v4(a, 32), key_v4(a, cfg.agg_v4_prefix))
@@ -134,13 +141,26 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
     }
     match tcp {
         // A new connection: the kernel's SYN cookies hold no state for it,
-        // up to the host-wide cap on what they are handed.
+        // up to the host-wide cap on what they are handed; beyond it, the
+        // challenge.
         Some(t) if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
-            if take_host(UNTRACKED, &cfg.untracked, now) || retried(cfg, own, t) {
+            if take_host(UNTRACKED, &cfg.untracked, now) {
                 Reason::Untracked
+            } else if t.bare && (cfg.flags & FLAG_DRY_RUN != 0 || challenge::answer(ctx, t, now, cfg.seed)) {
+                // In dry run the frame is left as it was and passes.
+                Reason::Challenge
             } else {
                 Reason::Rate
             }
+        }
+        // The RST a client's TCP answers a challenge with: a return path.
+        Some(t)
+            if t.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_RST
+                && take_host(PROOFS, &cfg.admit, now)
+                && challenge::answers(t, now, cfg.seed) =>
+        {
+            track(cfg, set, own, now, true);
+            Reason::Proven
         }
         // A handshake is shown by a non-SYN packet (docs/kernel.md), as for
         // a tracked source above: a SYN-ACK is nothing a visitor sends.
@@ -149,28 +169,6 @@ fn rate(ctx: &XdpContext, cfg: &XdpConfig, tcp: Option<&Tcp>, own: &SourceKey, w
             Reason::UnderRate
         }
         _ => Reason::Rate,
-    }
-}
-
-/// Over the untracked cap, whether this SYN repeats one dropped here
-/// before (a real visitor's retransmission; a spoofed flood does not
-/// repeat itself): then it passes and its slot is cleared, else it is
-/// remembered, overwriting whatever its slot held.
-#[inline(always)]
-fn retried(cfg: &XdpConfig, own: &SourceKey, t: &Tcp) -> bool {
-    let (i, tag) = table::syn_slot(own, t.sport_seq(), cfg.seed);
-    let Some(s) = SYN_RETRY.get_ptr_mut(i) else {
-        return false;
-    };
-    // SAFETY: a live array slot; a race with another CPU only loses a tag.
-    unsafe {
-        if *s == tag {
-            *s = 0;
-            true
-        } else {
-            *s = tag;
-            false
-        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The one exit: turns a [`Reason`] into the XDP action (honouring dry run)
+//! The one exit: turns a [`Reason`] into the XDP action (honouring dry run,
+//! which passes what would be dropped or transmitted)
 //! and counts packets and bytes under (action, reason) in the per-CPU `STATS`.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
@@ -10,7 +11,7 @@ use crate::STATS;
 #[inline(always)]
 pub fn record(ctx: &XdpContext, cfg: &XdpConfig, reason: Reason) -> u32 {
     let action = match reason.verdict() {
-        Action::Drop if cfg.flags & FLAG_DRY_RUN != 0 => Action::Pass,
+        Action::Drop | Action::Tx if cfg.flags & FLAG_DRY_RUN != 0 => Action::Pass,
         a => a,
     };
     if let Some(c) = STATS.get_ptr_mut(stat_index(action, reason)) {
@@ -24,5 +25,6 @@ pub fn record(ctx: &XdpContext, cfg: &XdpConfig, reason: Reason) -> u32 {
     match action {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
+        Action::Tx => xdp_action::XDP_TX,
     }
 }

@@ -456,7 +456,10 @@ fn print_status(s: &Status) {
         ("new sources", format!("admitted at {} pps, burst {} (host-wide)", s.new_sources_pps, s.new_sources_burst)),
         (
             "untracked SYNs",
-            format!("passed at {} pps, burst {} (host-wide)", s.untracked_syns_pps, s.untracked_syns_burst),
+            format!(
+                "passed at {} pps, burst {} (host-wide); beyond, challenged",
+                s.untracked_syns_pps, s.untracked_syns_burst
+            ),
         ),
         ("dry run", if s.dry_run { "yes: nothing is dropped".into() } else { "no".into() }),
         ("sources", format!("{} tracked of {}, {} created", s.tracked_sources, s.table_size, s.new_sources)),

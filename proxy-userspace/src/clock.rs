@@ -1,6 +1,9 @@
 //! Time, injectable. The kernel compares deny expiries against
-//! `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) while the store keeps wall-clock
-//! Unix seconds; everything time-based asks a [`Clock`] so tests can fake it.
+//! `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`), which is
+//! `CLOCK_MONOTONIC` as of the last scheduler tick: an expiry written from
+//! [`Clock::monotonic_ns`] takes effect at most a tick (≤ 10 ms) late. The
+//! store keeps wall-clock Unix seconds; everything time-based asks a
+//! [`Clock`] so tests can fake it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,7 +15,8 @@ pub trait Clock: Send + Sync {
     fn unix_secs(&self) -> u64 {
         self.unix_millis() / 1000
     }
-    /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+    /// `CLOCK_MONOTONIC` in nanoseconds (the kernel program's coarse clock
+    /// runs up to a tick behind it).
     fn monotonic_ns(&self) -> u64;
 
     /// The monotonic instant at which wall-clock second `unix` arrives

@@ -803,6 +803,9 @@ impl Config {
                 ),
             ));
         }
+        if let Some(m) = xdp.short_bucket() {
+            return Err(invalid(here(), m));
+        }
         cfg.store.validate().map_err(|m| invalid(None, m))?;
         let access = cfg.access.get_ref();
         let here = || Some(cfg.access.span());
@@ -872,6 +875,26 @@ impl Config {
 }
 
 impl Xdp {
+    /// A bucket that holds less than a clock step of the kernel's coarse
+    /// clock (10 ms of its rate), which the program could not keep at its
+    /// rate (`proxy_common::bucket::Params::covers_tick`).
+    fn short_bucket(&self) -> Option<String> {
+        let buckets = [
+            ("", self.rate_pps, self.burst),
+            ("aggregate.", self.aggregate.rate_pps, self.aggregate.burst),
+            ("new_sources.", self.new_sources.rate_pps, self.new_sources.burst),
+            ("untracked_syns.", self.untracked_syns.rate_pps, self.untracked_syns.burst),
+        ];
+        buckets.into_iter().find_map(|(name, rate, burst)| {
+            (!proxy_common::bucket::Params::new(rate.get(), burst.get()).covers_tick()).then(|| {
+                format!(
+                    "[xdp] {name}burst ({burst}) must hold at least 10 ms of {name}rate_pps ({rate}): at least {}",
+                    rate.get().div_ceil(100)
+                )
+            })
+        })
+    }
+
     /// The kernel's view of this section.
     pub fn kernel_config(&self) -> proxy_common::XdpConfig {
         use proxy_common::bucket::Params;
@@ -1013,6 +1036,15 @@ burst = 400
         assert!(e.contains("1 to 32"), "{e}");
         let e = err(&format!("{MINIMAL}ipv6_prefix = 40\n"));
         assert!(e.contains("as wide as or wider"), "{e}");
+        assert!(e.starts_with("k.toml:2:1:"), "{e}");
+    }
+
+    #[test]
+    fn a_burst_shorter_than_a_clock_tick_is_refused() {
+        let e = err(&MINIMAL.replace("burst = 400", "burst = 1\nrate_pps = 1000").replace("rate_pps = 200\n", ""));
+        assert!(e.contains("burst (1) must hold at least 10 ms of rate_pps (1000): at least 10"), "{e}");
+        let e = err(&format!("{MINIMAL}untracked_syns = {{ rate_pps = 100000, burst = 999 }}\n"));
+        assert!(e.contains("untracked_syns.burst"), "{e}");
         assert!(e.starts_with("k.toml:2:1:"), "{e}");
     }
 

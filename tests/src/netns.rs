@@ -78,6 +78,31 @@ impl Topology {
         t
     }
 
+    /// Let what XDP at the server end sends back (`XDP_TX`: keyward's
+    /// challenges) reach the client: a veth delivers it only into a peer
+    /// running NAPI, which a trivial `XDP_PASS` program at the client end
+    /// turns on (kept attached while the returned handle lives). And the
+    /// client then computes its TCP checksums in full, as every frame off a
+    /// wire has them (with checksum offload a veth hands over only the
+    /// pseudo-header's sum, which a challenge rewritten in place would carry
+    /// back wrong).
+    pub fn deliver_returns(&self) -> aya::Ebpf {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.client_ns, "ethtool", "-K", &self.client_if, "tx", "off"])
+            .output()
+            .expect("ethtool");
+        assert!(st.status.success(), "ethtool -K tx off: {}", String::from_utf8_lossy(&st.stderr));
+        let iface = self.client_if.clone();
+        in_ns(&self.client_ns, move || {
+            let mut e = aya::Ebpf::load(crate::bench::OBJECT).expect("bench object");
+            let x: &mut aya::programs::Xdp =
+                e.program_mut("bench_pass").expect("bench_pass").try_into().expect("an XDP program");
+            x.load().expect("load bench_pass");
+            x.attach(&iface, aya::programs::XdpMode::Driver).expect("attach bench_pass at the client");
+            e
+        })
+    }
+
     /// Give the client another IPv4 address in 10.77.0.0/24 (for tests and
     /// the demo that need several clients).
     pub fn add_client_address(&self, addr: Ipv4Addr) {

@@ -3,9 +3,11 @@
 //! program decides for a frame, computed from headers parsed by a packet
 //! library (etherparse) instead of the program's own walk, against a fixed
 //! [`World`] of maps whose answers do not depend on time, and a [`Round`]
-//! that follows what one frame's runs change: the `SYN_RETRY` tags
-//! (computed with the program's own keyed hash, `proxy_common::table`, and
-//! the seed it was loaded with) and the aggregates charged.
+//! that follows what one frame's runs change: the aggregates charged and
+//! the sources a RST proved (checked with the program's own keyed cookie,
+//! `proxy_common::challenge`, the seed it was loaded with and the coarse
+//! clock). For a challenge (`XDP_TX`) it also builds the frame the program
+//! must send back ([`challenge_frame`]).
 //!
 //! Where the program reads less than a full header, the reference says so
 //! and reads the same: only the fixed 20 bytes of the TCP header (the data
@@ -14,7 +16,7 @@
 //! points past the end of the frame is then out of reach).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -25,13 +27,15 @@ use etherparse::{
 use keyward::units::Cidr;
 use proxy_common::{
     Reason, SourceKey,
+    challenge::{self, Tuple},
     prefix::{key_v4, key_v6},
-    table,
 };
 
 /// The TCP flags the decision looks at.
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
+pub const RST: u8 = 0x04;
+pub const FIN: u8 = 0x01;
 
 /// How far the IPv6 walk goes (docs/kernel.md: "up to 6 extension headers").
 const V6_EXT_MAX: usize = 6;
@@ -41,9 +45,11 @@ const V6_EXT_MAX: usize = 6;
 pub enum Parsed {
     /// Decided by the headers alone (`unguarded`, `malformed`).
     Verdict(Reason),
-    /// A TCP packet: its source, destination port and flags, and its
-    /// source port and sequence number (`table::sport_seq`).
-    Tcp { src: IpAddr, dport: u16, flags: u8, sport_seq: u64 },
+    /// A TCP packet: its source, destination port and flags, the cookie's
+    /// 4-tuple and its sequence number, and where its TCP header starts
+    /// when it follows the IP header directly (no IPv4 options, no IPv6
+    /// extension headers: a SYN the challenge may answer).
+    Tcp { src: IpAddr, dport: u16, flags: u8, tuple: Tuple, seq: u32, bare: Option<usize> },
     /// The source is known, the TCP header is out of reach.
     Unattributed(IpAddr),
 }
@@ -63,8 +69,9 @@ pub enum Planted {
 /// lists (one deny entry expired), planted per-source entries, aggregates
 /// planted spent, rates otherwise too high to matter, and the admission
 /// bucket spent (so a new source is never admitted: its SYN is
-/// `untracked` under the untracked cap, or over it when it repeats the
-/// last SYN dropped in its `SYN_RETRY` slot; anything else `rate`).
+/// `untracked` under the untracked cap, and over it answered with a
+/// `challenge`; its RST is `proven` when it carries the cookie of the
+/// current or last time slot; anything else `rate`).
 pub struct World {
     pub ports: &'static [u16],
     pub allow: Vec<Cidr>,
@@ -98,33 +105,86 @@ pub struct Round {
     /// The host-wide cap on untracked SYNs is planted spent for the whole
     /// frame (else it is planted full, and never runs out in one frame).
     pub cap_spent: bool,
-    /// `SYN_RETRY`: the non-zero slots and their tags.
-    pub syn_retry: HashMap<u32, u32>,
     /// The aggregates charged (each created by its first charge), by the
     /// address of their wider prefix.
     pub charged: BTreeSet<IpAddr>,
+    /// Sources a RST proved (tracked by the program), by their own key.
+    pub proven: BTreeSet<[u8; 16]>,
 }
 
 impl Round {
-    /// A round with `SYN_RETRY` empty and no aggregate charged.
+    /// A round with no aggregate charged and no source proven.
     pub fn new(seed: u64, cap_spent: bool) -> Round {
-        Round { seed, cap_spent, syn_retry: HashMap::new(), charged: BTreeSet::new() }
+        Round { seed, cap_spent, charged: BTreeSet::new(), proven: BTreeSet::new() }
     }
+}
 
-    /// Over the untracked cap, whether this SYN repeats the one last
-    /// dropped in its `SYN_RETRY` slot (docs/kernel.md, "Admission
-    /// spent"): then it passes and the slot is emptied; else the slot
-    /// remembers it.
-    fn retried(&mut self, own: &SourceKey, sport_seq: u64) -> bool {
-        let (i, tag) = table::syn_slot(own, sport_seq, self.seed);
-        if self.syn_retry.get(&i) == Some(&tag) {
-            self.syn_retry.remove(&i);
-            true
-        } else {
-            self.syn_retry.insert(i, tag);
-            false
-        }
+/// `CLOCK_MONOTONIC_COARSE`, the program's clock.
+pub fn coarse_now() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("the coarse clock");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// The challenge the program must send for the SYN `f` whose TCP header
+/// starts at `tcp` (behind a bare IP header), built from the docs
+/// (docs/kernel.md, "Admission spent") rather than the program's code:
+/// MACs, addresses and ports swapped, TTL or hop limit 64, flags SYN|ACK,
+/// window 65,535, the sequence number and acknowledgement number of
+/// `proxy_common::challenge`, everything else as it came. The checksum
+/// fields are left as they came: the caller checks them by their sums
+/// ([`sums_agree`]).
+pub fn challenge_frame(f: &[u8], tcp: usize, now_ns: u64, seed: u64) -> Vec<u8> {
+    let mut o = f.to_vec();
+    o[..6].copy_from_slice(&f[6..12]);
+    o[6..12].copy_from_slice(&f[..6]);
+    let (ip, alen, ttl_at) = if is_v6(f, tcp) { (tcp - 40, 16, tcp - 40 + 7) } else { (tcp - 20, 4, tcp - 20 + 8) };
+    let (s, d) = if alen == 4 { (ip + 12, ip + 16) } else { (ip + 8, ip + 24) };
+    o[s..s + alen].copy_from_slice(&f[d..d + alen]);
+    o[d..d + alen].copy_from_slice(&f[s..s + alen]);
+    o[ttl_at] = challenge::TTL;
+    let t = &f[tcp..];
+    o[tcp..tcp + 2].copy_from_slice(&t[2..4]);
+    o[tcp + 2..tcp + 4].copy_from_slice(&t[..2]);
+    let isn = u32::from_be_bytes(t[4..8].try_into().unwrap());
+    let (src, dst) = if alen == 4 {
+        (key_v4(f[s..s + 4].try_into().unwrap(), 32), key_v4(f[d..d + 4].try_into().unwrap(), 32))
+    } else {
+        (key_v6(f[s..s + 16].try_into().unwrap(), 128), key_v6(f[d..d + 16].try_into().unwrap(), 128))
+    };
+    let tuple = Tuple { src, dst, sport: t[..2].try_into().unwrap(), dport: t[2..4].try_into().unwrap() };
+    let h = challenge::hash(&tuple, challenge::slot(now_ns), seed);
+    o[tcp + 4..tcp + 8].copy_from_slice(&challenge::seq(h).to_be_bytes());
+    o[tcp + 8..tcp + 12].copy_from_slice(&challenge::ack(isn, h).to_be_bytes());
+    o[tcp + 13] = SYN | ACK;
+    o[tcp + 14..tcp + 16].copy_from_slice(&challenge::WINDOW.to_be_bytes());
+    o
+}
+
+/// The ones'-complement sum of `b` as 16-bit words (the last byte padded).
+fn ones_sum(b: &[u8]) -> u16 {
+    let mut s: u64 = b.chunks(2).map(|c| u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
     }
+    s as u16
+}
+
+/// Whether a challenge's checksums were updated correctly: over the IP
+/// header (IPv4) and the fixed TCP header, checksum fields included, the
+/// ones'-complement sums of `got` equal those of the SYN `f` (0 and 0xffff
+/// being the same number). A swap does not change a sum, so a SYN whose
+/// checksums were right gets a challenge whose checksums are right, and
+/// one whose were wrong, wrong by as much.
+pub fn sums_agree(f: &[u8], got: &[u8], tcp: usize) -> bool {
+    let same = |a: u16, b: u16| a == b || (a | b == 0xffff && (a == 0 || b == 0));
+    let ip = is_v6(f, tcp) || same(ones_sum(&f[tcp - 20..tcp]), ones_sum(&got[tcp - 20..tcp]));
+    ip && same(ones_sum(&f[tcp..tcp + 20]), ones_sum(&got[tcp..tcp + 20]))
+}
+
+/// Whether the bare IP header before the TCP header at `tcp` is IPv6.
+fn is_v6(f: &[u8], tcp: usize) -> bool {
+    // The ethertype just before the IP header says which (20 or 40 bytes back).
+    tcp >= 54 && u16::from_be_bytes([f[tcp - 42], f[tcp - 41]]) == 0x86dd
 }
 
 /// The key of a source's own bucket: IPv4 per address, IPv6 per
@@ -191,7 +251,9 @@ impl World {
         match parse(frame) {
             Parsed::Verdict(r) => r,
             Parsed::Tcp { dport, .. } if !self.ports.contains(&dport) => Reason::Unguarded,
-            Parsed::Tcp { src, flags, sport_seq, .. } => self.judge(src, Some((flags, sport_seq)), round),
+            Parsed::Tcp { src, flags, tuple, seq, bare, .. } => {
+                self.judge(src, Some(TcpSeen { flags, tuple, seq, bare: bare.is_some() }), round)
+            }
             Parsed::Unattributed(src) => match self.judge(src, None, round) {
                 Reason::UnderRate => Reason::Malformed,
                 r => r,
@@ -200,8 +262,8 @@ impl World {
     }
 
     /// Lists, then buckets (docs/kernel.md, "How it decides"). `tcp`:
-    /// the flags and `sport_seq` when the TCP header was reached.
-    fn judge(&self, src: IpAddr, tcp: Option<(u8, u64)>, round: &mut Round) -> Reason {
+    /// what the decision reads of the TCP header, when it was reached.
+    fn judge(&self, src: IpAddr, tcp: Option<TcpSeen>, round: &mut Round) -> Reason {
         if self.deny.iter().any(|(c, expired)| !expired && c.contains(src)) {
             return Reason::Denied;
         }
@@ -209,6 +271,8 @@ impl World {
             return Reason::Allowed;
         }
         let planted = self.sources.iter().find(|(c, _)| c.contains(src)).map(|(_, p)| *p);
+        // A source a RST proved earlier in this round is tracked, proven.
+        let planted = planted.or_else(|| round.proven.contains(&own_key(src).addr).then_some(Planted::Proven));
         match planted {
             // Over its own bucket: dropped, and not charged to its prefix.
             Some(Planted::Over) => return Reason::Rate,
@@ -228,16 +292,31 @@ impl World {
         // A new source, and the admission bucket is spent: its SYN meets
         // the untracked cap.
         match tcp {
-            Some((f, sport_seq)) if f & (SYN | ACK) == SYN => {
-                if !round.cap_spent || round.retried(&own_key(src), sport_seq) {
-                    Reason::Untracked
-                } else {
-                    Reason::Rate
-                }
+            Some(t) if t.flags & (SYN | ACK) == SYN => match (round.cap_spent, t.bare) {
+                (false, _) => Reason::Untracked,
+                // Over the cap: the challenge, when the SYN can be answered in place.
+                (true, true) => Reason::Challenge,
+                (true, false) => Reason::Rate,
+            },
+            Some(t)
+                if t.flags & (SYN | ACK | RST | FIN) == RST
+                    && challenge::verify(&t.tuple, t.seq, coarse_now(), round.seed) =>
+            {
+                round.proven.insert(own_key(src).addr);
+                Reason::Proven
             }
             _ => Reason::Rate,
         }
     }
+}
+
+/// What the decision reads of a TCP header.
+#[derive(Clone, Copy)]
+struct TcpSeen {
+    flags: u8,
+    tuple: Tuple,
+    seq: u32,
+    bare: bool,
 }
 
 impl Default for World {
@@ -262,17 +341,22 @@ pub fn parse(f: &[u8]) -> Parsed {
             rest = &rest[tag.slice().len()..];
         }
     }
+    let base = f.len() - rest.len();
     match et {
-        EtherType::IPV4 => ipv4(rest),
-        EtherType::IPV6 => ipv6(rest),
+        EtherType::IPV4 => ipv4(rest, base),
+        EtherType::IPV6 => ipv6(rest, base),
         _ => Parsed::Verdict(Reason::Unguarded),
     }
 }
 
-fn ipv4(ip: &[u8]) -> Parsed {
+/// IPv4 at offset `base` of the frame.
+fn ipv4(ip: &[u8], base: usize) -> Parsed {
     use etherparse::err::ipv4::HeaderSliceError;
     match Ipv4HeaderSlice::from_slice(ip) {
-        Ok(h) => v4_tcp(&h, Some(&ip[h.slice().len()..])),
+        Ok(h) => {
+            let bare = (h.slice().len() == 20).then_some(base + 20);
+            v4_tcp(&h, Some(&ip[h.slice().len()..]), bare)
+        }
         // Options cut short: the fixed header (re-read without options)
         // still decides whether this is TCP at all; its TCP header is out
         // of reach.
@@ -281,7 +365,7 @@ fn ipv4(ip: &[u8]) -> Parsed {
             b.copy_from_slice(&ip[..20]);
             b[0] = 0x45;
             let h = Ipv4HeaderSlice::from_slice(&b).expect("a version-4 header of 20 bytes parses");
-            v4_tcp(&h, None)
+            v4_tcp(&h, None, None)
         }
         // Too short for the fixed header, not version 4, or IHL under 5.
         Err(_) => Parsed::Verdict(Reason::Malformed),
@@ -289,28 +373,34 @@ fn ipv4(ip: &[u8]) -> Parsed {
 }
 
 /// A first fragment of TCP has its TCP header in `l4` (`None`: out of reach).
-fn v4_tcp(h: &Ipv4HeaderSlice<'_>, l4: Option<&[u8]>) -> Parsed {
+fn v4_tcp(h: &Ipv4HeaderSlice<'_>, l4: Option<&[u8]>, bare: Option<usize>) -> Parsed {
     let src = IpAddr::V4(h.source_addr());
+    let dst = IpAddr::V4(h.destination_addr());
     if h.protocol() != IpNumber::TCP || h.fragments_offset().value() != 0 {
         return Parsed::Verdict(Reason::Unguarded);
     }
     match l4 {
-        Some(l4) => tcp(l4, src),
+        Some(l4) => tcp(l4, src, dst, bare),
         None => Parsed::Unattributed(src),
     }
 }
 
-fn ipv6(ip: &[u8]) -> Parsed {
+/// IPv6 at offset `base` of the frame.
+fn ipv6(ip: &[u8], base: usize) -> Parsed {
     // Too short for the fixed header, or not version 6.
     let Ok(h) = Ipv6HeaderSlice::from_slice(ip) else {
         return Parsed::Verdict(Reason::Malformed);
     };
     let src = IpAddr::V6(h.source_addr());
+    let dst = IpAddr::V6(h.destination_addr());
     let mut next = h.next_header();
     let mut rest = &ip[h.slice().len()..];
+    if next == IpNumber::TCP {
+        return tcp(rest, src, dst, Some(base + 40));
+    }
     for _ in 0..V6_EXT_MAX {
         if next == IpNumber::TCP {
-            return tcp(rest, src);
+            return tcp(rest, src, dst, None);
         }
         match ext(next, rest) {
             Ext::Next(n, len) => {
@@ -322,7 +412,7 @@ fn ipv6(ip: &[u8]) -> Parsed {
         }
     }
     if next == IpNumber::TCP {
-        return tcp(rest, src);
+        return tcp(rest, src, dst, None);
     }
     // More extension headers than the walk's bound: unattributed. Any other
     // protocol after the sixth header is simply not TCP.
@@ -384,8 +474,9 @@ fn two_bytes(rest: &[u8], size: impl Fn(usize) -> usize) -> Ext {
     }
 }
 
-/// The fixed TCP header (the data offset is not checked).
-fn tcp(l4: &[u8], src: IpAddr) -> Parsed {
+/// The fixed TCP header (the data offset is not checked); `bare`: where
+/// it starts in the frame when it follows the IP header directly.
+fn tcp(l4: &[u8], src: IpAddr, dst: IpAddr, bare: Option<usize>) -> Parsed {
     let Some(fixed) = l4.get(..20) else {
         return Parsed::Unattributed(src);
     };
@@ -393,9 +484,18 @@ fn tcp(l4: &[u8], src: IpAddr) -> Parsed {
     b.copy_from_slice(fixed);
     b[12] = 0x50 | (b[12] & 0x0f);
     let t = TcpHeaderSlice::from_slice(&b).expect("a 20-byte TCP header with data offset 5 parses");
-    let flags = (u8::from(t.syn()) * SYN) | (u8::from(t.ack()) * ACK);
-    let sport_seq = table::sport_seq(t.source_port().to_be_bytes(), t.sequence_number().to_be_bytes());
-    Parsed::Tcp { src, dport: t.destination_port(), flags, sport_seq }
+    let flags = (u8::from(t.syn()) * SYN) | (u8::from(t.ack()) * ACK) | (u8::from(t.rst()) * RST) | u8::from(t.fin());
+    let key = |a: IpAddr| match a {
+        IpAddr::V4(a) => key_v4(a.octets(), 32),
+        IpAddr::V6(a) => key_v6(a.octets(), 128),
+    };
+    let tuple = Tuple {
+        src: key(src),
+        dst: key(dst),
+        sport: t.source_port().to_be_bytes(),
+        dport: t.destination_port().to_be_bytes(),
+    };
+    Parsed::Tcp { src, dport: t.destination_port(), flags, tuple, seq: t.sequence_number(), bare }
 }
 
 #[cfg(test)]
@@ -407,8 +507,10 @@ mod tests {
     fn plain_frames_parse() {
         let a = Ipv4Addr::new(198, 51, 100, 1);
         let f = frame::tcp4(Macs::TEST, a, a, 1, 443);
-        let sport_seq = table::sport_seq(f[34..36].try_into().unwrap(), f[38..42].try_into().unwrap());
-        assert_eq!(parse(&f), Parsed::Tcp { src: a.into(), dport: 443, flags: SYN, sport_seq });
+        let Parsed::Tcp { src, dport: 443, flags: SYN, bare: Some(34), .. } = parse(&f) else {
+            panic!("{:?}", parse(&f));
+        };
+        assert_eq!(src, IpAddr::from(a));
         assert_eq!(parse(&f[..40]), Parsed::Unattributed(a.into()));
         assert_eq!(parse(&f[..20]), Parsed::Verdict(Reason::Malformed));
         let w = World::new();
@@ -428,24 +530,40 @@ mod tests {
         // Neither the known source over its rate nor the proven one charged its /24.
         let charged: Vec<IpAddr> = r.charged.iter().copied().collect();
         assert_eq!(charged, [IpAddr::from([10, 1, 2, 0])]);
-        assert!(r.syn_retry.is_empty());
+        assert!(r.proven.is_empty());
     }
 
     #[test]
-    fn over_the_cap_a_repeated_syn_passes_every_other_time() {
+    fn over_the_cap_a_syn_is_challenged_and_the_right_rst_proves_its_source() {
         let w = World::new();
         let mut r = Round::new(7, true);
-        let a = Ipv4Addr::new(10, 1, 2, 3);
-        let syn = frame::tcp4(Macs::TEST, a, a, 1, 443);
-        assert_eq!(w.decide(&syn, &mut r), Reason::Rate);
-        assert_eq!(r.syn_retry.len(), 1);
-        assert_eq!(w.decide(&syn, &mut r), Reason::Untracked);
-        assert!(r.syn_retry.is_empty());
-        assert_eq!(w.decide(&syn, &mut r), Reason::Rate);
-        assert_eq!(w.decide(&frame::tcp4(Macs::TEST, a, a, 2, 443), &mut r), Reason::Rate);
-        // A SYN-ACK is no new connection: dropped, not remembered.
-        let before = r.syn_retry.clone();
-        assert_eq!(w.decide(&frame::tcp4_with(Macs::TEST, a, a, 3, 443, SYN | ACK), &mut r), Reason::Rate);
-        assert_eq!(r.syn_retry, before);
+        let (a, server) = (Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(10, 9, 9, 9));
+        let syn = frame::tcp4(Macs::TEST, a, server, 1, 443);
+        assert_eq!(w.decide(&syn, &mut r), Reason::Challenge);
+        let now = coarse_now();
+        let out = challenge_frame(&syn, 34, now, 7);
+        // Its checksum fields are left as they came: the sums tell.
+        assert!(sums_agree(&syn, &syn, 34));
+        assert!(!sums_agree(&syn, &out, 34));
+        let Parsed::Tcp { src, tuple, .. } = parse(&out) else { panic!() };
+        assert_eq!(src, IpAddr::from(server));
+        assert_eq!(tuple.dport, 1u16.to_be_bytes());
+        // The client's RST carries the challenge's acknowledgement number.
+        let ack = u32::from_be_bytes(out[42..46].try_into().unwrap());
+        let mut rst = frame::tcp4_with(Macs::TEST, a, server, 1, 443, RST);
+        rst[38..42].copy_from_slice(&ack.wrapping_add(1).to_be_bytes());
+        assert_eq!(w.decide(&rst, &mut r), Reason::Rate, "a wrong sequence number");
+        rst[38..42].copy_from_slice(&ack.to_be_bytes());
+        assert_eq!(w.decide(&rst, &mut r), Reason::Proven);
+        // Tracked and proven from then on.
+        assert_eq!(w.decide(&syn, &mut r), Reason::UnderRate);
+        assert_eq!(r.proven.len(), 1);
+        // A SYN behind IPv4 options cannot be answered in place.
+        let t = frame::tcp4_header(Ipv4Addr::new(10, 1, 2, 4), server, 1, 443);
+        let ip = frame::ipv4(Ipv4Addr::new(10, 1, 2, 4), server, frame::TCP, &[1, 1, 1, 1], 0, &t);
+        assert_eq!(w.decide(&frame::ethernet(Macs::TEST, &[], 0x0800, &ip), &mut r), Reason::Rate);
+        // A SYN-ACK is no new connection.
+        let sa = frame::tcp4_with(Macs::TEST, Ipv4Addr::new(10, 1, 2, 5), server, 3, 443, SYN | ACK);
+        assert_eq!(w.decide(&sa, &mut r), Reason::Rate);
     }
 }

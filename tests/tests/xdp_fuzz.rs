@@ -4,7 +4,8 @@
 //! cut at every length, run through the real XDP program with
 //! `BPF_PROG_TEST_RUN` and compared frame by frame with the host-side
 //! reference decision (`keyward_tests::xdp_reference`, built on etherparse):
-//! the verdict, and which (action, reason) counter moved. Needs root.
+//! the verdict, which (action, reason) counter moved, and for a challenge
+//! (`XDP_TX`) the frame sent back. Needs root.
 //!
 //! Property-based (proptest), not coverage-guided: the code under test runs
 //! in the kernel, where no coverage instrumentation of a fuzzer reaches.
@@ -15,8 +16,9 @@
 //! per-source entries go into the slots the program's keyed hash picks,
 //! with the seed read back from `CONFIG`), the untracked cap is planted
 //! spent or full per frame, and the reference follows what the runs of one
-//! frame change (`Round`: the `SYN_RETRY` tags and the aggregates charged,
-//! both compared with the maps after each frame). The program runs in a
+//! frame change (`Round`: the aggregates charged and the sources a RST
+//! proved, both compared with the maps after each frame; a RST is given the
+//! right cookie now and then, so that proofs happen). The program runs in a
 //! network namespace of its own, where no socket or SYN cookie can vouch for
 //! a fuzzed packet.
 
@@ -41,7 +43,7 @@ use keyward::{
 use keyward_tests::{
     frame::{self, Macs},
     privileged,
-    xdp_reference::{Planted, Round, WORLD_XDP, World, own_key},
+    xdp_reference::{self as reference, Parsed, Planted, Round, WORLD_XDP, World, own_key},
 };
 use proptest::{
     prelude::*,
@@ -49,13 +51,14 @@ use proptest::{
     test_runner::{Config as ProptestConfig, RngAlgorithm, TestCaseError, TestRng, TestRunner},
 };
 use proxy_common::{
-    ADMIT_NEW_SOURCES, ADMIT_UNTRACKED_SYNS, Action, Bucket, Reason, SourceKey, maps as names,
+    ADMIT_NEW_SOURCES, ADMIT_UNTRACKED_SYNS, Action, Bucket, Reason, SourceKey, challenge, maps as names,
     prefix::{key_v4, key_v6},
-    table::{self, SYN_RETRY_SLOTS, Slot},
+    table::{self, Slot},
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 /// Far enough ahead that a bucket planted spent stays spent (11.6 days).
 const FAR_NS: u64 = 1_000_000_000_000_000;
 
@@ -73,7 +76,6 @@ struct Planting {
     sources: Array<MapData, Slot>,
     aggregates: HashMap<MapData, SourceKey, Bucket>,
     admit: Array<MapData, Bucket>,
-    syn_retry: Array<MapData, u32>,
 }
 
 struct Fuzz {
@@ -149,7 +151,6 @@ impl Fuzz {
             sources: open(&pins, names::SOURCES),
             aggregates: open(&pins, names::AGGREGATES),
             admit: open(&pins, names::ADMIT),
-            syn_retry: open(&pins, names::SYN_RETRY),
         };
         let now = SystemClock.monotonic_ns();
         for (c, expired) in &world.deny {
@@ -164,15 +165,12 @@ impl Fuzz {
     }
 
     /// Reset the maps to the world's planting for a new round: the
-    /// `SYN_RETRY` slots the last round wrote and the aggregates emptied,
-    /// the planted entries written, the admission bucket spent and the
-    /// untracked cap spent or full.
+    /// sources the last round proved and the aggregates emptied, the
+    /// planted entries written, the admission bucket spent, the bucket of
+    /// RSTs checked full, and the untracked cap spent or full.
     fn plant(&mut self, cap_spent: bool) {
-        if std::mem::take(&mut self.dirty) {
+        if std::mem::take(&mut self.dirty) || !self.round.proven.is_empty() {
             self.empty_all();
-        }
-        for i in self.round.syn_retry.keys() {
-            self.maps.syn_retry.set(*i, 0, 0).expect("empty a SYN_RETRY slot");
         }
         self.round = Round::new(self.seed, cap_spent);
         self.tracked = self.dp.new_sources().expect("new sources");
@@ -191,14 +189,12 @@ impl Fuzz {
         self.maps.admit.set(ADMIT_NEW_SOURCES, spent, 0).expect("spend admission");
         let cap = if cap_spent { spent } else { Bucket::default() };
         self.maps.admit.set(ADMIT_UNTRACKED_SYNS, cap, 0).expect("plant the untracked cap");
+        self.maps.admit.set(proxy_common::ADMIT_PROOFS, Bucket::default(), 0).expect("fill the proofs bucket");
     }
 
-    /// Empty `SYN_RETRY` and `SOURCES` whole (after a disagreement, before
-    /// proptest runs the next, smaller input).
+    /// Empty `SOURCES` whole (after a disagreement, before proptest runs
+    /// the next, smaller input, or after a round tracked proven sources).
     fn empty_all(&mut self) {
-        for i in 0..SYN_RETRY_SLOTS {
-            self.maps.syn_retry.set(i, 0, 0).expect("empty SYN_RETRY");
-        }
         for i in 0..self.maps.sources.len() {
             self.maps.sources.set(i, Slot::default(), 0).expect("empty SOURCES");
         }
@@ -208,13 +204,28 @@ impl Fuzz {
     /// and so must the maps the runs changed.
     fn check_all(&mut self, f: &Frame) -> Result<(), TestCaseError> {
         self.plant(f.cap_spent);
-        let r = (14..=f.bytes.len()).try_for_each(|len| self.check(&f.bytes[..len])).and_then(|()| self.check_maps());
+        let bytes = if f.cookie { self.with_cookie(&f.bytes) } else { f.bytes.clone() };
+        let r = (14..=bytes.len()).try_for_each(|len| self.check(&bytes[..len])).and_then(|()| self.check_maps());
         self.dirty = r.is_err();
         r
     }
 
-    /// The aggregates and `SYN_RETRY` slots as the reference has them, and
-    /// no source tracked (the admission bucket is spent and nothing can
+    /// A RST given the cookie of this time slot as its sequence number
+    /// (what a client answering a challenge sends); any other frame as it is.
+    fn with_cookie(&self, f: &[u8]) -> Vec<u8> {
+        let mut out = f.to_vec();
+        if let Parsed::Tcp { flags, tuple, seq, bare: Some(tcp), .. } = reference::parse(f)
+            && flags & 0x17 == 0x04
+        {
+            let h = challenge::hash(&tuple, challenge::slot(reference::coarse_now()), self.seed);
+            let cookie = (seq & !challenge::COOKIE_MASK) | (h as u32 & challenge::COOKIE_MASK);
+            out[tcp + 4..tcp + 8].copy_from_slice(&cookie.to_be_bytes());
+        }
+        out
+    }
+
+    /// The aggregates as the reference has them, and only the sources a
+    /// RST proved tracked (the admission bucket is spent and nothing can
     /// show a handshake).
     fn check_maps(&self) -> Result<(), TestCaseError> {
         let mut want: Vec<SourceKey> = self.round.charged.iter().map(|a| key(*a, 24, 48)).collect();
@@ -226,15 +237,9 @@ impl Fuzz {
         if got != want {
             return Err(TestCaseError::fail(format!("aggregates: the program holds {got:?}, the reference {want:?}")));
         }
-        for (i, tag) in &self.round.syn_retry {
-            let got = self.maps.syn_retry.get(i, 0).expect("read SYN_RETRY");
-            if got != *tag {
-                return Err(TestCaseError::fail(format!("SYN_RETRY[{i}]: the program holds {got:#x}, not {tag:#x}")));
-            }
-        }
         let new = self.dp.new_sources().expect("new sources") - self.tracked;
-        if new != 0 {
-            return Err(TestCaseError::fail(format!("{new} sources were tracked")));
+        if new != self.round.proven.len() as u64 {
+            return Err(TestCaseError::fail(format!("{new} sources were tracked, {} proven", self.round.proven.len())));
         }
         Ok(())
     }
@@ -244,10 +249,14 @@ impl Fuzz {
         let action = match want.verdict() {
             Action::Pass => XDP_PASS,
             Action::Drop => XDP_DROP,
+            Action::Tx => XDP_TX,
         };
         let p = self.dp.program().expect("program");
-        let got = p.test_run(TestRunOptions { data_in: Some(f), ..TestRunOptions::default() });
+        let mut out = vec![0u8; f.len() + 256];
+        let got =
+            p.test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ..TestRunOptions::default() });
         let got = got.map_err(|e| TestCaseError::fail(format!("test run failed: {e}; frame {}", hex(f))))?;
+        out.truncate(got.data_size_out as usize);
         self.runs += 1;
         let now = counts(&self.dp);
         let moved: Vec<(String, String, u64)> = now
@@ -267,6 +276,36 @@ impl Fuzz {
                 want.name(),
                 got.return_value,
                 hex(f),
+            )));
+        }
+        if want == Reason::Challenge {
+            return self.check_challenge(f, &out);
+        }
+        Ok(())
+    }
+
+    /// The frame a challenge sent back: the reference's, checksums checked
+    /// by their sums (`xdp_reference::sums_agree`).
+    fn check_challenge(&self, f: &[u8], out: &[u8]) -> Result<(), TestCaseError> {
+        let Parsed::Tcp { bare: Some(tcp), .. } = reference::parse(f) else {
+            return Err(TestCaseError::fail(format!("a challenge to a frame that is no bare SYN: {}", hex(f))));
+        };
+        let want = reference::challenge_frame(f, tcp, reference::coarse_now(), self.seed);
+        let mask = |b: &[u8]| {
+            let mut b = b.to_vec();
+            b[tcp + 16..tcp + 18].fill(0);
+            if tcp >= 34 && !(tcp >= 54 && b[tcp - 42..tcp - 40] == [0x86, 0xdd]) {
+                b[tcp - 10..tcp - 8].fill(0);
+            }
+            b
+        };
+        if mask(out) != mask(&want) || !reference::sums_agree(f, out, tcp) {
+            return Err(TestCaseError::fail(format!(
+                "challenge to {}:\n program sent {}\n reference   {} (checksums aside; sums agree: {})",
+                hex(f),
+                hex(out),
+                hex(&want),
+                reference::sums_agree(f, out, tcp)
             )));
         }
         Ok(())
@@ -388,18 +427,20 @@ fn other_l3() -> impl Strategy<Value = (u16, Vec<u8>)> {
     (et, prop::collection::vec(any::<u8>(), 0..48))
 }
 
-/// A frame, shown as hex (in proptest's report of the minimal input), and
-/// whether the untracked cap is planted spent while it runs.
+/// A frame, shown as hex (in proptest's report of the minimal input),
+/// whether the untracked cap is planted spent while it runs, and whether a
+/// RST gets the cookie of a challenge as its sequence number.
 #[derive(Clone)]
 struct Frame {
     bytes: Vec<u8>,
     cap_spent: bool,
+    cookie: bool,
 }
 
 impl std::fmt::Debug for Frame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let cap = if self.cap_spent { "spent" } else { "full" };
-        write!(f, "{} (untracked cap {cap})", hex(&self.bytes))
+        write!(f, "{} (untracked cap {cap}, cookie {})", hex(&self.bytes), self.cookie)
     }
 }
 
@@ -418,7 +459,7 @@ fn frames() -> impl Strategy<Value = Frame> {
         f
     });
     let bytes = prop_oneof![9 => built, 1 => prop::collection::vec(any::<u8>(), 14..120)];
-    (bytes, any::<bool>()).prop_map(|(bytes, cap_spent)| Frame { bytes, cap_spent })
+    (bytes, any::<bool>(), any::<bool>()).prop_map(|(bytes, cap_spent, cookie)| Frame { bytes, cap_spent, cookie })
 }
 
 #[test]
@@ -442,6 +483,14 @@ fn the_program_decides_every_frame_as_the_reference_does() {
         eprintln!("info: {runs} frames run in {:.1} s", start.elapsed().as_secs_f64());
         if let Err(e) = r {
             panic!("the XDP program and the reference disagree (seed {seed}):\n{e}");
+        }
+        // The challenge and its proof were exercised, not only modelled.
+        let c = counts(&fuzz.borrow().dp);
+        let n = |a: &str, r: &str| c.iter().filter(|x| x.0 == a && x.1 == r).map(|x| x.2).sum::<u64>();
+        let (tx, proven) = (n("tx", "challenge"), n("drop", "proven"));
+        eprintln!("info: {tx} challenges sent, {proven} sources proven");
+        if cases >= 1_000 {
+            assert!(tx > 0 && proven > 0, "{tx} challenges, {proven} proofs: the fuzz no longer reaches them");
         }
     });
     if let Err(e) = t.join() {

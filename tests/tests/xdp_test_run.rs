@@ -19,10 +19,15 @@ use keyward_tests::{
     frame::{self, Macs, TCP},
     privileged,
 };
-use proxy_common::{ADMIT_NEW_SOURCES, ADMIT_UNTRACKED_SYNS, Bucket, prefix::key_v4, table};
+use proxy_common::{
+    ADMIT_NEW_SOURCES, ADMIT_PROOFS, ADMIT_UNTRACKED_SYNS, Bucket,
+    challenge::{self, Tuple},
+    prefix::{key_v4, key_v6},
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const PORT: u16 = 443;
 const SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const DST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -69,6 +74,17 @@ impl Harness {
     /// that what follows does not depend on how fast it runs: at 1 per
     /// second a bucket would refill.
     fn spend(&mut self, name: &str, i: u32) {
+        // A day ahead: far beyond any bucket's tolerance here.
+        let tat_ns = (SystemClock.monotonic_ns() + 86_400_000_000_000) & !Bucket::PROVEN;
+        self.set_admit(name, i, tat_ns);
+    }
+
+    /// Fill host-wide bucket `i` of `ADMIT` (as `spend`).
+    fn fill(&mut self, name: &str, i: u32) {
+        self.set_admit(name, i, 0);
+    }
+
+    fn set_admit(&mut self, name: &str, i: u32, tat_ns: u64) {
         let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/kwt{}-{name}", std::process::id()));
         if !dir.exists() {
             self.dp.pin(&dir).expect("pin maps");
@@ -76,18 +92,18 @@ impl Harness {
         let data = MapData::from_pin(dir.join(proxy_common::maps::ADMIT)).expect("open ADMIT");
         let mut admit: Array<MapData, Bucket> =
             Array::try_from(Map::from_map_data(data).expect("map type")).expect("an array");
-        // A day ahead: far beyond any bucket's tolerance here.
-        let tat_ns = (SystemClock.monotonic_ns() + 86_400_000_000_000) & !Bucket::PROVEN;
-        admit.set(i, Bucket { tat_ns, packets: 0, drops: 0 }, 0).expect("spend the bucket");
+        admit.set(i, Bucket { tat_ns, packets: 0, drops: 0 }, 0).expect("set the bucket");
     }
 
-    /// The `SYN_RETRY` slot of a plain IPv4 TCP frame (`frame::tcp4_with`),
-    /// by the program's own hash and the seed of this load.
-    fn syn_retry_slot(&self, f: &[u8]) -> u32 {
-        let seed = self.dp.kernel_config().expect("read CONFIG").seed;
-        let src: [u8; 4] = f[26..30].try_into().expect("source address");
-        let sport_seq = table::sport_seq(f[34..36].try_into().expect("port"), f[38..42].try_into().expect("seq"));
-        table::syn_slot(&key_v4(src, 32), sport_seq, seed).0
+    /// Run `f` once; the verdict and the frame as the program left it.
+    fn run_out(&mut self, f: &[u8]) -> (u32, Vec<u8>) {
+        let p = self.dp.program().expect("program");
+        let mut out = vec![0u8; f.len() + 256];
+        let r = p
+            .test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ..TestRunOptions::default() })
+            .expect("test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
     }
 
     fn total(&self) -> u64 {
@@ -120,8 +136,9 @@ fn every_map_name_resolves_and_counters_cover_every_reason() {
         assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN");
     }
     let c = h.dp.counters().unwrap();
-    // Every reason passes; only denied and rate can drop.
-    assert_eq!(c.len(), proxy_common::REASON_COUNT as usize + 2);
+    // Every reason passes (in dry run); denied, rate and proven can drop,
+    // challenge transmits.
+    assert_eq!(c.len(), proxy_common::REASON_COUNT as usize + 4);
     for r in proxy_common::Reason::ALL {
         assert!(c.iter().any(|x| x.reason == r.name()));
     }
@@ -225,7 +242,10 @@ fn deny_entries_expire_in_the_kernel() {
     use keyward::clock::{Clock as _, SystemClock};
     let mut h = Harness::new("");
     let now = SystemClock.monotonic_ns();
-    h.dp.list_insert(List::Deny, &"192.0.2.10/32".parse().unwrap(), now - 1).unwrap();
+    // The program reads the coarse clock, up to a tick behind this one: an
+    // entry that expired a tick ago has expired for it too.
+    let expired = now - proxy_common::bucket::COARSE_TICK_MAX_NS;
+    h.dp.list_insert(List::Deny, &"192.0.2.10/32".parse().unwrap(), expired).unwrap();
     h.expect("expired", &syn(SRC), XDP_PASS, "pass", "under_rate");
     h.dp.list_insert(List::Deny, &"192.0.2.10/32".parse().unwrap(), now + 60_000_000_000).unwrap();
     h.expect("in force", &syn(SRC), XDP_DROP, "drop", "denied");
@@ -321,44 +341,172 @@ fn admission_bucket_holds_floods_spread_over_many_prefixes() {
     assert_eq!(h.dp.new_sources().unwrap(), u64::from(passed) + 1, "untracked SYNs got a table entry");
 }
 
+/// A harness whose admission bucket and untracked cap are both spent, as
+/// under a spoofed flood.
+fn both_spent() -> Harness {
+    let mut h = Harness::new("new_sources = { rate_pps = 1, burst = 1 }\nuntracked_syns = { rate_pps = 1, burst = 1 }");
+    let syn_from = |src| frame::tcp4_with(Macs::TEST, src, DST, 40_000, PORT, frame::SYN);
+    h.expect("admitted", &syn_from(Ipv4Addr::new(11, 0, 0, 1)), XDP_PASS, "pass", "under_rate");
+    h.spend("challenge", ADMIT_NEW_SOURCES);
+    h.expect("under the cap", &syn_from(Ipv4Addr::new(11, 0, 1, 1)), XDP_PASS, "pass", "untracked");
+    h.spend("challenge", ADMIT_UNTRACKED_SYNS);
+    h
+}
+
+/// `f` (a SYN whose TCP header starts at `tcp`) made a RST with sequence
+/// number `seq` (what the client's TCP answers a challenge with; the
+/// program reads no checksum).
+fn rst(f: &[u8], tcp: usize, seq: u32) -> Vec<u8> {
+    let mut r = f.to_vec();
+    r[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
+    r[tcp + 8..tcp + 12].copy_from_slice(&[0; 4]);
+    r[tcp + 13] = 0x04;
+    r
+}
+
+/// Check that `out` is the challenge to the SYN `syn` (etherparse reads
+/// both); returns its acknowledgement number.
+fn check_challenge(syn: &[u8], out: &[u8]) -> u32 {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let a = SlicedPacket::from_ethernet(syn).expect("the SYN parses");
+    let b = SlicedPacket::from_ethernet(out).expect("the challenge parses");
+    assert_eq!(out.len(), syn.len(), "same length");
+    assert_eq!((&out[..6], &out[6..12]), (&syn[6..12], &syn[..6]), "MACs swapped");
+    assert_eq!(a.link_exts.len(), b.link_exts.len(), "VLAN tags kept");
+    assert_eq!(out[12..14 + 4 * b.link_exts.len()], syn[12..14 + 4 * a.link_exts.len()], "tags and ethertype kept");
+    let (Some(TransportSlice::Tcp(ta)), Some(TransportSlice::Tcp(tb))) = (&a.transport, &b.transport) else {
+        panic!("TCP in both");
+    };
+    let csum = match (&a.net, &b.net) {
+        (Some(NetSlice::Ipv4(ia)), Some(NetSlice::Ipv4(ib))) => {
+            let (ha, hb) = (ia.header(), ib.header());
+            assert_eq!((hb.source_addr(), hb.destination_addr()), (ha.destination_addr(), ha.source_addr()));
+            assert_eq!(hb.ttl(), 64);
+            let h = hb.to_header();
+            assert_eq!(h.calc_header_checksum(), h.header_checksum, "IPv4 header checksum");
+            tb.to_header().calc_checksum_ipv4(&h, tb.payload()).expect("checksum")
+        }
+        (Some(NetSlice::Ipv6(ia)), Some(NetSlice::Ipv6(ib))) => {
+            let (ha, hb) = (ia.header(), ib.header());
+            assert_eq!((hb.source_addr(), hb.destination_addr()), (ha.destination_addr(), ha.source_addr()));
+            assert_eq!(hb.hop_limit(), 64);
+            tb.to_header().calc_checksum_ipv6(&hb.to_header(), tb.payload()).expect("checksum")
+        }
+        _ => panic!("the same IP version in both"),
+    };
+    assert_eq!(csum, tb.checksum(), "TCP checksum");
+    assert_eq!((tb.source_port(), tb.destination_port()), (ta.destination_port(), ta.source_port()));
+    assert!(tb.syn() && tb.ack() && !tb.rst() && !tb.fin(), "SYN|ACK");
+    assert_eq!(tb.options(), ta.options(), "options kept");
+    let (isn, ack) = (ta.sequence_number(), tb.acknowledgment_number());
+    let k = isn.wrapping_sub(ack);
+    assert!((1..=32_768).contains(&k), "ack {ack} is not in [ISN - 32768, ISN - 1] (ISN {isn})");
+    ack
+}
+
+/// The acknowledgement number the program would put in a challenge to `t`
+/// with sequence number `isn` `back` time slots ago.
+fn ack_of(h: &Harness, t: &Tuple, isn: u32, back: u64) -> u32 {
+    let seed = h.dp.kernel_config().expect("read CONFIG").seed;
+    let now = keyward_tests::xdp_reference::coarse_now();
+    challenge::ack(isn, challenge::hash(t, challenge::slot(now) - back, seed))
+}
+
+/// Over the untracked cap: `syn` (its TCP header at `tcp`, from `src`) is
+/// challenged, a RST with a wrong cookie or one two slots old proves
+/// nothing, the right one proves the source, and its SYN then passes.
+fn challenge_and_prove(h: &mut Harness, name: &str, syn: &[u8], tcp: usize, t: &Tuple, src: &str) {
+    let total = h.total();
+    let (v, out) = h.run_out(syn);
+    assert_eq!(v, XDP_TX, "{name}: a SYN over the cap is answered");
+    assert_eq!(h.count("tx", "challenge"), 1, "{name}: tx/challenge");
+    assert_eq!(h.total(), total + 1);
+    let ack = check_challenge(syn, &out);
+    let isn = u32::from_be_bytes(syn[tcp + 4..tcp + 8].try_into().expect("seq"));
+    assert_eq!(ack, ack_of(h, t, isn, 0), "{name}: the cookie of this slot");
+    let tracked = h.dp.new_sources().unwrap();
+    // Each RST checked spends the bucket of checks (here 1 a second, the
+    // admission rate): filled before each, so that only the cookie decides.
+    h.fill("challenge", ADMIT_PROOFS);
+    h.expect(&format!("{name}: RST, wrong seq"), &rst(syn, tcp, ack.wrapping_add(1)), XDP_DROP, "drop", "rate");
+    let old = ack_of(h, t, isn, 2);
+    if challenge::COOKIE_MASK & (old ^ ack) != 0 {
+        h.fill("challenge", ADMIT_PROOFS);
+        h.expect(&format!("{name}: RST, two slots old"), &rst(syn, tcp, old), XDP_DROP, "drop", "rate");
+    }
+    // Over the bucket of checks even the right RST is not checked.
+    h.spend("challenge", ADMIT_PROOFS);
+    h.expect(&format!("{name}: RST, checks spent"), &rst(syn, tcp, ack), XDP_DROP, "drop", "rate");
+    h.fill("challenge", ADMIT_PROOFS);
+    let (_, top) = h.dp.sources(16).unwrap();
+    assert!(!top.iter().any(|s| s.source == src), "{name}: tracked before its proof");
+    assert_eq!(h.dp.new_sources().unwrap(), tracked);
+    h.expect(&format!("{name}: RST answering the challenge"), &rst(syn, tcp, ack), XDP_DROP, "drop", "proven");
+    assert_eq!(h.dp.new_sources().unwrap(), tracked + 1, "{name}: the proven source is tracked");
+    let (_, top) = h.dp.sources(16).unwrap();
+    assert!(top.iter().any(|s| s.source == src), "{name}: {top:?}");
+    // The visitor's retransmitted SYN passes, as a known source.
+    h.expect(&format!("{name}: SYN again"), syn, XDP_PASS, "pass", "under_rate");
+}
+
 #[test]
-fn over_the_untracked_cap_a_retransmitted_syn_passes_and_a_new_one_does_not() {
+fn over_the_untracked_cap_a_syn_is_challenged_and_the_rst_proves_its_source() {
     if !privileged() {
         return;
     }
-    let mut h = Harness::new("new_sources = { rate_pps = 1, burst = 1 }\nuntracked_syns = { rate_pps = 1, burst = 1 }");
-    let syn_from = |src, sport| frame::tcp4_with(Macs::TEST, src, DST, sport, PORT, frame::SYN);
-    // The one admission and the one untracked SYN the buckets hold; each
-    // then stays spent.
-    h.expect("admitted", &syn_from(Ipv4Addr::new(11, 0, 0, 1), 40_000), XDP_PASS, "pass", "under_rate");
-    h.spend("untracked", ADMIT_NEW_SOURCES);
-    h.expect("under the cap", &syn_from(Ipv4Addr::new(11, 0, 1, 1), 40_000), XDP_PASS, "pass", "untracked");
-    h.spend("untracked", ADMIT_UNTRACKED_SYNS);
-    let visitor = syn_from(Ipv4Addr::new(11, 0, 2, 1), 40_001);
-    let other_port = syn_from(Ipv4Addr::new(11, 0, 2, 1), 40_002);
-    // The flood's SYNs each take a SYN_RETRY slot of their own, none the
-    // visitor's or the other port's: one landing there (1 in about 2,600
-    // loads for 100 SYNs) would overwrite the visitor's tag, which is the
-    // documented cost of a flood, not what this test is about.
-    let mut taken = std::collections::HashSet::from([h.syn_retry_slot(&visitor), h.syn_retry_slot(&other_port)]);
-    let flood: Vec<Vec<u8>> = (0..1000u16)
-        .map(|i| syn_from(Ipv4Addr::new(11, 1, (i >> 8) as u8, i as u8), 1024 + i))
-        .filter(|f| taken.insert(h.syn_retry_slot(f)))
-        .take(100)
-        .collect();
-    assert_eq!(flood.len(), 100);
-    // Over the cap: a SYN never seen is dropped (and remembered) ...
-    h.expect("first SYN over the cap", &visitor, XDP_DROP, "drop", "rate");
-    // ... as is every other new one, spoofed or not ...
-    for other in &flood {
-        h.expect("other new SYN over the cap", other, XDP_DROP, "drop", "rate");
+    let mut h = both_spent();
+    let src = Ipv4Addr::new(11, 0, 2, 1);
+    // Behind a VLAN tag: the tag stays.
+    let plain = frame::tcp4(Macs::TEST, src, DST, 40_001, PORT);
+    let syn = frame::ethernet(Macs::TEST, &[(0x8100, 7)], 0x0800, &plain[14..]);
+    let t = Tuple {
+        src: key_v4(src.octets(), 32),
+        dst: key_v4(DST.octets(), 32),
+        sport: 40_001u16.to_be_bytes(),
+        dport: PORT.to_be_bytes(),
+    };
+    challenge_and_prove(&mut h, "v4", &syn, 38, &t, "11.0.2.1");
+    // A SYN behind IPv4 options is not answered in place.
+    let other = Ipv4Addr::new(11, 0, 3, 1);
+    let tcp = frame::tcp4_header(other, DST, 1, PORT);
+    let ip = frame::ipv4(other, DST, frame::TCP, &[1, 1, 1, 1], 0, &tcp);
+    h.expect("options", &frame::ethernet(Macs::TEST, &[], 0x0800, &ip), XDP_DROP, "drop", "rate");
+}
+
+#[test]
+fn over_the_untracked_cap_an_ipv6_syn_is_challenged_and_the_rst_proves_its_source() {
+    if !privileged() {
+        return;
     }
-    // ... and its retransmission (same source, port and sequence number) passes, once.
-    h.expect("retransmitted SYN", &visitor, XDP_PASS, "pass", "untracked");
-    h.expect("the same SYN a third time", &visitor, XDP_DROP, "drop", "rate");
-    // A different port from the same source is a different SYN.
-    h.expect("same source, other port", &other_port, XDP_DROP, "drop", "rate");
-    assert_eq!(h.dp.new_sources().unwrap(), 1, "untracked SYNs got a table entry");
+    let mut h = both_spent();
+    let src = src6(77);
+    let syn = frame::tcp6(Macs::TEST, src, DST6, 40_002, PORT);
+    let t = Tuple {
+        src: key_v6(src.octets(), 128),
+        dst: key_v6(DST6.octets(), 128),
+        sport: 40_002u16.to_be_bytes(),
+        dport: PORT.to_be_bytes(),
+    };
+    challenge_and_prove(&mut h, "v6", &syn, 54, &t, "2001:db8:1:2::");
+}
+
+#[test]
+fn in_dry_run_a_challenge_passes_the_syn_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut h = both_spent();
+    let mut cfg = config(
+        "new_sources = { rate_pps = 1, burst = 1 }\nuntracked_syns = { rate_pps = 1, burst = 1 }\ndry_run = true",
+    );
+    h.dp.apply(cfg.xdp()).unwrap();
+    let syn = frame::tcp4(Macs::TEST, Ipv4Addr::new(11, 0, 4, 1), DST, 40_003, PORT);
+    let (v, out) = h.run_out(&syn);
+    assert_eq!((v, out), (XDP_PASS, syn.clone()));
+    assert_eq!(h.count("pass", "challenge"), 1);
+    cfg = config("new_sources = { rate_pps = 1, burst = 1 }\nuntracked_syns = { rate_pps = 1, burst = 1 }");
+    h.dp.apply(cfg.xdp()).unwrap();
+    assert_eq!(h.run_out(&syn).0, XDP_TX);
 }
 
 #[test]

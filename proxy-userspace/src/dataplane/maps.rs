@@ -224,13 +224,13 @@ fn own(map: &Map, name: &'static str) -> Result<Map, DataplaneError> {
 }
 
 /// Every possible (action, reason) counter, summed over CPUs, in a fixed
-/// order. Drops under a passing reason cannot happen and are left out;
-/// passes under a dropping reason are dry run's would-drops.
+/// order: each reason's own action, and its pass (dry run's would-drops
+/// and would-transmits). Other pairs cannot happen and are left out.
 fn counters<T: Borrow<MapData>>(stats: &PerCpuArray<T, Counter>) -> Result<Vec<ReasonCount>, DataplaneError> {
     let mut out = Vec::new();
     for reason in Reason::ALL {
         for action in Action::ALL {
-            if action == Action::Drop && reason.verdict() == Action::Pass {
+            if action != Action::Pass && action != reason.verdict() {
                 continue;
             }
             let per_cpu = stats.get(&stat_index(action, reason), 0).map_err(map_err(names::STATS))?;

@@ -7,7 +7,11 @@
 //!   ingress interface); the spoofing one rewrites the IPv4 source to
 //!   `11.0.0.0 + n` with an incremental checksum update, `n` rotating
 //!   sequentially through `BENCH_CONF[0]` sources, or drawn at random among
-//!   them when `BENCH_CONF[1]` is non-zero.
+//!   them when `BENCH_CONF[1]` is non-zero. It first copies the frame's
+//!   headers back from `BENCH_FRAME`: live frames reuse their pages
+//!   without copying the frame in again, and a receiver that answers in
+//!   place (keyward's challenges, sent back and dropped at the generator's
+//!   end) returns them rewritten.
 #![no_std]
 #![no_main]
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects, clippy::panic, clippy::unwrap_used)]
@@ -28,6 +32,13 @@ static BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static BENCH_CONF: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// The first [`HEADERS`] bytes of the generator's frame, as user space
+/// wrote them.
+#[map]
+static BENCH_FRAME: Array<[u8; HEADERS]> = Array::with_max_entries(1, 0);
+
+/// Ethernet, IPv4 and TCP headers of the generator's untagged frame.
+pub const HEADERS: usize = 54;
 
 #[xdp]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
@@ -56,8 +67,12 @@ const SADDR: usize = 14 + 12;
 pub fn bench_tx_spoof(ctx: XdpContext) -> u32 {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start.wrapping_add(SADDR + 4) > end {
+    if start.wrapping_add(HEADERS) > end {
         return xdp_action::XDP_ABORTED;
+    }
+    if let Some(h) = BENCH_FRAME.get(0) {
+        // SAFETY: the frame holds HEADERS bytes (checked above).
+        unsafe { *(start as *mut [u8; HEADERS]) = *h };
     }
     let n = BENCH_CONF.get(0).copied().unwrap_or(1).max(1);
     let random = BENCH_CONF.get(1).is_some_and(|r| *r != 0);

@@ -53,7 +53,7 @@ pub fn run(rounds: usize, quick: bool, allocated: fn() -> usize) -> (Value, Stri
     let after = maps();
     let ours: Vec<(u64, u64, u64)> = after.iter().filter(|m| !before.contains(m)).copied().collect();
     // The per-source table: `size` entries of one slot each (the tries and
-    // `SYN_RETRY` may have as many entries, with other values).
+    // other arrays may have as many entries, with other values).
     let slot = std::mem::size_of::<proxy_common::table::Slot>() as u64;
     let sources = ours.iter().find(|(n, v, _)| *n == u64::from(size) && *v == slot).map_or(0, |(_, _, m)| *m);
     let total: u64 = ours.iter().map(|(_, _, m)| m).sum();

@@ -128,7 +128,7 @@ pub fn run(rounds: usize, repeat: u32, each: usize) -> (Value, String) {
     sc.push(Scenario { name: "new source, full table (evicts)".into(), dp: full, kind: Kind::Each(fresh.clone()) });
     // A spoofed flood of never-seen sources once both host-wide buckets are
     // spent: each SYN probes the table, meets its prefix's aggregate and both
-    // buckets, is remembered in `SYN_RETRY` and dropped.
+    // buckets, and is rewritten into a challenge (`XDP_TX`).
     let mut spent = dp(
         &format!("{open}\nnew_sources = {{ rate_pps = 1, burst = 1 }}\nuntracked_syns = {{ rate_pps = 1, burst = 1 }}"),
         1_048_576,
