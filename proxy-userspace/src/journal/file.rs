@@ -205,10 +205,14 @@ impl Dir {
         let before = old.len();
         old.retain(|(p, max)| {
             *max > seq
-                || std::fs::remove_file(p).is_err_and(|e| {
-                    tracing::warn!(file = %p.display(), error = %e, "journal: a covered file cannot be deleted");
-                    e.kind() != io::ErrorKind::NotFound
-                })
+                || match std::fs::remove_file(p) {
+                    Ok(()) => false,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                    Err(e) => {
+                        tracing::warn!(file = %p.display(), error = %e, "journal: a covered file cannot be deleted");
+                        true
+                    }
+                }
         });
         if old.len() != before {
             let _ = sync_dir(&self.path);
