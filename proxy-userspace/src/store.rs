@@ -10,7 +10,13 @@
 //! once a snapshot is durable, the journal's files it covers are cut, and a
 //! start replays the rest. Also when a run last stopped cleanly.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -144,6 +150,9 @@ pub trait ListStore: Send + Sync {
 pub struct Embedded {
     db: Arc<Database>,
     journal: Arc<file::Dir>,
+    /// The journal table of earlier versions exists (until a snapshot
+    /// covers its records and drops it).
+    old_journal: AtomicBool,
 }
 
 impl Embedded {
@@ -161,9 +170,14 @@ impl Embedded {
         tx.open_table(DAY)?;
         tx.open_table(RUN)?;
         tx.commit()?;
+        let old_journal = match db.begin_read()?.open_table(journal::TABLE) {
+            Ok(_) => true,
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
         let journal = file::Dir::open(dir)
             .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.join("journal").display())))?;
-        Ok(Embedded { db: Arc::new(db), journal })
+        Ok(Embedded { db: Arc::new(db), journal, old_journal: AtomicBool::new(old_journal) })
     }
 
     /// The redb database (for tests that read it directly).
@@ -354,12 +368,12 @@ impl Embedded {
     fn write_day(&self, c: &DayCounts, tokens: Option<&[AllowanceEntry]>) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         tx.delete_table(DAY)?;
-        let old_journal_empty = {
+        let old_journal_gone = self.old_journal.load(Ordering::SeqCst) && {
             let mut t = tx.open_table(journal::TABLE)?;
             t.retain_in(..=(c.seq, u8::MAX), |_, _| false)?;
             t.is_empty()?
         };
-        if old_journal_empty {
+        if old_journal_gone {
             tx.delete_table(journal::TABLE)?;
         }
         {
@@ -387,6 +401,9 @@ impl Embedded {
             }
         }
         tx.commit()?;
+        if old_journal_gone {
+            self.old_journal.store(false, Ordering::SeqCst);
+        }
         // Durable: the journal's records it covers may go.
         self.journal.covered(c.seq);
         Ok(())
