@@ -4,7 +4,8 @@
 //! concurrencies, on a file-backed store in the temporary directory; then
 //! the floor, an append-only file with one `pwrite` and one `fdatasync` per
 //! commit. A measurement, not a test: `cargo run --release -p keyward
-//! --example journal_cost` (see bench/results/2026-11-27-journal.md).
+//! --example journal_cost` (see bench/results/2026-11-27-journal.md and
+//! 2026-11-28-wal.md).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},

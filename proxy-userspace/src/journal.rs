@@ -1,9 +1,11 @@
 //! The reservation journal: a crash never overspends. Every billable call's
 //! reservation (its day, the per-IP identity and network it was counted
-//! under, its cost, and the page token whose call it took) is appended to a
-//! table of the embedded store and committed durably before the call leaves.
+//! under, its cost, and the page token whose call it took) is appended to an
+//! append-only file of fixed-size, checksummed records beside the embedded
+//! store ([`file`]: `<store.path>/journal/`) and made durable before the
+//! call leaves.
 //!
-//! One writer thread owns the journal's write transactions ([`writer`]).
+//! One writer thread owns the journal's file ([`writer`]).
 //! Callers queue a record and await the commit it goes into; each commit
 //! covers every record queued while the previous commit was on its way to
 //! disk (group commit), so concurrent calls share one fsync and one wakeup. Settlements (billed, or given back) are queued the
@@ -14,8 +16,10 @@
 //! Reservations and refunds are numbered by the limiter under the lock that
 //! changes the counts. The counters are snapshotted every second (see
 //! [`crate::store`]) with their watermark, the number of the last
-//! reservation or refund they include, and the same transaction drops the
-//! journal's records up to it. On start, [`replay`] rebuilds the counters as
+//! reservation or refund they include; once that snapshot is durable, the
+//! journal's files it covers are emptied or deleted. Earlier versions kept
+//! the journal in a table of the store ([`TABLE`]): it is replayed with the
+//! files, and emptied by the first snapshot. On start, [`replay`] rebuilds the counters as
 //! the snapshot plus the newer reservations, less the newer refunds; a
 //! reservation with no settlement recorded is counted as spent. Page token
 //! calls are added back the same way but never given back on replay (a
@@ -36,16 +40,22 @@ use crate::{
     units::Cidr,
 };
 
+pub mod file;
 mod record;
 mod writer;
 
-pub use writer::Journal;
+pub use writer::{Journal, Log};
 
-/// The journal table: (sequence number, kind) → for [`Kind::Reserved`] and
+/// The journal table of earlier versions, read at start and emptied by the
+/// first snapshot: (sequence number, kind) → for [`Kind::Reserved`] and
 /// [`Kind::Refunded`], what was taken or given back (a fixed-size binary
 /// record, or JSON as written before it: see [`record`]); for
-/// [`Kind::Billed`] (numbered as the reservation it keeps), nothing.
+/// [`Kind::Billed`] (numbered as the reservation it keeps), nothing. The
+/// files hold the same keys and values.
 pub(crate) const TABLE: TableDefinition<'static, (u64, u8), &'static [u8]> = TableDefinition::new("journal");
+
+/// A record as stored: its key (sequence number, kind) and its value.
+pub type Stored = ((u64, u8), Vec<u8>);
 
 /// What a journal record says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

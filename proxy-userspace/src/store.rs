@@ -5,17 +5,23 @@
 //! why and when each entry was added (a table beside each list), today's
 //! counters (spend, per-IP counts, alerts raised, escalations, page token
 //! counts), snapshotted every second, and the reservation journal
-//! ([`crate::journal`]) that makes every reservation durable before its call
-//! leaves: a snapshot drops the journal's records it includes in the same
-//! transaction, and a start replays the rest. Also when a run last stopped
-//! cleanly.
+//! ([`crate::journal`], its own append-only files in `journal/` beside the
+//! redb file) that makes every reservation durable before its call leaves:
+//! once a snapshot is durable, the journal's files it covers are cut, and a
+//! start replays the rest. Also when a run last stopped cleanly.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    journal::{self, Journal},
+    journal::{self, Journal, file},
     proxy::limit::DayCounts,
     token::allowance::AllowanceEntry,
     units::Cidr,
@@ -140,9 +146,13 @@ pub trait ListStore: Send + Sync {
     fn mark_running(&self, running: bool, now_unix: u64) -> Result<(), StoreError>;
 }
 
-/// The embedded store: one redb file.
+/// The embedded store: one redb file, and the journal's directory.
 pub struct Embedded {
     db: Arc<Database>,
+    journal: Arc<file::Dir>,
+    /// The journal table of earlier versions exists (until a snapshot
+    /// covers its records and drops it).
+    old_journal: AtomicBool,
 }
 
 impl Embedded {
@@ -159,9 +169,15 @@ impl Embedded {
         }
         tx.open_table(DAY)?;
         tx.open_table(RUN)?;
-        tx.open_table(journal::TABLE)?;
         tx.commit()?;
-        Ok(Embedded { db: Arc::new(db) })
+        let old_journal = match db.begin_read()?.open_table(journal::TABLE) {
+            Ok(_) => true,
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        let journal = file::Dir::open(dir)
+            .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.join("journal").display())))?;
+        Ok(Embedded { db: Arc::new(db), journal, old_journal: AtomicBool::new(old_journal) })
     }
 
     /// The redb database (for tests that read it directly).
@@ -170,20 +186,44 @@ impl Embedded {
         &self.db
     }
 
-    /// Start the journal's writer on this store.
+    /// The journal's directory (for tests that read it directly).
+    #[cfg(test)]
+    pub(crate) fn journal_dir(&self) -> &std::path::Path {
+        self.journal.path()
+    }
+
+    /// Start the journal's writer on a new file of this store's journal.
     pub fn journal(&self) -> Result<Journal, StoreError> {
-        Journal::start(self.db.clone()).map_err(|e| StoreError(format!("cannot start the journal writer: {e}")))
+        let start = || Journal::start(self.journal.log()?);
+        start().map_err(|e| StoreError(format!("cannot start the journal writer: {e}")))
+    }
+
+    /// The old journal table's records (empty once a snapshot followed).
+    fn table_records(tx: &redb::ReadTransaction) -> Result<Vec<journal::Stored>, StoreError> {
+        let t = match tx.open_table(journal::TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut records = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            records.push((k.value(), v.value().to_vec()));
+        }
+        Ok(records)
     }
 
     /// The snapshot plus the journal's newer records, and the run markers.
     fn replay(&self) -> Result<Recovered, StoreError> {
         let (day, tokens) = (self.read_day()?, self.read_tokens()?);
         let tx = self.db.begin_read()?;
-        let mut records = Vec::new();
-        for row in tx.open_table(journal::TABLE)?.iter()? {
-            let (k, v) = row?;
-            records.push((k.value(), v.value().to_vec()));
-        }
+        let mut records = Self::table_records(&tx)?;
+        let files = self
+            .journal
+            .replay()
+            .map_err(|e| StoreError(format!("cannot read the journal in {}: {e}", self.journal.path().display())))?;
+        records.extend(files);
+        records.sort_by_key(|(k, _)| *k);
         let r = journal::replay(day, tokens, records).map_err(|e| StoreError(e.to_string()))?;
         let meta = tx.open_table(RUN)?;
         let get = |k: &str| -> Result<Option<u64>, StoreError> { Ok(meta.get(k)?.map(|v| v.value())) };
@@ -328,8 +368,15 @@ impl Embedded {
     fn write_day(&self, c: &DayCounts, tokens: Option<&[AllowanceEntry]>) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         tx.delete_table(DAY)?;
+        let old_journal_gone = self.old_journal.load(Ordering::SeqCst) && {
+            let mut t = tx.open_table(journal::TABLE)?;
+            t.retain_in(..=(c.seq, u8::MAX), |_, _| false)?;
+            t.is_empty()?
+        };
+        if old_journal_gone {
+            tx.delete_table(journal::TABLE)?;
+        }
         {
-            tx.open_table(journal::TABLE)?.retain_in(..=(c.seq, u8::MAX), |_, _| false)?;
             if let Some(tokens) = tokens {
                 write_tokens(&tx, tokens)?;
             }
@@ -354,6 +401,11 @@ impl Embedded {
             }
         }
         tx.commit()?;
+        if old_journal_gone {
+            self.old_journal.store(false, Ordering::SeqCst);
+        }
+        // Durable: the journal's records it covers may go.
+        self.journal.covered(c.seq);
         Ok(())
     }
 

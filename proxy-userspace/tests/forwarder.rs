@@ -378,40 +378,38 @@ async fn upstream_timeout_stays_charged_and_unreachable_is_refunded() {
     assert_eq!(h.spent(), 20_000, "a call that never left is given back");
 }
 
-/// Memory that refuses to sync while `fail` is set (a disk gone bad).
-#[derive(Debug, Default)]
-struct Flaky {
-    mem: redb::backends::InMemoryBackend,
+/// The journal's disk, in memory: it refuses every commit while `fail` is
+/// set (a disk gone bad), and holds every commit while `held` is set (a
+/// commit on its way to disk; at most 10 s).
+#[derive(Clone, Debug, Default)]
+struct Disk {
     fail: Arc<AtomicBool>,
+    held: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
 
-impl redb::StorageBackend for Flaky {
-    fn len(&self) -> std::io::Result<u64> {
-        self.mem.len()
+impl Disk {
+    fn hold(&self, held: bool) {
+        *self.held.0.lock().unwrap() = held;
+        self.held.1.notify_all();
     }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.mem.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.mem.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
+}
+
+impl keyward::journal::Log for Disk {
+    fn append(&mut self, _frames: &[u8], _max_seq: u64) -> std::io::Result<()> {
+        let (lock, changed) = &*self.held;
+        let (_held, _) = changed.wait_timeout_while(lock.lock().unwrap(), Duration::from_secs(10), |h| *h).unwrap();
         if self.fail.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("injected: disk full"));
         }
-        self.mem.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.mem.write(offset, data)
+        Ok(())
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reservation_that_cannot_be_saved_is_refused_and_given_back() {
     let fail = Arc::new(AtomicBool::new(false));
-    let backend = Flaky { fail: fail.clone(), ..Flaky::default() };
-    let db = Arc::new(redb::Database::builder().create_with_backend(backend).unwrap());
-    let h = Harness::start_journaled(Journal::start(db).unwrap()).await;
+    let disk = Disk { fail: fail.clone(), ..Disk::default() };
+    let h = Harness::start_journaled(Journal::start(disk).unwrap()).await;
     let (status, head, body) = h.get("/lookup/AB12CD", "198.51.100.7", SHOP).await;
     assert_eq!(status, 200, "{head}{body}");
     fail.store(true, Ordering::SeqCst);
@@ -425,10 +423,10 @@ async fn a_reservation_that_cannot_be_saved_is_refused_and_given_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_goes_away_while_its_reservation_is_written_is_given_back() {
-    let db = Arc::new(redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap());
-    let h = Harness::start_journaled(Journal::start(db.clone()).unwrap()).await;
-    // Hold the store's write lock: the reservation cannot reach the disk.
-    let blocker = db.begin_write().unwrap();
+    let disk = Disk::default();
+    let h = Harness::start_journaled(Journal::start(disk.clone()).unwrap()).await;
+    // Hold the commit: the reservation cannot reach the disk.
+    disk.hold(true);
     let mut s = TcpStream::connect(h.addr).await.unwrap();
     let req = "GET /lookup/AB12CD HTTP/1.1\r\nHost: kw\r\nX-Forwarded-For: 198.51.100.7\r\nOrigin: https://shop.example\r\n\r\n";
     s.write_all(req.as_bytes()).await.unwrap();
@@ -447,7 +445,7 @@ async fn a_request_that_goes_away_while_its_reservation_is_written_is_given_back
     assert!(until(20_000).await, "the call never took its reservation");
     drop(s);
     assert!(until(0).await, "the reservation of a call that went away was kept");
-    drop(blocker);
+    disk.hold(false);
     assert!(h.api.calls().is_empty(), "the call never left");
 }
 

@@ -13,7 +13,6 @@ use std::{
 };
 
 use proxy_common::bucket::Params;
-use redb::{StorageBackend, backends::InMemoryBackend};
 
 use super::*;
 use crate::{
@@ -175,8 +174,19 @@ fn a_record_of_an_unknown_version_or_length_is_unreadable() {
     assert!(replay(None, Vec::new(), [((5, Kind::Reserved as u8), v)]).is_err());
 }
 
+/// The records in every journal file of `store`, oldest file first.
+fn files_of(store: &Embedded) -> Vec<((u64, u8), Vec<u8>)> {
+    let mut names: Vec<_> = std::fs::read_dir(store.journal_dir()).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    names.iter().flat_map(|p| file::read(&std::fs::read(p).unwrap()).records).collect()
+}
+
+fn keys(records: &[((u64, u8), Vec<u8>)]) -> Vec<(u64, u8)> {
+    records.iter().map(|(k, _)| *k).collect()
+}
+
 #[tokio::test]
-async fn a_snapshot_drops_the_records_it_includes_in_one_transaction() {
+async fn records_after_a_snapshot_survive_and_what_it_covers_is_cut_once_it_is_durable() {
     let dir = TmpDir::new("snapshot");
     let store = Embedded::open(&dir.0).unwrap();
     let j = store.journal().unwrap();
@@ -186,110 +196,210 @@ async fn a_snapshot_drops_the_records_it_includes_in_one_transaction() {
     let mut c = DayCounts { day: DAY, spent: 20, seq: 2, ..DayCounts::default() };
     c.per_ip.insert(ip("192.0.2.1"), 2);
     store.save_day(&c, None).unwrap();
+    // Its next commit moves to a new file: the old one still holds 3 and 4.
     j.append(Record::Billed(2)).await.unwrap(); // late, and no longer needed
-    drop(j);
-    let r = store.recover().unwrap();
-    assert_eq!((r.replayed, r.unsettled), (2, 2));
+    assert_eq!(keys(&files_of(&store)), vec![(1, 0), (2, 0), (3, 0), (4, 0), (2, 1)]);
+    drop((j, store));
+    let reopened = Embedded::open(&dir.0).unwrap();
+    let r = reopened.recover().unwrap();
+    assert_eq!((r.replayed, r.unsettled), (2, 2), "3 and 4 survive the snapshot and the restart");
     let d = r.day.unwrap();
     assert_eq!((d.spent, d.per_ip[&ip("192.0.2.1")], d.seq), (40, 4, 4));
-    // Only the records after the watermark (and the late one) are left.
-    let read = records_of(store.database());
-    assert_eq!(read.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![(2, 1), (3, 0), (4, 0)]);
+    // A snapshot covering everything: the earlier run's files go at once,
+    // the new writer's at its next commit.
+    let j = reopened.journal().unwrap();
+    j.append(Record::Reserved(5, reserved(DAY, "192.0.2.1", 10))).await.unwrap();
+    reopened.save_day(&d, None).unwrap();
+    assert_eq!(keys(&files_of(&reopened)), vec![(5, 0)]);
+    j.append(Record::Reserved(6, reserved(DAY, "192.0.2.1", 10))).await.unwrap();
+    assert_eq!(keys(&files_of(&reopened)), vec![(5, 0), (6, 0)], "5 is not in the snapshot");
+    let d = DayCounts { seq: 6, spent: 60, ..d };
+    reopened.save_day(&d, None).unwrap();
+    j.append(Record::Reserved(7, reserved(DAY, "192.0.2.1", 10))).await.unwrap();
+    assert_eq!(keys(&files_of(&reopened)), vec![(7, 0)], "the covered file was emptied before 7");
+    drop((j, reopened));
+    let r = Embedded::open(&dir.0).unwrap().recover().unwrap();
+    assert_eq!((r.replayed, r.day.unwrap().spent), (1, 70));
+}
+
+/// Frames of reservations `seqs`, costing 10 each, as a file holds them.
+fn frames(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+    seqs.flat_map(|s| file::frame(&Record::Reserved(s, reserved(DAY, "192.0.2.1", 10)))).collect()
+}
+
+#[test]
+fn a_torn_tail_is_ignored() {
+    let mut bytes = frames(1..=3);
+    bytes.extend_from_slice(&frames(4..=4)[..40]);
+    let r = file::read(&bytes);
+    assert_eq!(keys(&r.records), vec![(1, 0), (2, 0), (3, 0)]);
+    assert_eq!((r.max_seq, r.stop), (3, Some(file::Stop::Torn { offset: 3 * file::FRAME as u64 })));
+    // A whole last frame written only in part (here: zeros) is torn too.
+    let mut bytes = frames(1..=3);
+    bytes.extend_from_slice(&[0; file::FRAME]);
+    let r = file::read(&bytes);
+    assert_eq!(r.records.len(), 3);
+    assert_eq!(r.stop, Some(file::Stop::BadChecksum { offset: 3 * file::FRAME as u64, after: 0 }));
+    assert_eq!(file::read(&frames(1..=3)).stop, None);
+}
+
+#[test]
+fn a_bad_checksum_stops_the_replay_at_that_record_and_says_so() {
+    let mut bytes = frames(1..=4);
+    bytes[file::FRAME + 20] ^= 1; // a bit of record 2's value
+    let r = file::read(&bytes);
+    assert_eq!(keys(&r.records), vec![(1, 0)]);
+    let (offset, after) = (file::FRAME as u64, 2 * file::FRAME as u64);
+    assert_eq!(r.stop, Some(file::Stop::BadChecksum { offset, after }));
+    // The store replays what comes before it, and starts.
+    let dir = TmpDir::new("checksum");
+    let store = Embedded::open(&dir.0).unwrap();
+    std::fs::write(store.journal_dir().join("00000000000000000001.wal"), &bytes).unwrap();
+    let r = store.recover().unwrap();
+    assert_eq!((r.replayed, r.day.unwrap().spent), (1, 10));
+}
+
+#[tokio::test]
+async fn a_torn_tail_left_by_a_crash_is_ignored_at_start() {
+    let dir = TmpDir::new("torn");
+    let store = Embedded::open(&dir.0).unwrap();
+    let j = store.journal().unwrap();
+    for seq in 1..=3 {
+        j.append(Record::Reserved(seq, reserved(DAY, "192.0.2.1", 10))).await.unwrap();
+    }
+    drop(j);
+    let (name, len) = {
+        let e = std::fs::read_dir(store.journal_dir()).unwrap().next().unwrap().unwrap();
+        (e.path(), e.metadata().unwrap().len())
+    };
+    assert_eq!(len, 3 * file::FRAME as u64);
+    let mut bytes = std::fs::read(&name).unwrap();
+    bytes.extend_from_slice(&frames(4..=4)[..50]); // the crash, half way through commit 4
+    std::fs::write(&name, bytes).unwrap();
+    drop(store);
+    let store = Embedded::open(&dir.0).unwrap();
+    let r = store.recover().unwrap();
+    assert_eq!((r.replayed, r.day.as_ref().unwrap().spent), (3, 30));
+    // The next run writes a new file: nothing is appended after the tear.
+    let j = store.journal().unwrap();
+    j.append(Record::Reserved(4, reserved(DAY, "192.0.2.1", 10))).await.unwrap();
+    drop((j, store));
+    let r = Embedded::open(&dir.0).unwrap().recover().unwrap();
+    assert_eq!((r.replayed, r.day.unwrap().spent), (4, 40));
+}
+
+/// A journal the previous version left in its redb table is replayed, and
+/// emptied by the first snapshot (so it is replayed once).
+#[test]
+fn the_old_redb_journal_table_is_replayed_once() {
+    use redb::ReadableDatabase as _;
+    let dir = TmpDir::new("table");
+    let store = Embedded::open(&dir.0).unwrap();
+    {
+        let tx = store.database().begin_write().unwrap();
+        {
+            let mut t = tx.open_table(TABLE).unwrap();
+            for r in [Record::Reserved(1, reserved(DAY, "192.0.2.1", 10)), Record::Billed(1)] {
+                t.insert(r.key(), r.encode().as_bytes()).unwrap();
+            }
+            let json = serde_json::to_vec(&reserved(DAY, "192.0.2.2", 5)).unwrap();
+            t.insert((2, Kind::Reserved as u8), json.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    drop(store);
+    let store = Embedded::open(&dir.0).unwrap();
+    let r = store.recover().unwrap();
+    assert_eq!((r.replayed, r.unsettled), (2, 1));
+    let d = r.day.unwrap();
+    assert_eq!((d.spent, d.seq), (15, 2));
+    store.save_day(&d, None).unwrap();
+    let tx = store.database().begin_read().unwrap();
+    assert!(matches!(tx.open_table(TABLE), Err(redb::TableError::TableDoesNotExist(_))), "emptied and gone");
+    let r = store.recover().unwrap();
+    assert_eq!((r.replayed, r.day.unwrap().spent), (0, 15));
+}
+
+/// Memory standing in for the journal's file: `fail` refuses every commit
+/// (a disk gone bad), a held `gate` keeps a commit on its way to disk, and
+/// a commit holding `poison` fails (a disk that refuses those bytes).
+#[derive(Clone, Debug, Default)]
+struct Memory {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    fail: Arc<AtomicBool>,
+    gate: Arc<Gate>,
+    poison: Option<[u8; 8]>,
+}
+
+impl Log for Memory {
+    fn append(&mut self, frames: &[u8], _max_seq: u64) -> io::Result<()> {
+        self.gate.pass();
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected: disk full"));
+        }
+        if self.poison.is_some_and(|p| frames.windows(8).any(|w| w == p)) {
+            return Err(io::Error::other("injected: these bytes cannot be written"));
+        }
+        self.bytes.lock().unwrap().extend_from_slice(frames);
+        Ok(())
+    }
+}
+
+fn records_of(m: &Memory) -> Vec<((u64, u8), Vec<u8>)> {
+    let r = file::read(&m.bytes.lock().unwrap());
+    assert_eq!(r.stop, None);
+    r.records
 }
 
 #[tokio::test]
 async fn concurrent_waiters_share_commits() {
-    let db = Arc::new(redb::Database::builder().create_with_backend(InMemoryBackend::new()).unwrap());
-    let j = Journal::start(db.clone()).unwrap();
-    // Hold the write lock so that every record below is queued while the
-    // writer waits for it: then one or two commits take them all.
-    let blocker = db.begin_write().unwrap();
-    let waiting: Vec<_> = (1..=200).map(|s| j.append(Record::Reserved(s, reserved(DAY, "192.0.2.1", 1)))).collect();
+    let mem = Memory::default();
+    let j = Journal::start(mem.clone()).unwrap();
+    // Hold the first commit on its way to disk: then every record below is
+    // queued while the writer waits for it, and one more commit takes them.
+    mem.gate.hold();
+    let first = j.append(Record::Reserved(1, reserved(DAY, "192.0.2.1", 1)));
+    mem.gate.reached();
+    let waiting: Vec<_> = (2..=200).map(|s| j.append(Record::Reserved(s, reserved(DAY, "192.0.2.1", 1)))).collect();
     j.append_lazy(Record::Billed(1));
-    drop(blocker);
+    mem.gate.release();
+    first.await.unwrap();
     for w in waiting {
         w.await.unwrap();
     }
     assert!(j.commits() <= 2, "{} commits for 200 waiters", j.commits());
     drop(j);
-    let r = replay(None, Vec::new(), records_of(&db)).unwrap();
+    let r = replay(None, Vec::new(), records_of(&mem)).unwrap();
     assert_eq!((r.replayed, r.unsettled, r.counts.unwrap().spent), (200, 199, 200));
-}
-
-fn records_of(db: &redb::Database) -> Vec<((u64, u8), Vec<u8>)> {
-    use redb::{ReadableDatabase as _, ReadableTable as _};
-    let tx = db.begin_read().unwrap();
-    let t = tx.open_table(TABLE).unwrap();
-    t.iter().unwrap().map(|r| r.unwrap()).map(|(k, v)| (k.value(), v.value().to_vec())).collect()
-}
-
-/// Memory that refuses to sync while `fail` is set (a disk gone bad).
-#[derive(Debug, Default)]
-struct Flaky {
-    mem: InMemoryBackend,
-    fail: Arc<AtomicBool>,
-}
-
-impl StorageBackend for Flaky {
-    fn len(&self) -> Result<u64, io::Error> {
-        self.mem.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        self.mem.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.mem.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), io::Error> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(io::Error::other("injected: disk full"));
-        }
-        self.mem.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        self.mem.write(offset, data)
-    }
 }
 
 #[tokio::test]
 async fn settlements_ride_with_the_next_reservation() {
-    let db = Arc::new(redb::Database::builder().create_with_backend(InMemoryBackend::new()).unwrap());
-    let j = Journal::start(db.clone()).unwrap();
+    let mem = Memory::default();
+    let j = Journal::start(mem.clone()).unwrap();
     j.append_lazy(Record::Billed(1));
     j.append_lazy(Record::Billed(2));
     j.append(Record::Reserved(3, reserved(DAY, "192.0.2.1", 1))).await.unwrap();
     assert_eq!(j.commits(), 1, "settlements never commit on their own");
-    assert_eq!(records_of(&db).len(), 3);
+    assert_eq!(records_of(&mem).len(), 3);
     j.append_lazy(Record::Billed(3));
     drop(j);
-    assert_eq!(records_of(&db).len(), 4, "a clean stop commits what is left");
+    assert_eq!(records_of(&mem).len(), 4, "a clean stop commits what is left");
 }
 
 #[tokio::test]
 async fn a_failed_commit_fails_its_waiters() {
-    let fail = Arc::new(AtomicBool::new(false));
-    let backend = Flaky { fail: fail.clone(), ..Flaky::default() };
-    let db = Arc::new(redb::Database::builder().create_with_backend(backend).unwrap());
-    let j = Journal::start(db).unwrap();
+    let mem = Memory::default();
+    let j = Journal::start(mem.clone()).unwrap();
     j.append(Record::Reserved(1, reserved(DAY, "192.0.2.1", 1))).await.unwrap();
-    fail.store(true, Ordering::SeqCst);
+    mem.fail.store(true, Ordering::SeqCst);
     let e = j.append(Record::Reserved(2, reserved(DAY, "192.0.2.1", 1))).await.unwrap_err();
     assert!(matches!(e, JournalError::Store(_)), "{e}");
 }
 
-/// Memory whose first sync waits while the gate is held (a commit on its
-/// way to disk), and whose writes fail when they hold `poison` (a disk that
-/// refuses one commit's pages: those with the poisoned records).
-#[derive(Debug, Default)]
-struct Gated {
-    mem: InMemoryBackend,
-    gate: Arc<Gate>,
-    poison: Option<[u8; 8]>,
-}
-
 #[derive(Debug, Default)]
 struct Gate {
-    /// (held, a sync is waiting at it)
+    /// (held, a commit is waiting at it)
     state: Mutex<(bool, bool)>,
     changed: Condvar,
 }
@@ -299,7 +409,7 @@ impl Gate {
         *self.state.lock().unwrap() = (true, false);
     }
 
-    /// Until a sync waits at the gate (bounded: 10 s).
+    /// Until a commit waits at the gate (bounded: 10 s).
     fn reached(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut s = self.state.lock().unwrap();
@@ -326,45 +436,17 @@ impl Gate {
     }
 }
 
-impl StorageBackend for Gated {
-    fn len(&self) -> Result<u64, io::Error> {
-        self.mem.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        self.mem.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.mem.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), io::Error> {
-        self.gate.pass();
-        self.mem.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        if self.poison.is_some_and(|p| data.windows(8).any(|w| w == p)) {
-            return Err(io::Error::other("injected: these pages cannot be written"));
-        }
-        self.mem.write(offset, data)
-    }
-}
-
 type Waiting = std::pin::Pin<Box<dyn Future<Output = Result<(), JournalError>>>>;
 
-/// A journal on [`Gated`] memory, its first commit (of reservation 1) held
-/// at the gate, and `n` reservations costing `cost` queued behind it: all
-/// of them for the next commit. None of them is answered yet.
-async fn behind_a_held_commit(
-    n: u64,
-    cost: u64,
-    poison: Option<[u8; 8]>,
-) -> (Arc<redb::Database>, Journal, Arc<Gate>, Vec<Waiting>) {
-    let gate = Arc::new(Gate::default());
-    let backend = Gated { gate: gate.clone(), poison, ..Gated::default() };
-    let db = Arc::new(redb::Database::builder().create_with_backend(backend).unwrap());
-    let j = Journal::start(db.clone()).unwrap();
-    gate.hold();
+/// A journal on [`Memory`], its first commit (of reservation 1) held at the
+/// gate, and `n` reservations costing `cost` queued behind it: all of them
+/// for the next commit. None of them is answered yet.
+async fn behind_a_held_commit(n: u64, cost: u64, poison: Option<[u8; 8]>) -> (Memory, Journal, Vec<Waiting>) {
+    let mem = Memory { poison, ..Memory::default() };
+    let j = Journal::start(mem.clone()).unwrap();
+    mem.gate.hold();
     let first: Waiting = Box::pin(j.append(Record::Reserved(1, reserved(DAY, "192.0.2.1", 1))));
-    gate.reached();
+    mem.gate.reached();
     let mut waiting = vec![first];
     for s in 2..=n + 1 {
         waiting.push(Box::pin(j.append(Record::Reserved(s, reserved(DAY, "192.0.2.2", cost)))));
@@ -373,7 +455,7 @@ async fn behind_a_held_commit(
         assert!(std::future::poll_fn(|cx| Poll::Ready(w.as_mut().poll(cx).is_pending())).await, "answered early");
     }
     assert_eq!(j.commits(), 0);
-    (db, j, gate, waiting)
+    (mem, j, waiting)
 }
 
 /// `w`'s answer, which must come within 10 s.
@@ -384,9 +466,9 @@ async fn answered(w: Waiting) -> Result<(), JournalError> {
 #[tokio::test]
 async fn the_waiters_of_one_commit_are_each_answered_once_when_it_is_on_disk() {
     const N: u64 = 300;
-    let (db, j, gate, waiting) = behind_a_held_commit(N, 1, None).await;
+    let (mem, j, waiting) = behind_a_held_commit(N, 1, None).await;
     j.append_lazy(Record::Billed(1));
-    gate.release();
+    mem.gate.release();
     let mut ok = 0;
     for w in waiting {
         answered(w).await.unwrap();
@@ -395,7 +477,7 @@ async fn the_waiters_of_one_commit_are_each_answered_once_when_it_is_on_disk() {
     assert_eq!(ok, N + 1);
     assert_eq!(j.commits(), 2, "the held one, then one for all {N} queued behind it");
     drop(j);
-    let r = replay(None, Vec::new(), records_of(&db)).unwrap();
+    let r = replay(None, Vec::new(), records_of(&mem)).unwrap();
     assert_eq!((r.replayed, r.unsettled, r.counts.unwrap().spent), (N + 1, N, N + 1));
 }
 
@@ -403,8 +485,8 @@ async fn the_waiters_of_one_commit_are_each_answered_once_when_it_is_on_disk() {
 async fn a_failed_commit_fails_every_waiter_of_it_and_no_other() {
     const N: u64 = 300;
     const COST: u64 = 0x5eed_f00d_dead_beef;
-    let (db, j, gate, mut waiting) = behind_a_held_commit(N, COST, Some(COST.to_le_bytes())).await;
-    gate.release();
+    let (mem, j, mut waiting) = behind_a_held_commit(N, COST, Some(COST.to_le_bytes())).await;
+    mem.gate.release();
     let first = waiting.remove(0);
     answered(first).await.expect("the held commit had no poisoned record");
     let mut failed = 0;
@@ -416,14 +498,13 @@ async fn a_failed_commit_fails_every_waiter_of_it_and_no_other() {
     assert_eq!(failed, N);
     assert_eq!(j.commits(), 2);
     drop(j);
-    let r = replay(None, Vec::new(), records_of(&db)).unwrap();
+    let r = replay(None, Vec::new(), records_of(&mem)).unwrap();
     assert_eq!((r.replayed, r.counts.unwrap().spent), (1, 1), "only the first commit is on disk");
 }
 
 #[tokio::test]
 async fn a_stopped_journal_refuses() {
-    let db = Arc::new(redb::Database::builder().create_with_backend(InMemoryBackend::new()).unwrap());
-    let j = Journal::start(db).unwrap();
+    let j = Journal::start(Memory::default()).unwrap();
     j.close();
     let e = j.append(Record::Billed(1)).await.unwrap_err();
     assert!(matches!(e, JournalError::Stopped));

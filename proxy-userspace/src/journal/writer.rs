@@ -3,8 +3,9 @@
 //! Callers push a record (encoded inline, see [`super::record`]) onto one
 //! queue under a mutex; a caller that waits takes a reference to the commit
 //! the queue will go into. The writer swaps the whole queue for its spare
-//! (both keep their capacity across commits), writes it in one durable
-//! transaction, then publishes the outcome on that commit and wakes every
+//! (both keep their capacity across commits), writes it to its [`Log`] (one
+//! `pwrite` and one `fdatasync` of the journal's file, see [`super::file`]),
+//! then publishes the outcome on that commit and wakes every
 //! waiter of it at once. So a call costs no channel or allocation of its
 //! own, and one commit costs one wakeup of the writer (only when it sleeps)
 //! and one `notify_waiters`. Every waiter of a commit gets that commit's
@@ -20,10 +21,26 @@ use std::{
     thread::JoinHandle,
 };
 
-use redb::{Database, Durability};
 use tokio::sync::Notify;
 
-use super::{JournalError, Record, TABLE, record::Value};
+use super::{
+    JournalError, Record,
+    file::{self, Frame},
+};
+
+/// Where the writer appends its commits: the journal's file
+/// ([`super::file::Wal`]), or memory in tests.
+pub trait Log: Send + 'static {
+    /// Write `frames` (whole [`file::FRAME`]-byte frames, the highest
+    /// sequence number among them `max_seq`) after what was acknowledged,
+    /// and make them durable before returning. After an error, the next
+    /// call writes over what this one may have left.
+    fn append(&mut self, frames: &[u8], max_seq: u64) -> std::io::Result<()>;
+    /// Drop what a durable snapshot covers (called between commits).
+    fn cut(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Records queued without a waiter (settlements) that make the writer
 /// commit anyway.
@@ -31,12 +48,6 @@ const MAX_LAZY: usize = 4096;
 /// The queue's (and the writer's spare's) capacity from the start; both
 /// keep what they grow to.
 const PREALLOCATED: usize = 1024;
-
-/// A record queued for the writer.
-struct Op {
-    key: (u64, u8),
-    value: Value,
-}
 
 /// One commit: its outcome once made, and the callers waiting for it.
 #[derive(Default)]
@@ -78,7 +89,7 @@ impl Drop for Taken {
 
 /// What callers and the writer share under the lock.
 struct Queue {
-    ops: Vec<Op>,
+    ops: Vec<Frame>,
     /// The commit `ops` will go into.
     next: Arc<Commit>,
     /// Someone waits on `next`.
@@ -115,8 +126,8 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Start the writer thread on `db` (whose [`TABLE`] exists).
-    pub fn start(db: Arc<Database>) -> std::io::Result<Journal> {
+    /// Start the writer thread on `log`.
+    pub fn start(mut log: impl Log) -> std::io::Result<Journal> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 ops: Vec::with_capacity(PREALLOCATED),
@@ -129,7 +140,7 @@ impl Journal {
             commits: AtomicU64::new(0),
         });
         let s = shared.clone();
-        let writer = std::thread::Builder::new().name("kw-journal".into()).spawn(move || run(&db, &s))?;
+        let writer = std::thread::Builder::new().name("kw-journal".into()).spawn(move || run(&mut log, &s))?;
         Ok(Journal { shared, writer: Some(writer) })
     }
 
@@ -152,7 +163,7 @@ impl Journal {
 
     /// Push `r`; with `wait`, the commit it goes into.
     fn queue(&self, r: &Record, wait: bool) -> Result<Option<Arc<Commit>>, JournalError> {
-        let op = Op { key: r.key(), value: r.encode() };
+        let op = file::frame(r);
         let mut q = self.shared.lock();
         if q.closed {
             return Err(JournalError::Stopped);
@@ -208,9 +219,9 @@ impl Drop for Stopping<'_> {
 /// alone wait for the next reservation's commit, or for the snapshot that
 /// makes them moot), then commit everything queued at once; when the
 /// journal is closed, commit what is left and stop.
-fn run(db: &Database, shared: &Shared) {
+fn run(log: &mut dyn Log, shared: &Shared) {
     let _stopping = Stopping(shared);
-    let mut batch: Vec<Op> = Vec::with_capacity(PREALLOCATED);
+    let mut batch: Vec<Frame> = Vec::with_capacity(PREALLOCATED);
     loop {
         let next = Arc::new(Commit::default());
         let taken = {
@@ -227,30 +238,21 @@ fn run(db: &Database, shared: &Shared) {
             std::mem::swap(&mut q.ops, &mut batch);
             Taken(std::mem::replace(&mut q.next, next))
         };
-        commit(db, &batch, &taken, &shared.commits);
+        if let Err(e) = log.cut() {
+            tracing::warn!(error = %e, "journal: records a snapshot covers could not be dropped yet");
+        }
+        commit(log, &batch, &taken, &shared.commits);
         batch.clear();
     }
 }
 
 /// One commit of `batch`; every waiter of `taken` gets its outcome.
-fn commit(db: &Database, batch: &[Op], taken: &Taken, commits: &AtomicU64) {
-    let outcome = write(db, batch).map_err(|e| JournalError::Store(e.to_string()));
+fn commit(log: &mut dyn Log, batch: &[Frame], taken: &Taken, commits: &AtomicU64) {
+    let max_seq = batch.iter().map(file::seq_of).max().unwrap_or(0);
+    let outcome = log.append(batch.as_flattened(), max_seq).map_err(|e| JournalError::Store(e.to_string()));
     commits.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = &outcome {
         tracing::error!(error = %e, records = batch.len(), "journal commit failed: the calls waiting on it are refused");
     }
     taken.0.finish(outcome);
-}
-
-fn write(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
-    let mut tx = db.begin_write()?;
-    tx.set_durability(Durability::Immediate)?;
-    {
-        let mut t = tx.open_table(TABLE)?;
-        for op in batch {
-            t.insert(op.key, op.value.as_bytes())?;
-        }
-    }
-    tx.commit()?;
-    Ok(())
 }
